@@ -1,0 +1,50 @@
+"""symbp: a symbolic-to-numeric differentiation compiler.
+
+Write a network as a SymPy expression; symbp applies the chain rule in reverse order over
+its graph (ordered derivatives) and lowers forward and gradient code to NumPy or Numba.
+Importing symbp loads SymPy and NumPy only; backends load on first use.
+"""
+
+from .api import Compiled, GradcheckResult, compile, grad, gradcheck, gradient_program
+from .errors import InputError, ShapeError, SymbpError, TrainingError, UnsupportedError
+from .functions import (
+    bce_with_logits,
+    binary_cross_entropy,
+    cross_entropy,
+    dense,
+    elu,
+    exp,
+    gelu,
+    gelu_tanh,
+    identity,
+    leaky_relu,
+    log,
+    log_softmax,
+    mse,
+    prelu,
+    relu,
+    rrelu,
+    selu,
+    sigmoid,
+    silu,
+    softmax,
+    softmax_cross_entropy,
+    softplus,
+    step,
+    swish,
+    tanh,
+)
+from .ir import Program, lower, verify
+from .matrix import AxisSum, Elementwise, Total
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Compiled", "GradcheckResult", "compile", "grad", "gradcheck", "gradient_program",
+    "InputError", "ShapeError", "SymbpError", "TrainingError", "UnsupportedError",
+    "bce_with_logits", "binary_cross_entropy", "cross_entropy", "dense", "elu", "exp",
+    "gelu", "gelu_tanh", "identity", "leaky_relu", "log", "log_softmax", "mse", "prelu",
+    "relu", "rrelu", "selu", "sigmoid", "silu", "softmax", "softmax_cross_entropy",
+    "softplus", "step", "swish", "tanh", "Program", "lower", "verify", "AxisSum",
+    "Elementwise", "Total",
+]

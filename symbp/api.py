@@ -1,0 +1,247 @@
+"""The public entry points: ``grad``, ``compile`` and ``gradcheck``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import sympy as sp
+
+from .backends import backend
+from .errors import InputError, ShapeError, SymbpError
+from .grad import grad as grad_pass
+from .ir import Program, lower, verify
+from .matrix import is_matrix
+
+
+def _wrt_tuple(wrt) -> tuple[tuple, bool]:
+    single = isinstance(wrt, sp.Basic) or isinstance(wrt, str)
+    items = (wrt,) if single else tuple(wrt)
+    for w in items:
+        if not isinstance(w, (sp.Symbol, sp.MatrixSymbol)):
+            raise SymbpError(
+                f"cannot differentiate with respect to {w!r}: pass a sympy Symbol or "
+                "MatrixSymbol (or a sequence of them)"
+            )
+    return items, single
+
+
+def _scalar_loss(f):
+    f = sp.sympify(f)
+    if is_matrix(f):
+        raise SymbpError(
+            f"the loss must be a scalar, but {f} is a {f.shape[0]}×{f.shape[1]} matrix: "
+            "reduce it with a loss (sb.mse, sb.cross_entropy, ...) or symbp.matrix.Total"
+        )
+    return f
+
+
+def gradient_program(f, wrt) -> Program:
+    """Lower ``f`` and apply the reverse pass: the ordered-derivative Program."""
+    items, _ = _wrt_tuple(wrt)
+    return grad_pass(verify(lower(_scalar_loss(f))), items)
+
+
+def raise_to_sympy(p: Program) -> dict:
+    """Inline a Program back into SymPy expressions, one per assigned name."""
+    env: dict = {}
+    for a in p.body:
+        env[a.name] = a.expr.xreplace(env) if env else a.expr
+    return env
+
+
+def grad(f, wrt):
+    """∂f/∂wrt as SymPy expression(s), by ordered derivatives.
+
+    ``wrt`` is one Symbol/MatrixSymbol (returns one expression) or a sequence (returns a
+    tuple).  A MatrixSymbol's gradient is a matrix expression of its shape.
+    """
+    items, single = _wrt_tuple(wrt)
+    p = gradient_program(f, items)
+    env = raise_to_sympy(p)
+    out = tuple(env.get(g, g) for g in p.outputs[1:])
+    out = tuple(
+        sp.ZeroMatrix(*w.shape) if is_matrix(w) and not is_matrix(g) else g
+        for w, g in zip(items, out)
+    )
+    return out[0] if single else out
+
+
+@dataclass
+class Compiled:
+    """A compiled loss-and-gradient function: ``value, grads = fn(**arrays)``."""
+
+    program: Program
+    target: str
+    dtype: np.dtype
+    kernel: object
+
+    @property
+    def source(self) -> str:
+        return self.kernel.source
+
+    @property
+    def wrt(self) -> tuple:
+        return self.program.wrt
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.program.inputs]
+
+    def bind(self, arrays: dict) -> list:
+        return bind_inputs(self.program, arrays, self.dtype)
+
+    def __call__(self, **arrays):
+        out = self.kernel.fn(*self.bind(arrays))
+        loss, grads = out[0], out[1:]
+        return float(loss), {w.name: _shaped(g, w, self.dtype) for w, g in zip(self.wrt, grads)}
+
+
+def _shaped(g, w, dtype):
+    if is_matrix(w):
+        g = np.asarray(g, dtype=dtype)
+        return g
+    return dtype.type(g)
+
+
+def compile(f, wrt, target: str = "numpy", dtype=np.float64, **options) -> Compiled:
+    """Compile the loss ``f`` and its gradient w.r.t. ``wrt`` for ``target``.
+
+    Targets: 'numpy' (reference), 'cpu', 'parallel' (Numba), 'cuda'.  The call
+    ``fn(**arrays)`` takes every input symbol by name and returns ``(value, grads)``.
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise SymbpError(f"dtype must be float32 or float64, not {dtype}")
+    p = gradient_program(f, wrt)
+    kernel = backend(target).build(p, dtype=dtype, target=target, **options)
+    return Compiled(p, target, dtype, kernel)
+
+
+def bind_inputs(p: Program, arrays: dict, dtype) -> list:
+    """Check the arrays against the program's symbols; bind dims; return positional args.
+
+    Documented conversion: numeric arrays (ints, bools, other float widths) are converted
+    to ``dtype`` and made C-contiguous; anything else is an error naming the input.
+    """
+    dtype = np.dtype(dtype)
+    names = {s.name: s for s in p.inputs}
+    missing = [n for n in names if n not in arrays]
+    extra = [n for n in arrays if n not in names]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if extra:
+            parts.append(f"unexpected {', '.join(extra)}")
+        raise InputError(
+            f"{'; '.join(parts)}: this function takes exactly {', '.join(names) or 'nothing'}"
+        )
+    dims: dict = {}
+    args = []
+    for name, s in names.items():
+        x = arrays[name]
+        if is_matrix(s):
+            x = _as_array(name, x, dtype)
+            if x.ndim != 2:
+                raise ShapeError(f"{name} must be a 2-D array of shape {s.shape}, got shape {x.shape}")
+            for axis, (d, n) in enumerate(zip(s.shape, x.shape)):
+                _bind_dim(name, axis, sp.sympify(d), n, dims)
+        else:
+            x = _as_array(name, x, dtype)
+            if x.ndim != 0:
+                raise ShapeError(f"{name} is a scalar symbol but got an array of shape {x.shape}")
+            x = dtype.type(x)
+        args.append(x)
+    for d in p.dims:
+        if d not in dims:
+            raise InputError(f"size {d} is not bound by any input array")
+        if dims[d] == 0:
+            raise ShapeError(f"size {d} is 0: an empty batch has no mean loss")
+        args.append(dims[d])
+    return args
+
+
+def _as_array(name, x, dtype):
+    if isinstance(x, (list, tuple)):
+        x = np.asarray(x)
+    if not isinstance(x, (np.ndarray, int, float, np.number, bool, np.bool_)):
+        raise InputError(f"{name} must be a NumPy array or a number, not {type(x).__name__}")
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiub":
+        raise InputError(f"{name} has dtype {x.dtype}: symbp computes in {dtype} (real numbers)")
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def _bind_dim(name, axis, d, n, dims):
+    if d.is_number:
+        if int(d) != n:
+            raise ShapeError(
+                f"{name} has {n} {'rows' if axis == 0 else 'columns'} but its symbol says {d}"
+            )
+        return
+    if isinstance(d, sp.Symbol):
+        if d in dims and dims[d] != n:
+            raise ShapeError(
+                f"{name} says {d} = {n} but an earlier input bound {d} = {dims[d]}"
+            )
+        dims[d] = n
+        return
+    raise ShapeError(f"{name}: cannot bind the size expression {d}; use a plain Symbol")
+
+
+@dataclass
+class GradcheckResult:
+    """Max relative error (‖analytic − numeric‖∞ / max(‖analytic‖∞, ‖numeric‖∞)) per wrt."""
+
+    errors: dict
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return all(e <= self.tol for e in self.errors.values())
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __str__(self) -> str:
+        rows = [f"{'parameter':<16} max rel. error"]
+        rows += [f"{k:<16} {v:.3e}{'' if v <= self.tol else '  FAIL'}" for k, v in self.errors.items()]
+        return "\n".join(rows)
+
+
+def gradcheck(f, wrt, arrays: dict, eps: float = 1e-6, tol: float = 1e-6,
+              target: str = "numpy", max_entries: int = 200, seed: int = 0) -> GradcheckResult:
+    """Compare the compiled gradient with float64 central differences.
+
+    At most ``max_entries`` entries per parameter are probed (chosen at random, seeded).
+    """
+    fn = compile(f, wrt, target=target, dtype=np.float64)
+    base = {k: np.array(v, dtype=np.float64) for k, v in arrays.items()}
+    _, grads = fn(**base)
+    rng = np.random.default_rng(seed)
+    errors = {}
+    for w in fn.wrt:
+        x = base[w.name]
+        flat = x.reshape(-1) if x.ndim else None
+        idx = np.arange(x.size)
+        if x.size > max_entries:
+            idx = rng.choice(x.size, max_entries, replace=False)
+        num = np.zeros(len(idx))
+        for k, i in enumerate(idx):
+            vals = []
+            for sgn in (1, -1):
+                y = {**base}
+                if flat is None:
+                    y[w.name] = x + sgn * eps
+                else:
+                    z = flat.copy()
+                    z[i] += sgn * eps
+                    y[w.name] = z.reshape(x.shape)
+                vals.append(fn(**y)[0])
+            num[k] = (vals[0] - vals[1]) / (2 * eps)
+        ana = np.asarray(grads[w.name], dtype=np.float64).reshape(-1)[idx]
+        scale = max(np.max(np.abs(ana)), np.max(np.abs(num)), 1e-12)
+        errors[w.name] = float(np.max(np.abs(ana - num)) / scale)
+    return GradcheckResult(errors, tol)

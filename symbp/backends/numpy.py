@@ -1,0 +1,138 @@
+"""The NumPy reference backend: one line of NumPy per assignment, nothing fused.
+
+It exists to be obviously right.  It shares no printer code with the Numba backends, so
+a printer bug cannot hide on both sides of a test.  Stable helpers (sigmoid via
+logaddexp, log-softmax via log-sum-exp) keep it finite for large inputs.
+"""
+
+from __future__ import annotations
+
+import linecache
+
+import numpy
+import scipy.special
+import sympy as sp
+from sympy.printing.numpy import SciPyPrinter
+
+from ..ir import Program
+from ..matrix import (
+    AxisSum,
+    Elementwise,
+    LogSoftmax,
+    Softmax,
+    SoftmaxCrossEntropy,
+    Total,
+)
+from . import Kernel, identifiers
+
+# The table: each function's stable NumPy routine, keyed by its `helper` name.
+HELPERS = '''
+def _sigmoid(x):
+    return numpy.exp(-numpy.logaddexp(0.0, -x))
+
+def _relu(x):
+    return numpy.where(x > 0, x, 0 * x)
+
+def _leaky_relu(x, a):
+    return numpy.where(x > 0, x, a * x)
+
+def _softplus(x):
+    return numpy.logaddexp(0.0, x)
+
+def _elu(x, a):
+    return numpy.where(x > 0, x, a * numpy.expm1(numpy.minimum(x, 0)))
+
+def _log_softmax(z):
+    m = numpy.max(z, axis=1, keepdims=True)
+    return z - m - numpy.log(numpy.sum(numpy.exp(z - m), axis=1, keepdims=True))
+
+def _softmax(z):
+    e = numpy.exp(z - numpy.max(z, axis=1, keepdims=True))
+    return e / numpy.sum(e, axis=1, keepdims=True)
+
+def _sce(z, t):
+    m = numpy.max(z, axis=1, keepdims=True)
+    lse = m + numpy.log(numpy.sum(numpy.exp(z - m), axis=1, keepdims=True))
+    return (numpy.sum(lse) - numpy.sum(t * z)) / z.shape[0]
+
+def _full(v, shape):
+    v = numpy.asarray(v, dtype=DTYPE)
+    return v if v.shape == shape else numpy.broadcast_to(v, shape).copy()
+'''
+
+
+class NumpyPrinter(SciPyPrinter):
+    """SciPy's printer, with symbp's functions printed through their helpers."""
+
+    def print_activation(self, e):  # called by Activation._numpycode
+        if e.helper:
+            return f"_{e.helper}({', '.join(self._print(a) for a in e.args)})"
+        return self._print(e.expand_formula())
+
+    def _print_Max(self, e):
+        out = self._print(e.args[0])
+        for a in e.args[1:]:
+            out = f"numpy.maximum({out}, {self._print(a)})"
+        return out
+
+    def _print_Min(self, e):
+        out = self._print(e.args[0])
+        for a in e.args[1:]:
+            out = f"numpy.minimum({out}, {self._print(a)})"
+        return out
+
+
+def _shape(printer, shape):
+    return "(" + ", ".join(printer.doprint(sp.sympify(d)) for d in shape) + ",)"
+
+
+def _line(a, ids, pr) -> str:
+    e = a.expr
+
+    def op(x):
+        if isinstance(x, sp.Transpose):
+            return f"{ids[x.arg]}.T"
+        return ids[x] if x in ids else pr.doprint(x)
+
+    if isinstance(e, sp.MatMul):
+        return f"{op(e.args[0])} @ {op(e.args[1])}"
+    if isinstance(e, sp.Transpose):
+        return f"numpy.ascontiguousarray({op(e.arg)}.T)"
+    if isinstance(e, Elementwise):
+        body = e.lam.expr.xreplace({v: sp.Symbol(op(x)) for v, x in zip(e.lam.variables, e.operands)})
+        return f"_full({pr.doprint(body)}, {_shape(pr, e.shape)})"
+    if isinstance(e, AxisSum):
+        return f"numpy.sum({op(e.args[0])}, axis={e.axis}, keepdims=True)"
+    if isinstance(e, Total):
+        return f"DTYPE(numpy.sum({op(e.args[0])}))"
+    if isinstance(e, Softmax):
+        return f"_softmax({op(e.args[0])})"
+    if isinstance(e, LogSoftmax):
+        return f"_log_softmax({op(e.args[0])})"
+    if isinstance(e, SoftmaxCrossEntropy):
+        return f"DTYPE(_sce({op(e.args[0])}, {op(e.args[1])}))"
+    # a scalar head: print it over the names
+    return f"DTYPE({pr.doprint(e.xreplace({n: sp.Symbol(ids[n]) for n in ids if n in _atoms(e)}))})"
+
+
+def _atoms(e):
+    return e.atoms(sp.Symbol, sp.MatrixSymbol)
+
+
+def build(program: Program, dtype=numpy.float64, **options) -> Kernel:
+    names = list(program.inputs) + list(program.dims) + [a.name for a in program.body]
+    ids = identifiers(names)
+    pr = NumpyPrinter({"fully_qualified_modules": True, "allow_unknown_functions": False})
+    params = ", ".join(ids[n] for n in list(program.inputs) + list(program.dims))
+    lines = [f"def symbp_numpy({params}):"]
+    for a in program.body:
+        lines.append(f"    {ids[a.name]} = {_line(a, ids, pr)}  # {type(a.expr).__name__}")
+    # a constant output (a scalar gradient that is 0) prints as a number
+    outs = [ids[o] if o in ids else f"DTYPE({pr.doprint(o)})" for o in program.outputs]
+    lines.append(f"    return ({', '.join(outs)},)")
+    source = HELPERS + "\n\n" + "\n".join(lines) + "\n"
+    filename = f"<symbp-numpy-{abs(hash(source)):x}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    ns = {"numpy": numpy, "scipy": scipy, "DTYPE": numpy.dtype(dtype).type}
+    exec(compile(source, filename, "exec"), ns)  # our own generated source, never user text
+    return Kernel(fn=ns["symbp_numpy"], source=source)

@@ -1,0 +1,411 @@
+"""The function library, written as a table of derivatives.
+
+One class per function.  Each row holds, within a few lines:
+
+- ``formula``: the value in SymPy primitives (the independent reference the tests
+  differentiate with ``sympy.diff``, and what a backend prints when it has no helper);
+- ``fdiff``: the derivative, in terms of the function's own value where that is shorter
+  (``sigmoid' = y(1 - y)``), so ``sympy.diff`` and ``symbp.grad`` both use it;
+- ``latex_name``: how it typesets;
+- ``helper``: the name of the numerically stable routine each backend provides for it
+  (``None``: the backend prints ``formula``).
+
+Called on a matrix expression, every function applies entry by entry (an
+``Elementwise`` map); parameters such as PReLU's slope may be scalars or (1, C) rows,
+one per unit.  A user's own formula (``x*sigmoid(x)``) needs nothing registered.
+
+Conventions at kinks, chosen as PyTorch chooses: relu'(0) = 0, leaky_relu'(0) = alpha,
+elu'(0) = alpha (the x > 0 branch is strict everywhere).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import sympy as sp
+
+from .errors import ShapeError
+from .matrix import (
+    LogSoftmax,
+    Softmax,
+    SoftmaxCrossEntropy,
+    Total,
+    elementwise,
+    is_matrix,
+    same_dim,
+)
+
+__all__ = [
+    "Activation", "sigmoid", "relu", "leaky_relu", "prelu", "rrelu", "softplus", "elu",
+    "selu", "gelu", "gelu_tanh", "silu", "identity", "tanh", "exp", "log", "step",
+    "softmax", "log_softmax", "dense", "mse", "binary_cross_entropy", "bce_with_logits",
+    "cross_entropy", "softmax_cross_entropy", "random_slopes", "FUNCTIONS",
+]
+
+
+def step(x):
+    """Heaviside step with step(0) = 0: the derivative of relu."""
+    return sp.Heaviside(x, 0)
+
+
+class Activation(sp.Function):
+    """Base of symbp's functions: elementwise on matrices, numeric on numbers."""
+
+    latex_name = r"\operatorname{f}"
+    helper: str | None = None
+
+    def __new__(cls, *args, **kwargs):
+        args = [sp.sympify(a) for a in args]
+        if any(is_matrix(a) for a in args):
+            return elementwise(lambda *v: cls(*v), *args)
+        return super().__new__(cls, *args, **kwargs)
+
+    @classmethod
+    def eval(cls, *args):
+        # Numbers in, number out: sigmoid(0) = 1/2, relu(-3) = 0.
+        if all(a.is_Number for a in args):
+            value = cls.formula(*args)
+            return value.evalf() if any(a.is_Float for a in args) else value
+
+    @staticmethod
+    def formula(*args):  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def expand_formula(self):
+        return type(self).formula(*self.args)
+
+    def _eval_evalf(self, prec):
+        return self.expand_formula()._eval_evalf(prec)
+
+    def _numpycode(self, printer):
+        # symbp's NumPy backend prints the stable helper; plain lambdify the formula
+        own = getattr(printer, "print_activation", None)
+        return own(self) if own else printer._print(self.expand_formula())
+
+    def _eval_is_real(self):
+        return all(a.is_real for a in self.args) or None
+
+    def _latex(self, printer, exp=None):
+        args = ", ".join(printer._print(a) for a in self.args)
+        tex = r"%s\left(%s\right)" % (self.latex_name, args)
+        return tex if exp is None else r"%s^{%s}" % (tex, exp)
+
+
+class sigmoid(Activation):
+    r"""σ(x) = 1/(1 + e^{-x}); σ'(x) = σ(1 − σ) ≤ 1/4, so deep sigmoid stacks vanish."""
+
+    latex_name, helper = r"\sigma", "sigmoid"
+    nargs = 1
+
+    @staticmethod
+    def formula(x):
+        return 1 / (1 + sp.exp(-x))
+
+    def fdiff(self, argindex=1):
+        return self * (1 - self)
+
+
+class relu(Activation):
+    """max(0, x); relu'(x) = step(x), with relu'(0) = 0."""
+
+    latex_name, helper = r"\operatorname{ReLU}", "relu"
+    nargs = 1
+
+    @staticmethod
+    def formula(x):
+        return sp.Max(0, x)
+
+    def fdiff(self, argindex=1):
+        return step(self.args[0])
+
+
+class leaky_relu(Activation):
+    """x for x > 0, αx otherwise; the derivative at 0 is α.
+
+    The slope ``alpha`` may be a number, a Symbol, or a (1, C) MatrixSymbol (one per unit).
+    """
+
+    latex_name, helper = r"\operatorname{LeakyReLU}", "leaky_relu"
+    nargs = 2
+
+    def __new__(cls, x, alpha=sp.Rational(1, 100)):
+        return super().__new__(cls, x, alpha)
+
+    @staticmethod
+    def formula(x, a):
+        return sp.Piecewise((x, x > 0), (a * x, True))
+
+    def fdiff(self, argindex=1):
+        x, a = self.args
+        if argindex == 1:
+            return sp.Piecewise((1, x > 0), (a, True))
+        return sp.Piecewise((0, x > 0), (x, True))  # d/dα: the negative part
+
+
+class prelu(leaky_relu):
+    """Parametric ReLU: a leaky ReLU whose slope ``alpha`` is a learned parameter."""
+
+    latex_name = r"\operatorname{PReLU}"
+
+    def __new__(cls, x, alpha):
+        return super().__new__(cls, x, alpha)
+
+
+# Names of rrelu's random slope inputs -> (lower, upper); read by the training loop.
+_RANDOM_SLOPES: dict[str, tuple[float, float]] = {}
+
+
+def rrelu(x, lower=sp.Rational(1, 8), upper=sp.Rational(1, 3), name: str | None = None):
+    """Randomized ReLU: a leaky ReLU whose slope is random while training.
+
+    Symbolically the slope is a *random input*: a Symbol (for scalar ``x``) or a
+    MatrixSymbol of ``x``'s shape (one slope per entry) named ``rrelu_<id>``.  The
+    expression is ``leaky_relu(x, a)``; the training loop draws ``a ~ U(lower, upper)``
+    afresh at every step and sets it to the mean ``(lower + upper)/2`` at evaluation
+    (``symbp.functions.random_slopes`` lists the bounds).  Derivatives are exact for each
+    drawn slope.
+    """
+    x = sp.sympify(x)
+    if name is None:
+        name = "rrelu_" + hashlib.sha1(sp.srepr(x).encode()).hexdigest()[:6]
+    _RANDOM_SLOPES[name] = (float(lower), float(upper))
+    a = sp.MatrixSymbol(name, *x.shape) if is_matrix(x) else sp.Symbol(name, real=True)
+    return leaky_relu(x, a)
+
+
+def random_slopes() -> dict[str, tuple[float, float]]:
+    """Names of the random slope inputs made by ``rrelu``, with their (lower, upper)."""
+    return dict(_RANDOM_SLOPES)
+
+
+class softplus(Activation):
+    """log(1 + e^x), a smooth relu; softplus' = σ."""
+
+    latex_name, helper = r"\operatorname{softplus}", "softplus"
+    nargs = 1
+
+    @staticmethod
+    def formula(x):
+        return sp.log(1 + sp.exp(x))
+
+    def fdiff(self, argindex=1):
+        return sigmoid(self.args[0])
+
+
+class elu(Activation):
+    """x for x > 0, α(e^x − 1) otherwise; below 0 the derivative is y + α."""
+
+    latex_name, helper = r"\operatorname{ELU}", "elu"
+    nargs = 2
+
+    def __new__(cls, x, alpha=1):
+        return super().__new__(cls, x, alpha)
+
+    @staticmethod
+    def formula(x, a):
+        return sp.Piecewise((x, x > 0), (a * (sp.exp(x) - 1), True))
+
+    def fdiff(self, argindex=1):
+        x, a = self.args
+        if argindex == 1:
+            return sp.Piecewise((1, x > 0), (self + a, True))
+        return sp.Piecewise((0, x > 0), (sp.exp(x) - 1, True))
+
+
+SELU_ALPHA = sp.Float("1.6732632423543772848170429916717")
+SELU_SCALE = sp.Float("1.0507009873554804934193349852946")
+
+
+class selu(Activation):
+    """Scaled ELU, λ·elu(x, α) with the self-normalising constants of Klambauer et al."""
+
+    latex_name = r"\operatorname{SELU}"
+    nargs = 1
+
+    @staticmethod
+    def formula(x):
+        return SELU_SCALE * sp.Piecewise((x, x > 0), (SELU_ALPHA * (sp.exp(x) - 1), True))
+
+    def fdiff(self, argindex=1):
+        x = self.args[0]
+        return sp.Piecewise((SELU_SCALE, x > 0), (self + SELU_SCALE * SELU_ALPHA, True))
+
+
+class gelu(Activation):
+    """x·Φ(x) with the exact normal CDF Φ(x) = (1 + erf(x/√2))/2."""
+
+    latex_name = r"\operatorname{GELU}"
+    nargs = 1
+
+    def __new__(cls, x, approximate: str = "none"):
+        if approximate == "tanh":
+            return gelu_tanh(x)
+        if approximate != "none":
+            raise ValueError(f"gelu: approximate must be 'none' or 'tanh', not {approximate!r}")
+        return super().__new__(cls, x)
+
+    @staticmethod
+    def formula(x):
+        return x * (1 + sp.erf(x / sp.sqrt(2))) / 2
+
+    def fdiff(self, argindex=1):
+        x = self.args[0]
+        return (1 + sp.erf(x / sp.sqrt(2))) / 2 + x * sp.exp(-(x**2) / 2) / sp.sqrt(2 * sp.pi)
+
+
+class gelu_tanh(Activation):
+    """GELU's tanh approximation, ½x(1 + tanh(√(2/π)(x + 0.044715x³)))."""
+
+    latex_name = r"\operatorname{GELU}_{\tanh}"
+    nargs = 1
+
+    @staticmethod
+    def formula(x):
+        u = sp.sqrt(2 / sp.pi) * (x + sp.Float("0.044715") * x**3)
+        return x * (1 + sp.tanh(u)) / 2
+
+    def fdiff(self, argindex=1):
+        x = self.args[0]
+        u = sp.sqrt(2 / sp.pi) * (x + sp.Float("0.044715") * x**3)
+        du = sp.sqrt(2 / sp.pi) * (1 + 3 * sp.Float("0.044715") * x**2)
+        t = sp.tanh(u)
+        return (1 + t) / 2 + x * (1 - t**2) * du / 2
+
+
+class silu(Activation):
+    """x·σ(x) (swish); silu' = σ(x)(1 + x(1 − σ(x)))."""
+
+    latex_name = r"\operatorname{SiLU}"
+    nargs = 1
+
+    @staticmethod
+    def formula(x):
+        return x / (1 + sp.exp(-x))
+
+    def fdiff(self, argindex=1):
+        x = self.args[0]
+        s = sigmoid(x)
+        return s * (1 + x * (1 - s))
+
+
+swish = silu
+
+
+def identity(x):
+    """The identity activation (a linear layer)."""
+    return sp.sympify(x)
+
+
+def _lift(f, doc):
+    def apply(x):
+        x = sp.sympify(x)
+        return elementwise(f, x) if is_matrix(x) else f(x)
+
+    apply.__name__, apply.__doc__ = f.__name__, doc
+    return apply
+
+
+tanh = _lift(sp.tanh, "tanh, elementwise on matrices; tanh' = 1 − y².")
+exp = _lift(sp.exp, "e^x, elementwise on matrices; exp' = y.")
+log = _lift(sp.log, "Natural log, elementwise on matrices; log' = 1/x.")
+
+
+# --- row-wise output layers -------------------------------------------------------------
+
+
+def softmax(Z):
+    """Row-wise softmax of an N×C matrix expression (a list of scalars: their softmax)."""
+    if isinstance(Z, (list, tuple)) or (isinstance(Z, sp.MatrixBase)):
+        zs = [sp.sympify(z) for z in Z]
+        total = sp.Add(*[sp.exp(z) for z in zs])
+        return [sp.exp(z) / total for z in zs]
+    return Softmax(Z)
+
+
+def log_softmax(Z):
+    """Row-wise log-softmax, computed stably as Z − logsumexp(Z)."""
+    if isinstance(Z, (list, tuple)) or (isinstance(Z, sp.MatrixBase)):
+        zs = [sp.sympify(z) for z in Z]
+        lse = sp.log(sp.Add(*[sp.exp(z) for z in zs]))
+        return [z - lse for z in zs]
+    return LogSoftmax(Z)
+
+
+def dense(X, W, b=None):
+    """The affine layer ``X*W + 1·b`` (``1`` a column of ones, so b is added to each row)."""
+    if not (is_matrix(X) and is_matrix(W)):
+        raise ShapeError(f"dense needs matrices X and W, got {X} and {W}")
+    if not same_dim(X.shape[1], W.shape[0]):
+        raise ShapeError(
+            f"dense: X*W needs X's columns to match W's rows: {X} is {X.shape}, "
+            f"{W} is {W.shape}"
+        )
+    Z = X * W
+    if b is None:
+        return Z
+    if not (is_matrix(b) and b.shape[0] == 1 and same_dim(b.shape[1], W.shape[1])):
+        raise ShapeError(f"dense: bias {b} must be 1×{W.shape[1]}, got {getattr(b, 'shape', b)}")
+    return Z + sp.OneMatrix(X.shape[0], 1) * b
+
+
+# --- losses: PyTorch's default reductions ---------------------------------------------------
+
+
+def _check_pair(name, Y, T):
+    if is_matrix(Y) != is_matrix(T):
+        raise ShapeError(f"{name}: prediction {Y} and target {T} must both be matrices or scalars")
+    if is_matrix(Y) and not all(same_dim(a, b) for a, b in zip(Y.shape, T.shape)):
+        raise ShapeError(f"{name}: prediction {Y} is {Y.shape} but target {T} is {T.shape}")
+
+
+def _mean(E):
+    return Total(E) / (E.shape[0] * E.shape[1]) if is_matrix(E) else E
+
+
+def mse(Y, T):
+    """Mean squared error over all entries."""
+    _check_pair("mse", Y, T)
+    sq = lambda y, t: (y - t) ** 2  # noqa: E731
+    return _mean(elementwise(sq, Y, T) if is_matrix(Y) else sq(Y, T))
+
+
+def binary_cross_entropy(P, T):
+    """−mean(t log p + (1 − t) log(1 − p)) from probabilities P."""
+    _check_pair("binary_cross_entropy", P, T)
+    bce = lambda p, t: -(t * sp.log(p) + (1 - t) * sp.log(1 - p))  # noqa: E731
+    return _mean(elementwise(bce, P, T) if is_matrix(P) else bce(P, T))
+
+
+def bce_with_logits(Z, T):
+    """Binary cross-entropy from logits, mean(softplus(z) − t z): stable for any z."""
+    _check_pair("bce_with_logits", Z, T)
+    f = lambda z, t: softplus(z) - t * z  # noqa: E731
+    return _mean(elementwise(f, Z, T) if is_matrix(Z) else f(Z, T))
+
+
+def cross_entropy(P, T):
+    """−Σ_c T log P summed over classes, averaged over rows, from probabilities P.
+
+    ``cross_entropy(softmax(Z), T)`` becomes ``softmax_cross_entropy(Z, T)``: the same
+    value for targets whose rows sum to 1, computed stably, with gradient (Y − T)/N.
+    """
+    if isinstance(P, Softmax):
+        return softmax_cross_entropy(P.args[0], T)
+    _check_pair("cross_entropy", P, T)
+    if not is_matrix(P):
+        return -T * sp.log(P)
+    return -Total(elementwise(lambda p, t: t * sp.log(p), P, T)) / P.shape[0]
+
+
+def softmax_cross_entropy(Z, T):
+    """Cross-entropy of softmax(Z) against targets T, from logits (log-sum-exp, stable)."""
+    _check_pair("softmax_cross_entropy", Z, T)
+    return SoftmaxCrossEntropy(Z, T)
+
+
+# Every activation by name: the CLI's parser, the plots and the tests read this table.
+FUNCTIONS = {
+    "sigmoid": sigmoid, "tanh": tanh, "relu": relu, "leaky_relu": leaky_relu,
+    "prelu": prelu, "rrelu": rrelu, "softplus": softplus, "elu": elu, "selu": selu,
+    "gelu": gelu, "gelu_tanh": gelu_tanh, "silu": silu, "swish": silu, "identity": identity,
+}

@@ -1,0 +1,431 @@
+"""The IR: a Program of ordered single-head assignments, lowering from SymPy, and verify.
+
+A Program is plain data.  Its body is a list of ``Assign(name, expr)`` in evaluation
+order; ``expr`` is one head over names (and constants):
+
+    scalar heads   Add, Mul, Pow, any differentiable sympy.Function, Piecewise,
+                   Total(M), SoftmaxCrossEntropy(Z, T)
+    matrix heads   MatMul(A, B)            (A, B names or Transpose(name))
+                   Elementwise(λ, shape, args...)   fused entry-by-entry map, broadcasting
+                   AxisSum(M, axis), Transpose(M), Softmax(M), LogSoftmax(M)
+
+Names are ``Symbol`` (scalars) or ``MatrixSymbol`` (shape known, batch size symbolic).
+Lowering memoises on SymPy nodes, so a subexpression used twice is computed once and the
+graph stays as small as the user's expression DAG: it never walks the expression as a
+tree (no ``free_symbols``, ``count_ops`` or ``subs`` on the whole graph).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+from sympy.core.function import AppliedUndef
+from sympy.matrices.expressions.applyfunc import ElementwiseApplyFunction
+
+from .errors import ShapeError, SymbpError, UnsupportedError
+from .matrix import (
+    AxisSum,
+    Elementwise,
+    LogSoftmax,
+    Softmax,
+    SoftmaxCrossEntropy,
+    Total,
+    broadcast_shape,
+    is_matrix,
+    is_placeholder,
+    placeholders,
+    same_dim,
+)
+
+Name = sp.Symbol | sp.MatrixSymbol
+
+
+@dataclass(frozen=True)
+class Assign:
+    """``name = expr``.  ``role`` is 'forward' or 'adjoint'; ``of`` names the primal
+    value whose adjoint (ordered derivative ∂⁺L/∂of) this is, or a part of it."""
+
+    name: Name
+    expr: sp.Basic
+    role: str = "forward"
+    of: Name | None = None
+
+
+@dataclass(frozen=True)
+class Program:
+    """Inputs (user arrays), dims (sizes bound from array shapes), body, outputs.
+
+    For a gradient program ``outputs[0]`` is the loss and ``outputs[1:]`` are the
+    gradients with respect to ``wrt``, in order.
+    """
+
+    inputs: tuple[Name, ...]
+    dims: tuple[sp.Symbol, ...]
+    body: tuple[Assign, ...]
+    outputs: tuple
+    wrt: tuple[Name, ...] = ()
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def shape_of(self, name) -> tuple | None:
+        return tuple(name.shape) if is_matrix(name) else None
+
+    def __str__(self) -> str:
+        lines = [f"inputs  {', '.join(map(str, self.inputs))}   dims {self.dims}"]
+        for a in self.body:
+            mark = "  " if a.role == "forward" else "∂ "
+            lines.append(f"{mark}{a.name} = {a.expr}")
+        lines.append(f"outputs {', '.join(map(str, self.outputs))}")
+        return "\n".join(lines)
+
+
+def is_constant(e) -> bool:
+    return isinstance(e, sp.Basic) and not is_matrix(e) and e.is_number
+
+
+# --- lowering ----------------------------------------------------------------------------
+
+
+class _Lowering:
+    """Walks the SymPy DAG once in post-order, emitting one assignment per head."""
+
+    def __init__(self, reserved: set[str]):
+        self.memo: dict[sp.Basic, sp.Basic] = {}
+        self.body: list[Assign] = []
+        self.inputs: dict[str, Name] = {}
+        self.reserved = set(reserved)
+        self.count = 0
+
+    # names -----------------------------------------------------------------------------
+    def fresh(self, shape=None, prefix="t") -> Name:
+        while True:
+            self.count += 1
+            s = f"{prefix}{self.count}"
+            if s not in self.reserved:
+                break
+        self.reserved.add(s)
+        return sp.MatrixSymbol(s, *shape) if shape is not None else sp.Symbol(s, real=True)
+
+    def emit(self, expr, shape=None) -> Name:
+        name = self.fresh(shape)
+        self.body.append(Assign(name, expr))
+        return name
+
+    # the walk --------------------------------------------------------------------------
+    def run(self, root) -> sp.Basic:
+        stack = [(root, False)]
+        while stack:
+            e, expanded = stack.pop()
+            if e in self.memo:
+                continue
+            kids = [k for k in _children(e) if k not in self.memo]
+            if expanded or not kids:
+                self.memo[e] = self.lower_node(e)
+            else:
+                stack.append((e, True))
+                stack.extend((k, False) for k in kids)
+        return self.memo[root]
+
+    def L(self, e):
+        return self.memo[e]
+
+    def lower_node(self, e):
+        if isinstance(e, sp.MatrixSymbol):
+            return self.input(e)
+        if is_matrix(e):
+            return self.lower_matrix(e)
+        if isinstance(e, sp.Symbol):
+            return self.input(e)
+        if isinstance(e, (sp.logic.boolalg.Boolean, sp.core.relational.Relational)):
+            return e.func(*[self.L(a) for a in e.args]) if e.args else e
+        if e.is_number:
+            return e
+        return self.lower_scalar(e)
+
+    def input(self, s):
+        old = self.inputs.get(s.name)
+        if old is not None and old != s:
+            raise SymbpError(
+                f"two different symbols are both named {s.name!r} ({old!r} and {s!r}): "
+                "rename one"
+            )
+        self.inputs[s.name] = s
+        return s
+
+    # scalar heads ----------------------------------------------------------------------
+    def lower_scalar(self, e):
+        if isinstance(e, AppliedUndef):
+            raise UnsupportedError(
+                f"{e.func}({', '.join(map(str, e.args))}) is an undefined function: it has "
+                f"no derivative. Define a sympy.Function subclass with fdiff, or write "
+                f"{e.func} as a formula of known functions"
+            )
+        if isinstance(e, (sp.Derivative, sp.Integral, sp.Subs)):
+            raise UnsupportedError(f"{type(e).__name__} {e} cannot be compiled: evaluate it first")
+        if isinstance(e, sp.Piecewise):
+            pairs = [(self.L(x), self.L(c)) for x, c in e.args]
+            return self.emit(sp.Piecewise(*pairs, evaluate=False))
+        args = [self.L(a) for a in e.args]
+        if all(is_constant(a) for a in args) and not isinstance(
+            e, (Total, SoftmaxCrossEntropy)
+        ):
+            return e
+        return self.emit(e.func(*args))
+
+    # matrix heads ----------------------------------------------------------------------
+    def lower_matrix(self, e):
+        shape = tuple(e.shape)
+        if isinstance(e, Elementwise):
+            return self.map(e.lam, shape, [self.L(a) for a in e.operands])
+        if isinstance(e, ElementwiseApplyFunction):
+            f = e.function
+            lam = f if isinstance(f, sp.Lambda) else sp.Lambda(placeholders(1)[:1], f(placeholders(1)[0]))
+            return self.map(lam, shape, [self.L(e.expr)])
+        if isinstance(e, sp.MatAdd):
+            args = [self.L(_bias_row(a)) for a in e.args]
+            v = placeholders(len(args))
+            return self.map(sp.Lambda(v, sp.Add(*v)), shape, args)
+        if isinstance(e, sp.HadamardProduct):
+            args = [self.L(a) for a in e.args]
+            v = placeholders(len(args))
+            return self.map(sp.Lambda(v, sp.Mul(*v)), shape, args)
+        if isinstance(e, sp.HadamardPower):
+            base, p = self.L(e.args[0]), self.L(e.args[1])
+            v = placeholders(2)
+            return self.map(sp.Lambda(v, v[0] ** v[1]), shape, [base, p])
+        if isinstance(e, sp.MatMul):
+            return self.matmul(e)
+        if isinstance(e, sp.Transpose):
+            return self.emit(sp.Transpose(self.L(e.arg)), shape)
+        if isinstance(e, AxisSum):
+            return self.emit(AxisSum(self.L(e.args[0]), e.axis), shape)
+        if isinstance(e, (Softmax, LogSoftmax)):
+            return self.emit(type(e)(self.L(e.args[0])), shape)
+        if isinstance(e, sp.OneMatrix):
+            return self.map(sp.Lambda((), sp.Integer(1)), shape, [])
+        if isinstance(e, sp.ZeroMatrix):
+            return self.map(sp.Lambda((), sp.Integer(0)), shape, [])
+        raise UnsupportedError(
+            f"symbp cannot differentiate the matrix head {type(e).__name__} in {e}: "
+            "write it with products, sums, elementwise functions, softmax or transposes"
+        )
+
+    def map(self, lam, shape, args):
+        """Emit an Elementwise map; free symbols of the body become scalar arguments."""
+        free = sorted(lam.expr.free_symbols - set(lam.variables), key=str)
+        if free:
+            vs = placeholders(len(args) + len(free))
+            body = lam.expr.xreplace(dict(zip(list(lam.variables) + free, vs)))
+            lam = sp.Lambda(vs, body)
+            args = list(args) + [self.memo.get(s) or self.input(s) for s in free]
+        return self.emit(make_map(lam, shape, args), shape)
+
+    def matmul(self, e):
+        scalars = [a for a in e.args if not is_matrix(a)]
+        mats = [a for a in e.args if is_matrix(a)]
+        acc = mats[0]
+        acc_l = None if isinstance(acc, sp.OneMatrix) else self.operand(acc)
+        for B in mats[1:]:
+            acc, acc_l = B, self.product(acc, acc_l, B)
+        if acc_l is None:  # a lone OneMatrix
+            acc_l = self.map(sp.Lambda((), sp.Integer(1)), tuple(acc.shape), [])
+        if isinstance(acc_l, sp.Transpose):
+            acc_l = self.emit(acc_l, tuple(acc_l.shape))
+        if scalars:
+            c = sp.Mul(*[self.L(s) for s in scalars])
+            if not is_constant(c):
+                c = self.emit(c) if not isinstance(c, sp.Symbol) else c
+            v = placeholders(2)
+            return self.map(sp.Lambda(v, v[0] * v[1]), tuple(e.shape), [c, acc_l])
+        return acc_l
+
+    def operand(self, M):
+        # X.T inside a product stays an operand: BLAS transposes for free.
+        if isinstance(M, sp.Transpose):
+            return sp.Transpose(self.L(M.arg))
+        return self.L(M)
+
+    def product(self, A, A_l, B):
+        """The lowered value of A·B; OneMatrix factors become broadcasts and sums."""
+        ra, ca = A.shape if A_l is None else A_l.shape
+        rb, cb = B.shape
+        if not same_dim(ca, rb):
+            raise ShapeError(
+                f"matrix product {A}*{B}: {A} is {ra}×{ca} but {B} is {rb}×{cb} "
+                f"({ca} ≠ {rb})"
+            )
+        if A_l is None:  # A is OneMatrix(ra, ca)
+            B_l = self.L(B) if not isinstance(B, sp.OneMatrix) else None
+            if B_l is None:  # 1·1 = a matrix filled with ca
+                return self.map(sp.Lambda((), sp.sympify(ca)), (ra, cb), [])
+            if ca == 1:  # 1·b: broadcast the row b down ra rows
+                return self.map(sp.Lambda(placeholders(1), placeholders(1)[0]), (ra, cb), [B_l])
+            col = self.emit(AxisSum(self.materialize(B_l), 0), (1, cb))  # 1ᵀ B
+            return col if ra == 1 else self.map(
+                sp.Lambda(placeholders(1), placeholders(1)[0]), (ra, cb), [col]
+            )
+        if isinstance(B, sp.OneMatrix):
+            rows = self.emit(AxisSum(self.materialize(A_l), 1), (ra, 1))  # B 1
+            return rows if cb == 1 else self.map(
+                sp.Lambda(placeholders(1), placeholders(1)[0]), (ra, cb), [rows]
+            )
+        return self.emit(sp.MatMul(A_l, self.operand(B)), (ra, cb))
+
+    def materialize(self, op):
+        return self.emit(op, tuple(op.shape)) if isinstance(op, sp.Transpose) else op
+
+
+def make_map(lam: sp.Lambda, shape, args) -> Elementwise:
+    """An Elementwise map with constant arguments folded into its body."""
+    body, keep, keep_vars = lam.expr, [], []
+    used = body.free_symbols
+    for v, a in zip(lam.variables, args):
+        if v not in used:  # an argument the body does not read
+            continue
+        if is_constant(a):
+            body = body.xreplace({v: a})
+        else:
+            keep.append(a)
+            keep_vars.append(v)
+    new = placeholders(len(keep))
+    body = body.xreplace(dict(zip(keep_vars, new)))
+    return Elementwise(sp.Lambda(new, body), shape, *keep)
+
+
+def _bias_row(term):
+    """``b`` for a term ``1·b`` of a sum (the bias, broadcast by the map), else the term."""
+    if (isinstance(term, sp.MatMul) and len(term.args) == 2
+            and isinstance(term.args[0], sp.OneMatrix) and term.args[0].shape[1] == 1
+            and is_matrix(term.args[1]) and term.args[1].shape[0] == 1):
+        return term.args[1]
+    return term
+
+
+def _children(e) -> list:
+    if isinstance(e, (sp.Symbol, sp.MatrixSymbol)) or not isinstance(e, sp.Basic):
+        return []
+    if isinstance(e, sp.MatAdd):
+        return [_bias_row(a) for a in e.args]
+    if isinstance(e, Elementwise):
+        return list(e.operands)
+    if isinstance(e, ElementwiseApplyFunction):
+        return [e.expr]
+    if isinstance(e, sp.MatMul):
+        out = []
+        for a in e.args:
+            if isinstance(a, sp.OneMatrix):
+                continue
+            out.append(a.arg if isinstance(a, sp.Transpose) else a)
+        return out
+    if isinstance(e, AxisSum):
+        return [e.args[0]]
+    if isinstance(e, (sp.OneMatrix, sp.ZeroMatrix)) or (is_matrix(e) and not e.args):
+        return []
+    if isinstance(e, sp.Piecewise):
+        return [x for pair in e.args for x in pair.args]
+    if e.is_Atom:
+        return []
+    return [a for a in e.args if isinstance(a, sp.Basic) and not isinstance(a, sp.Tuple)]
+
+
+def lower(f, extra_names: set[str] = frozenset()) -> Program:
+    """Lower a SymPy expression into a forward Program whose single output is ``f``."""
+    f = sp.sympify(f)
+    reserved = set(extra_names)
+    lw = _Lowering(reserved)
+    _reserve_input_names(f, lw)
+    out = lw.run(f)
+    if is_constant(out) or isinstance(out, (sp.Symbol, sp.MatrixSymbol)) and not lw.body:
+        out = lw.emit(sp.sympify(out) if not is_matrix(out) else out, getattr(out, "shape", None))
+    dims = _dims(lw.inputs.values())
+    inputs = tuple(s for s in lw.inputs.values() if s not in dims)
+    return Program(inputs=inputs, dims=dims, body=tuple(lw.body), outputs=(out,))
+
+
+def _reserve_input_names(f, lw: _Lowering):
+    # Names the user chose must never be reused for temporaries; a cheap DAG walk.
+    seen, stack = set(), [f]
+    while stack:
+        e = stack.pop()
+        if e in seen or not isinstance(e, sp.Basic):
+            continue
+        seen.add(e)
+        if isinstance(e, (sp.Symbol, sp.MatrixSymbol)):
+            lw.reserved.add(e.name)
+            for d in getattr(e, "shape", ()):
+                stack.append(d)
+        else:
+            stack.extend(e.args)
+
+
+def _dims(names) -> tuple[sp.Symbol, ...]:
+    dims = []
+    for s in names:
+        for d in getattr(s, "shape", ()):
+            for x in sp.sympify(d).free_symbols:
+                if x not in dims:
+                    dims.append(x)
+    return tuple(dims)
+
+
+# --- verify ------------------------------------------------------------------------------
+
+_SCALAR_HEADS = (sp.Add, sp.Mul, sp.Pow, sp.Function, sp.Piecewise, Total, SoftmaxCrossEntropy,
+                 sp.Max, sp.Min, sp.Abs)
+_MATRIX_HEADS = (sp.MatMul, Elementwise, AxisSum, sp.Transpose, Softmax, LogSoftmax)
+
+
+def verify(p: Program) -> Program:
+    """Check that names are defined before use and once, heads are known and shapes agree.
+
+    Cheap (one pass over small expressions); returns the program so it chains."""
+    defined = set(p.inputs) | set(p.dims)
+    for a in p.body:
+        where = f"in `{a.name} = {a.expr}`"
+        if a.name in defined:
+            raise SymbpError(f"{a.name} is assigned twice ({where})")
+        used = _names_in(a.expr)
+        missing = [u for u in used if u not in defined]
+        if missing:
+            raise SymbpError(f"{', '.join(map(str, missing))} used before definition {where}")
+        if is_matrix(a.name):
+            if not isinstance(a.expr, _MATRIX_HEADS):
+                raise SymbpError(f"unknown matrix head {type(a.expr).__name__} {where}")
+            shape = tuple(a.expr.shape)
+            if not all(same_dim(x, y) for x, y in zip(shape, a.name.shape)):
+                raise ShapeError(f"{a.name} is {a.name.shape} but its value is {shape} {where}")
+            if isinstance(a.expr, sp.MatMul):
+                l, r = a.expr.args
+                if not same_dim(l.shape[1], r.shape[0]):
+                    raise ShapeError(f"product of {l.shape} and {r.shape} {where}")
+            if isinstance(a.expr, Elementwise):
+                broadcast_shape(
+                    [x.shape if is_matrix(x) else None for x in a.expr.operands]
+                    + [a.expr.shape], culprit=where
+                )
+                extra = a.expr.lam.expr.free_symbols - set(a.expr.lam.variables)
+                if extra:
+                    raise SymbpError(f"map body has free symbols {extra} {where}")
+        else:
+            if not isinstance(a.expr, _SCALAR_HEADS) and not a.expr.is_number and not isinstance(
+                a.expr, sp.Symbol
+            ):
+                raise SymbpError(f"unknown scalar head {type(a.expr).__name__} {where}")
+        defined.add(a.name)
+    for o in p.outputs:
+        if not is_constant(o) and o not in defined:
+            raise SymbpError(f"output {o} is never assigned")
+    return p
+
+
+def _names_in(expr) -> list:
+    """The names an assignment reads (its expression is small: a plain walk is fine)."""
+    out, stack = [], [expr]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, (sp.Symbol, sp.MatrixSymbol)):
+            if not is_placeholder(e) and e not in out:
+                out.append(e)
+        elif isinstance(e, sp.Basic) and not isinstance(e, (sp.Lambda, sp.Tuple)):
+            stack.extend(e.args)
+    return out
