@@ -5,7 +5,18 @@ its graph (ordered derivatives) and lowers forward and gradient code to NumPy or
 Importing symbp loads SymPy and NumPy only; backends load on first use.
 """
 
-from .api import Compiled, GradcheckResult, compile, grad, gradcheck, gradient_program
+from .api import (
+    Compiled,
+    Forward,
+    GradcheckResult,
+    Step,
+    compile,
+    compile_forward,
+    compile_step,
+    grad,
+    gradcheck,
+    gradient_program,
+)
 from .errors import InputError, ShapeError, SymbpError, TrainingError, UnsupportedError
 from .functions import (
     bce_with_logits,
@@ -36,11 +47,13 @@ from .functions import (
 )
 from .ir import Program, lower, verify
 from .matrix import AxisSum, Elementwise, Total
+from .optim import SGD, Adam, Momentum
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Compiled", "GradcheckResult", "compile", "grad", "gradcheck", "gradient_program",
+    "Compiled", "Forward", "GradcheckResult", "Step", "compile", "compile_forward",
+    "compile_step", "grad", "gradcheck", "gradient_program", "SGD", "Adam", "Momentum",
     "InputError", "ShapeError", "SymbpError", "TrainingError", "UnsupportedError",
     "bce_with_logits", "binary_cross_entropy", "cross_entropy", "dense", "elu", "exp",
     "gelu", "gelu_tanh", "identity", "leaky_relu", "log", "log_softmax", "mse", "prelu",

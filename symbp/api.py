@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import sympy as sp
@@ -117,6 +116,71 @@ def compile(f, wrt, target: str = "numpy", dtype=np.float64, **options) -> Compi
     p = gradient_program(f, wrt)
     kernel = backend(target).build(p, dtype=dtype, target=target, **options)
     return Compiled(p, target, dtype, kernel)
+
+
+@dataclass
+class Forward:
+    """A compiled forward program: ``fn(**arrays)`` returns the expression's value."""
+
+    program: Program
+    target: str
+    dtype: np.dtype
+    kernel: object
+
+    @property
+    def source(self) -> str:
+        return self.kernel.source
+
+    def __call__(self, **arrays):
+        return self.kernel.fn(*bind_inputs(self.program, arrays, self.dtype))[0]
+
+
+def compile_forward(expr, target: str = "numpy", dtype=np.float64, **options) -> Forward:
+    """Compile the value of ``expr`` alone (predictions, logits) for ``target``."""
+    dtype = np.dtype(dtype)
+    p = verify(lower(expr))
+    return Forward(p, target, dtype, backend(target).build(p, dtype=dtype, target=target, **options))
+
+
+class Step:
+    """One training step: forward, backward and the optimizer update, parameters in place.
+
+    ``loss = step(params, **data)`` where ``params`` maps names to arrays of ``dtype``
+    that are updated in place; ``step.state`` holds the optimizer buffers.  This is the
+    reference implementation (gradient call, then ``optim.update``); backends that fuse
+    the update provide ``build_step``.
+    """
+
+    def __init__(self, fn: Compiled, optimizer):
+        from . import optim
+
+        self.fn, self.optimizer, self._optim = fn, optimizer, optim
+        self.state = None
+
+    @property
+    def source(self) -> str:
+        return self.fn.source
+
+    def __call__(self, params: dict, **data) -> float:
+        if self.state is None:
+            self.state = self._optim.init_state(self.optimizer, params)
+        loss, grads = self.fn(**params, **data)
+        self._optim.update(self.optimizer, params, grads, self.state)
+        return loss
+
+
+def compile_step(f, params, optimizer, target: str = "numpy", dtype=np.float64, **options):
+    """Compile a training step of loss ``f`` over ``params`` with ``optimizer``.
+
+    A backend whose module defines ``build_step`` fuses the update into the compiled
+    call; otherwise the step is the gradient call followed by the NumPy update.
+    """
+    mod = backend(target)
+    if hasattr(mod, "build_step"):
+        dtype = np.dtype(dtype)
+        return mod.build_step(gradient_program(f, params), optimizer, dtype=dtype,
+                              target=target, **options)
+    return Step(compile(f, params, target=target, dtype=dtype, **options), optimizer)
 
 
 def bind_inputs(p: Program, arrays: dict, dtype) -> list:
