@@ -229,13 +229,18 @@ def bind_inputs(p: Program, arrays: dict, dtype) -> list:
 
 def _as_array(name, x, dtype):
     if isinstance(x, (list, tuple)):
-        x = np.asarray(x)
+        try:
+            x = np.asarray(x)
+        except ValueError as err:  # ragged nested lists: NumPy cannot make them an array
+            raise InputError(f"{name} is not a rectangular array of numbers: {err}") from None
     if not isinstance(x, (np.ndarray, int, float, np.number, bool, np.bool_)):
         raise InputError(f"{name} must be a NumPy array or a number, not {type(x).__name__}")
     x = np.asarray(x)
     if x.dtype.kind not in "fiub":
         raise InputError(f"{name} has dtype {x.dtype}: symbp computes in {dtype} (real numbers)")
-    return np.ascontiguousarray(x, dtype=dtype)
+    # np.ascontiguousarray promotes a 0-d array to shape (1,), which made every scalar
+    # input fail the scalar-shape check: convert 0-d values with astype instead.
+    return x.astype(dtype) if x.ndim == 0 else np.ascontiguousarray(x, dtype=dtype)
 
 
 def _bind_dim(name, axis, d, n, dims):
