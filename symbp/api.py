@@ -15,7 +15,9 @@ from .matrix import is_matrix
 
 
 def _wrt_tuple(wrt) -> tuple[tuple, bool]:
-    single = isinstance(wrt, sp.Basic) or isinstance(wrt, str)
+    # Anything that is not a sequence (a number, a str, an expression) is one culprit:
+    # report it by name below rather than letting tuple() fail with "not iterable".
+    single = isinstance(wrt, (sp.Basic, str)) or not hasattr(wrt, "__iter__")
     items = (wrt,) if single else tuple(wrt)
     for w in items:
         if not isinstance(w, (sp.Symbol, sp.MatrixSymbol)):
@@ -27,7 +29,16 @@ def _wrt_tuple(wrt) -> tuple[tuple, bool]:
 
 
 def _scalar_loss(f):
-    f = sp.sympify(f)
+    # strict: never parse a string (sympify would eval it) or take lists as a loss
+    try:
+        f = sp.sympify(f, strict=True)
+    except sp.SympifyError:
+        raise SymbpError(
+            f"the loss must be a SymPy expression, not {type(f).__name__} {f!r}: build it "
+            "from sympy Symbols / MatrixSymbols (symbp never parses strings)"
+        ) from None
+    if not isinstance(f, sp.Expr) and not is_matrix(f):
+        raise SymbpError(f"the loss must be a scalar expression, not {type(f).__name__} {f}")
     if is_matrix(f):
         raise SymbpError(
             f"the loss must be a scalar, but {f} is a {f.shape[0]}×{f.shape[1]} matrix: "
@@ -110,12 +121,20 @@ def compile(f, wrt, target: str = "numpy", dtype=np.float64, **options) -> Compi
     Targets: 'numpy' (reference), 'cpu', 'parallel' (Numba), 'cuda'.  The call
     ``fn(**arrays)`` takes every input symbol by name and returns ``(value, grads)``.
     """
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise SymbpError(f"dtype must be float32 or float64, not {dtype}")
+    dtype = _float_dtype(dtype)
     p = gradient_program(f, wrt)
     kernel = backend(target).build(p, dtype=dtype, target=target, **options)
     return Compiled(p, target, dtype, kernel)
+
+
+def _float_dtype(dtype) -> np.dtype:
+    try:
+        d = np.dtype(dtype)
+    except TypeError:
+        d = None
+    if d not in (np.float32, np.float64):
+        raise SymbpError(f"dtype must be float32 or float64, not {dtype!r}")
+    return d
 
 
 @dataclass
@@ -137,9 +156,10 @@ class Forward:
 
 def compile_forward(expr, target: str = "numpy", dtype=np.float64, **options) -> Forward:
     """Compile the value of ``expr`` alone (predictions, logits) for ``target``."""
-    dtype = np.dtype(dtype)
+    dtype = _float_dtype(dtype)
     p = verify(lower(expr))
-    return Forward(p, target, dtype, backend(target).build(p, dtype=dtype, target=target, **options))
+    kernel = backend(target).build(p, dtype=dtype, target=target, **options)
+    return Forward(p, target, dtype, kernel)
 
 
 class Step:
@@ -209,7 +229,9 @@ def bind_inputs(p: Program, arrays: dict, dtype) -> list:
         if is_matrix(s):
             x = _as_array(name, x, dtype)
             if x.ndim != 2:
-                raise ShapeError(f"{name} must be a 2-D array of shape {s.shape}, got shape {x.shape}")
+                raise ShapeError(
+                    f"{name} must be a 2-D array of shape {s.shape}, got shape {x.shape}"
+                )
             for axis, (d, n) in enumerate(zip(s.shape, x.shape)):
                 _bind_dim(name, axis, sp.sympify(d), n, dims)
         else:
@@ -276,7 +298,8 @@ class GradcheckResult:
 
     def __str__(self) -> str:
         rows = [f"{'parameter':<16} max rel. error"]
-        rows += [f"{k:<16} {v:.3e}{'' if v <= self.tol else '  FAIL'}" for k, v in self.errors.items()]
+        rows += [f"{k:<16} {v:.3e}{'' if v <= self.tol else '  FAIL'}"
+                 for k, v in self.errors.items()]
         return "\n".join(rows)
 
 
