@@ -202,6 +202,25 @@ def grad(p: Program, wrt) -> Program:
                 f"cannot differentiate with respect to {w!r}: it is not a Symbol or "
                 "MatrixSymbol (differentiate w.r.t. the symbols the expression is built from)"
             )
+    # A wrt the loss does not read still gets a gradient (zeros of its shape) and must be
+    # an input of the gradient program, or fn(**params) would reject it as "unexpected".
+    # A different symbol under an input's name (Symbol("x") vs Symbol("x", real=True))
+    # would be silently independent of the loss: name the clash instead.
+    by_name = {str(s): s for s in p.inputs + p.dims}
+    for w in wrt:
+        if str(w) in by_name and by_name[str(w)] != w:
+            raise SymbpError(
+                f"cannot differentiate with respect to {w!r}: the expression uses a different "
+                f"symbol of the same name ({by_name[str(w)]!r}, other assumptions or shape); "
+                "pass the very symbol the expression is built from"
+            )
+    extra = tuple(w for w in dict.fromkeys(wrt) if str(w) not in by_name)
+    dims = p.dims + tuple(
+        d for d in dict.fromkeys(x for w in extra for s in getattr(w, "shape", ())
+                                 for x in sp.sympify(s).free_symbols) if d not in p.dims
+    )
+    if extra:
+        p = Program(p.inputs + extra, dims, p.body, p.outputs, p.wrt, p.meta)
     dep = set(wrt)
     for a in p.body:
         if any(n in dep for n in _names_in(a.expr)):
