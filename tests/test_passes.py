@@ -1,0 +1,114 @@
+"""passes: every pass keeps the Program's value (checked on the NumPy reference backend)."""
+
+import numpy as np
+import pytest
+import sympy as sp
+from conftest import N
+
+import symbp as sb
+from symbp import passes
+from symbp.backends import numpy as ref
+from symbp.ir import Assign, verify
+from symbp.matrix import Elementwise
+
+X = sp.MatrixSymbol("X", N, 3)
+W1 = sp.MatrixSymbol("W1", 3, 5)
+b1 = sp.MatrixSymbol("b1", 1, 5)
+W2 = sp.MatrixSymbol("W2", 5, 2)
+b2 = sp.MatrixSymbol("b2", 1, 2)
+T = sp.MatrixSymbol("T", N, 2)
+x, w, b = sp.symbols("x w b", real=True)
+
+
+def _mlp(act, loss):
+    Z = sb.dense(act(sb.dense(X, W1, b1)), W2, b2)
+    return loss(Z, T), [W1, b1, W2, b2]
+
+
+CASES = {
+    "scalar": (sb.sigmoid(w * x + b) ** 2 + sp.exp(w), [w, b]),
+    "tanh_ce": _mlp(sb.tanh, sb.softmax_cross_entropy),
+    "relu_mse": _mlp(sb.relu, lambda Z, T: sb.mse(sb.sigmoid(Z), T)),
+    "elu_bce": _mlp(sb.elu, sb.bce_with_logits),
+    "silu_bce": _mlp(sb.silu, lambda Z, T: sb.binary_cross_entropy(sb.sigmoid(Z), T)),
+}
+
+
+def _arrays(rng, prog, n=4):
+    out = {}
+    for s in prog.inputs:
+        if hasattr(s, "shape"):
+            shape = tuple(int(d.subs(N, n)) for d in s.shape)
+            out[s.name] = rng.uniform(0.1, 0.9, shape)
+        else:
+            out[s.name] = rng.uniform(0.1, 0.9)
+    return out
+
+
+def _run(prog, arrays):
+    fn = ref.build(prog, np.float64).fn
+    return fn(*sb.api.bind_inputs(prog, arrays, np.float64))
+
+
+def _n_maps(p):
+    return sum(isinstance(a.expr, Elementwise) for a in p.body)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("pipeline", [(passes.dce,), (passes.fuse,), passes.PIPELINE])
+def test_pass_keeps_value(case, pipeline, rng):
+    f, wrt = CASES[case]
+    p = sb.gradient_program(f, wrt)
+    q = passes.optimize(p, pipeline)
+    verify(q)
+    assert q.outputs == p.outputs and q.inputs == p.inputs
+    arrays = _arrays(rng, p)
+    for u, v in zip(_run(p, arrays), _run(q, arrays)):
+        np.testing.assert_allclose(v, u, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("case", ["tanh_ce", "relu_mse", "elu_bce", "silu_bce"])
+def test_fuse_merges_maps(case):
+    p = sb.gradient_program(*CASES[case])
+    q = passes.fuse(p)
+    assert _n_maps(q) < _n_maps(p)
+    # no map left whose only reader is a same-shape map (a missed fusion)
+    n_uses = passes.uses(q)
+    defs = {a.name: a.expr for a in q.body}
+    for a in q.body:
+        if isinstance(a.expr, Elementwise):
+            for op in a.expr.operands:
+                inner = defs.get(op)
+                if isinstance(inner, Elementwise) and n_uses[op] == 1:
+                    assert tuple(inner.shape) != tuple(a.expr.shape), f"{op} not fused"
+
+
+def test_fuse_keeps_outputs_and_shared_values():
+    # u is an output and read by v: it must stay; v folds into nothing (its user is Total)
+    A = sp.MatrixSymbol("A", N, 2)
+    u = sp.MatrixSymbol("u", N, 2)
+    v = sp.MatrixSymbol("v", N, 2)
+    e0 = sp.Symbol("_e0", real=True)
+    p = sb.Program(
+        inputs=(A,), dims=(N,),
+        body=(Assign(u, Elementwise(sp.Lambda((e0,), sp.exp(e0)), (N, 2), A)),
+              Assign(v, Elementwise(sp.Lambda((e0,), 2 * e0), (N, 2), u))),
+        outputs=(u, v),
+    )
+    assert passes.fuse(verify(p)).body == p.body
+
+
+def test_dce_drops_dead_assignments():
+    A = sp.MatrixSymbol("A", N, 2)
+    u = sp.MatrixSymbol("u", N, 2)
+    s, d = sp.Symbol("s", real=True), sp.Symbol("d", real=True)
+    e0 = sp.Symbol("_e0", real=True)
+    p = verify(sb.Program(
+        inputs=(A,), dims=(N,),
+        body=(Assign(u, Elementwise(sp.Lambda((e0,), sp.exp(e0)), (N, 2), A)),
+              Assign(d, sb.Total(A)),
+              Assign(s, sb.Total(u))),
+        outputs=(s,),
+    ))
+    q = passes.dce(p)
+    assert [a.name for a in q.body] == [u, s]
