@@ -41,7 +41,7 @@ LIMITS = {
 }
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
-NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\Z")
+NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 # Printable ASCII that can occur in an allowed expression; everything else is refused
 # before parsing (this also stops Unicode look-alikes, which Python would NFKC-normalise
 # into ordinary identifiers, and control characters that could rewrite a terminal).
@@ -373,8 +373,8 @@ def _check_size(e, node) -> None:
                     f"too large: more than {LIMITS['bits']} bits")
     for p in e.atoms(sp.Pow):
         if p.exp.is_Number and abs(p.exp) > LIMITS["power"]:
-            raise _fail(f"the expression contains the power {_short(p)} (near column "
-                        f"{node.col_offset + 1}); |exponent| <= {LIMITS['power']} is allowed")
+            raise _fail(f"the power {_short(p)} (near column {node.col_offset + 1}) is too "
+                        f"large; |exponent| <= {LIMITS['power']} is allowed")
 
 
 def _check_result(f) -> None:
