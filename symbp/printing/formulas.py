@@ -1,0 +1,2 @@
+class Formulas: pass
+def matrix_formulas(f, wrt): pass
