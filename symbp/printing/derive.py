@@ -301,6 +301,7 @@ class _Builder:
         self.loss_label = loss_label
         self.symbolic_sigma = symbolic_sigma
         self.defs: dict = {}
+        self.dims = set(p.dims)
 
     # names ---------------------------------------------------------------------------------
     def label(self, want: str) -> str:
@@ -599,19 +600,23 @@ def _vjp_map(e: Elementwise, G, acc, b: _Builder, own):
     for v, x in zip(vs, args):
         if not _depends(x, b):
             continue
-        d = sp.diff(body, v)
+        d = sp.factor_terms(sp.diff(body, v))  # 2(y − t), not 2y − 2t
         if own is not None and (body.is_Function or body.is_Pow):
             d = d.xreplace({body: yv})  # in terms of the node's own value: H ⊙ (1 − H)
         if d == 0:
             continue
+        if not is_matrix(G) and not (_names_in(G) and set(_names_in(G)) - b.dims):
+            d, G1 = d * G, sp.Integer(1)  # a size such as 1/(NC) joins the formula
+        else:
+            G1 = G
         if d == 1:
-            C = G
+            C = G1
         elif b.symbolic_sigma and own is not None and body.is_Function and len(args) == 1:
             D = _activation_derivative(body, e, own, d, yv, b)
-            C = make_map(sp.Lambda((gv, yv), gv * yv), e.shape, [G, D])
+            C = make_map(sp.Lambda((gv, yv), gv * yv), e.shape, [G1, D])
         else:
             C = make_map(sp.Lambda((gv, *vs, yv), gv * d), e.shape,
-                         [G, *args, own if own is not None else e])
+                         [G1, *args, own if own is not None else e])
         if is_matrix(C) and tuple(C.shape) != tuple(e.shape):
             C = _broadcast(C, e.shape)
         shape = tuple(x.shape) if is_matrix(x) else None
@@ -635,8 +640,7 @@ def _activation_derivative(body, e, own, d, yv, b: _Builder):
         fname = r"\operatorname{%s}" % f.__name__
     b.names.set(s, r"%s'\left(%s\right)" % (fname, T.tex(arg, b.names)),
                 f"{T.TextPrinter._FUNC.get(f.__name__, f.__name__)}′({T.text(arg, b.names)})")
-    v = placeholders(1)[0]
-    b.defs[s] = make_map(sp.Lambda((v,), d.xreplace({yv: v})), e.shape, [own])
+    b.defs[s] = make_map(sp.Lambda((*e.lam.variables, yv), d), e.shape, [arg, own])
     return s
 
 

@@ -119,7 +119,7 @@ class _Shared:
                     s = self.ones() + s
                 elif c == 1 and C != 1 and r != 1:  # a column broadcast across
                     s = s + self.ones_t()
-                if self.needs_parens(a):
+                if self.needs_parens(a) or (isinstance(a, sp.MatMul) and e.lam.expr.is_Mul):
                     s = self.paren(s)
             elif isinstance(a, sp.Add) or (isinstance(a, sp.Mul) and not a.is_Atom):
                 s = self.paren(s)
@@ -169,13 +169,14 @@ class _Shared:
                        (" - " if neg else " + ") + body)
         return "".join(out)
 
-    # one dispatch for the matrix vocabulary: their own ``_latex`` hooks print differently
-    _OWN = ("Elementwise", "AxisSum", "Total", "Softmax", "LogSoftmax", "SoftmaxCrossEntropy")
-
     def _print(self, e, **kw):
-        name = type(e).__name__
-        if name in self._OWN:
-            return getattr(self, "_print_" + name)(e)
+        # our rules win over an object's own ``_latex``/``_sympystr`` hook (Elementwise,
+        # AxisSum, Indexed print differently here); everything else as SymPy prints it
+        for cls in type(e).__mro__:
+            name = "_print_" + cls.__name__
+            for own in (type(self), _Shared):
+                if name in own.__dict__:
+                    return own.__dict__[name](self, e, **kw)
         return super()._print(e, **kw)
 
     def _print_Add(self, e, order=None):
@@ -269,6 +270,19 @@ class TexPrinter(_Shared, LatexPrinter):
     def _print_Heaviside(self, e):
         return r"\left[%s > 0\right]" % self._print(e.args[0])
 
+    def _print_Sum(self, e):
+        # Σ over named indices, ranges left to the shapes: Σ_n X_{nk} Δ_{nl}
+        idx = ",".join(self._print(lim[0]) for lim in e.limits)
+        body = self._print(e.function)
+        if isinstance(e.function, sp.Add):
+            body = self.paren(body)
+        return r"\sum_{%s} %s" % (idx, body)
+
+    def _print_Indexed(self, e):
+        base = self._print(e.base.label)
+        idx = "".join(self._print(i) for i in e.indices)
+        return r"{%s}_{%s}" % (base, idx) if "_" in base else r"%s_{%s}" % (base, idx)
+
     def _print_MatrixElement(self, e):
         base = self._print(e.parent)
         idx = "".join(self._print(i) for i in e.indices)
@@ -331,6 +345,23 @@ class TextPrinter(_Shared, StrPrinter):
 
     def _print_Heaviside(self, e):
         return f"[{self._print(e.args[0])} > 0]"
+
+    def _print_Iverson(self, e):
+        return f"[{self._print(e.args[0])}]"
+
+    def _print_Indexed(self, e):
+        return f"{self._print(e.base.label)}[{','.join(self._print(i) for i in e.indices)}]"
+
+    def _print_Sum(self, e):
+        idx = "".join(self._print(lim[0]) for lim in e.limits)
+        body = self._print(e.function)
+        if isinstance(e.function, sp.Add):
+            body = self.paren(body)
+        return f"Σ{idx.translate(_SUB)} {body}"
+
+    def _print_Relational(self, e):
+        op = {"<=": "≤", ">=": "≥", "!=": "≠"}.get(e.rel_op, e.rel_op)
+        return f"{self._print(e.lhs)} {op} {self._print(e.rhs)}"
 
     def _print_Elementwise(self, e):
         return self._print(self.map_body(e))
