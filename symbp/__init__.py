@@ -61,3 +61,12 @@ __all__ = [
     "softplus", "step", "swish", "tanh", "Program", "lower", "verify", "AxisSum",
     "Elementwise", "Total",
 ]
+
+
+def __getattr__(name):
+    # sb.derive / sb.matrix_formulas load symbp.printing on first use (SymPy only)
+    if name in ("derive", "matrix_formulas"):
+        from . import printing
+
+        return getattr(printing, name)
+    raise AttributeError(f"module 'symbp' has no attribute {name!r}")
