@@ -166,10 +166,10 @@ class Derivation:
         has = any(r.value is not None or r.grad is not None for _, rs in self._parts() for r in rs)
         for title, rows in self._parts():
             out.append(f"**{title.capitalize()}**\n")
-            out.append("| | formula |" + (" value | ∂⁺L/∂· |" if has else ""))
+            out.append("| | = |" + (" value | ∂⁺L/∂· |" if has else ""))
             out.append("|---|---|" + ("---|---|" if has else ""))
             for r in rows:
-                cells = [f"${self.lhs(r)}$", f"${self.lhs(r)} = {self.rhs(r)}$"]
+                cells = [f"${self.lhs(r)}$", f"${self.rhs(r)}$"]
                 if has:
                     v = format_value(r.value, "text") if r.kind == "forward" and r.value is not None else ""
                     g = format_value(r.grad, "text") if r.grad is not None else ""
@@ -695,10 +695,26 @@ def evaluate(e, values: dict, dims=(), dim_values=None):
         return float(sp.N(e.xreplace(sub)))
     from ..api import compile_forward
 
+    # sizes become numbers first: a map of sizes alone (every entry 1/(2N)) binds no array
+    dims = {k: int(v) for k, v in values.items() if isinstance(k, sp.Symbol) and not
+            isinstance(v, np.ndarray) and k.name in _size_names(e)}
+    e = e.xreplace(dims) if dims else e
     names = _names_in(e)
-    arrays = {x.name: values[x] for x in names if x in values}
+    arrays = {x.name: values[x] for x in values if isinstance(x, (sp.Symbol, sp.MatrixSymbol))
+              and x.name in {n.name for n in names}}
     fwd = compile_forward(e)
     return fwd(**{s.name: arrays[s.name] for s in fwd.program.inputs})
+
+
+def _size_names(e) -> set:
+    out = set()
+    for x in _names_in(e):
+        for d in getattr(x, "shape", ()):
+            out |= {s.name for s in sp.sympify(d).free_symbols}
+    if isinstance(e, Elementwise) or is_matrix(e):
+        for d in e.shape:
+            out |= {s.name for s in sp.sympify(d).free_symbols}
+    return out
 
 
 def _has_matrix(e) -> bool:

@@ -139,8 +139,12 @@ def plot_history(history, path) -> Path:
     """Training curves: every ``*loss*`` column on the left, every ``*acc*`` on the right."""
     Figure, Canvas = _matplotlib()
     cols = history_columns(history)
-    losses = [k for k in cols if "loss" in k.lower()]
-    accs = [k for k in cols if "acc" in k.lower()]
+    def has_data(k):  # History keeps empty val_* lists and None accuracies
+        y = np.asarray(cols[k], dtype=float) if cols[k] else np.array([])
+        return bool(np.isfinite(y).any())
+
+    losses = [k for k in cols if "loss" in k.lower() and has_data(k)]
+    accs = [k for k in cols if "acc" in k.lower() and has_data(k)]
     if not losses and not accs:
         raise SymbpError(
             f"plot_history: no 'loss' or 'accuracy' column in the history (columns: "
@@ -158,7 +162,8 @@ def plot_history(history, path) -> Path:
             ax.plot(epochs[: len(y)], y, marker="o", ms=3, label=k)
         ax.set_xlabel("epoch")
         ax.set_title(title)
-        if title == "loss" and all(np.nanmin(np.asarray(cols[k], float)) > 0 for k in keys):
+        if title == "loss" and all(np.nanmin(np.asarray(cols[k], float)) > 0 for k in keys) \
+                and max(np.nanmax(np.asarray(cols[k], float)) for k in keys) > 0:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()

@@ -121,7 +121,7 @@ class _Shared:
                     s = s + self.ones_t()
                 if self.needs_parens(a) or (isinstance(a, sp.MatMul) and e.lam.expr.is_Mul):
                     s = self.paren(s)
-            elif isinstance(a, sp.Add) or (isinstance(a, sp.Mul) and not a.is_Atom):
+            elif isinstance(a, (sp.Add, sp.Mul)) and e.lam.expr != v:
                 s = self.paren(s)
             subs[v] = _Entry(k, s, s, is_matrix(a))
         return e.lam.expr.xreplace(subs)
