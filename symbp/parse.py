@@ -211,7 +211,8 @@ class _Builder:
     def __init__(self, src: str, left: int, table: dict[str, Callable]):
         self.src, self.left, self.table = src, left, table
         self.symbols: dict[str, sp.Symbol] = {}
-        self.builtin = known_functions().keys()  # their arity is in ARITY or one
+        defaults = known_functions()  # their arity is in ARITY, or one argument
+        self.builtin = {n for n, fn in table.items() if defaults.get(n) is fn}
 
     def where(self, node) -> str:
         seg = ast.get_source_segment(self.src, node) or type(node).__name__
@@ -335,7 +336,7 @@ class _Builder:
         if node.keywords:
             raise _fail(f"{self.where(node)}: keyword arguments are not allowed; pass "
                         f"arguments by position, as in leaky_relu(x, 0.1)")
-        least, most = ARITY.get(name, (1, 1) if name in self.builtin else (0, 16))
+        least, most = ARITY.get(name, (1, 1)) if name in self.builtin else (0, 16)
         if not least <= len(node.args) <= most:
             want = str(least) if least == most else f"{least} to {most}"
             raise _fail(f"{self.where(node)}: {name} takes {want} argument(s), "

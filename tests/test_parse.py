@@ -102,6 +102,8 @@ def test_functions_argument_extends_table():
     assert f == x**3 + sb.sigmoid(x)
     with pytest.raises(SymbpError, match="unknown function cube"):
         parse_expr("cube(x)")
+    f, _ = parse_expr("max(x)", functions={"max": cube})  # a replaced entry: its own arity
+    assert f == x**3
     with pytest.raises(SymbpError, match="plain name"):
         parse_expr("x", functions={"__cube__": cube})
 
