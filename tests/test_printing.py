@@ -173,7 +173,7 @@ def test_scalar_gradients_match_sympy_diff(derived, name):
 
 def test_latex_renders_with_katex(derived):
     formulas = []
-    for name, (f, wrt, at, d) in derived.items():
+    for f, wrt, _, d in derived.values():
         formulas.append(d.latex())
         formulas.append(derive(f, wrt).latex())  # without numbers too
     for make in (_mlp_sce, _mlp_mse, _bce):

@@ -171,7 +171,8 @@ class Derivation:
             for r in rows:
                 cells = [f"${self.lhs(r)}$", f"${self.rhs(r)}$"]
                 if has:
-                    v = format_value(r.value, "text") if r.kind == "forward" and r.value is not None else ""
+                    fwd = r.kind == "forward" and r.value is not None
+                    v = format_value(r.value, "text") if fwd else ""
                     g = format_value(r.grad, "text") if r.grad is not None else ""
                     cells += [v, g]
                 out.append("| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |")
@@ -236,13 +237,13 @@ class Derivation:
         return worst
 
 
-def format_value(v, style="text") -> str:
+def format_value(v, style="text", digits: int = 4) -> str:
     """A number to 4 significant digits; a small matrix in full, a large one by shape."""
     if v is None:
         return ""
     a = np.asarray(v, dtype=float)
     if a.ndim == 0:
-        return _g(float(a))
+        return _g(float(a), digits)
     if a.size > 24:
         return f"[{a.shape[0]}×{a.shape[1]} array, mean {_g(a.mean())}]" if style != "tex" else \
             r"\left[%d\times %d,\ \text{mean } %s\right]" % (a.shape[0], a.shape[1], _g(a.mean()))
@@ -252,8 +253,8 @@ def format_value(v, style="text") -> str:
     return "[" + "; ".join(" ".join(_g(x) for x in row) for row in a) + "]"
 
 
-def _g(x: float) -> str:
-    s = f"{x:.4g}"
+def _g(x: float, digits: int = 4) -> str:
+    s = f"{x:.{digits}g}"
     return "0" if s == "-0" else s
 
 

@@ -97,12 +97,13 @@ def _share(user, v, g_user, values):
     return float(g_user) * float(sp.N(d.xreplace(sub)))
 
 
-def to_dot(f, at=None, wrt=None, *, loss: str = "L") -> str:
+def to_dot(f, at=None, wrt=None, *, loss: str = "L", digits: int = 4) -> str:
     """Graphviz DOT source of the forward graph of ``f``.
 
     With ``at`` (a number or array for every input), each edge is labelled with its forward
     value and, in red, its backward gradient; ``wrt`` (default: every input) says which
-    gradients flow; ``loss`` names the output node.  Render with ``render(dot, "g.svg")``.
+    gradients flow; ``loss`` names the output node; numbers get ``digits`` significant
+    digits.  Render with ``render(dot, "g.svg")``.
     """
     f = sp.sympify(f)
     if wrt is None:
@@ -131,8 +132,8 @@ def to_dot(f, at=None, wrt=None, *, loss: str = "L") -> str:
         ids[a.name] = f"op{k}"
         lines.append(f'  op{k} [shape=circle, width=0.5, fixedsize=false, '
                      f'label="{_esc(_op_label(a.expr))}"];')
-    loss = p.outputs[0]
     lines.append(f'  out [shape=plaintext, label="{_esc(loss)}"];')
+    out = p.outputs[0]
 
     def gval(name):
         g = adj.get(name)
@@ -144,12 +145,12 @@ def to_dot(f, at=None, wrt=None, *, loss: str = "L") -> str:
         name = T.name_text(v.name) if v in p.inputs else ""
         if values is None:
             return name
-        val = format_value(values[v], "text")
+        val = format_value(values[v], "text", digits)
         g = share if share is not None else gval(v)
         top = f"{name} = {val}" if name else val
         if g is None:
             return f"<{_esc(top)}>"
-        return f'<{_esc(top)}<br/><font color="red">{_esc(format_value(g, "text"))}</font>>'
+        return f'<{_esc(top)}<br/><font color="red">{_esc(format_value(g, "text", digits))}</font>>'
 
     for a in fwd_body:
         for v in _names_in(a.expr):
@@ -164,11 +165,11 @@ def to_dot(f, at=None, wrt=None, *, loss: str = "L") -> str:
             attr = f"label={lab}" if lab.startswith("<") else f'label="{_esc(lab)}"'
             lines.append(f"  {ids[v]} -> {ids[a.name]} [{attr}];")
     if values is not None:
-        top = format_value(values[loss], "text")
-        lines.append(f'  {ids[loss]} -> out [label=<{_esc(top)}<br/>'
+        top = format_value(values[out], "text", digits)
+        lines.append(f'  {ids[out]} -> out [label=<{_esc(top)}<br/>'
                      f'<font color="red">1</font>>];')
     else:
-        lines.append(f"  {ids[loss]} -> out;")
+        lines.append(f"  {ids[out]} -> out;")
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -45,6 +45,8 @@ def activation_curves(name_or_function, lo: float = -6.0, hi: float = 6.0, n: in
                 f"unknown activation {f!r}: choose one of {', '.join(sorted(FUNCTIONS))}"
             )
         f = FUNCTIONS[f]
+        if label == "prelu":  # a learned slope: drawn at PyTorch's initial value 1/4
+            f = lambda z: FUNCTIONS["prelu"](z, sp.Rational(1, 4))  # noqa: E731
     if isinstance(f, sp.Basic) and not isinstance(f, type):
         free = sorted(f.free_symbols, key=str)
         if len(free) != 1:
@@ -66,7 +68,7 @@ def activation_curves(name_or_function, lo: float = -6.0, hi: float = 6.0, n: in
 
 def _numeric(expr, x, xs):
     # each symbp function lambdifies through its formula (Activation._numpycode)
-    fn = sp.lambdify(x, expr, modules="numpy")
+    fn = sp.lambdify(x, expr, modules=["numpy", "scipy"])  # scipy: erf for GELU
     with np.errstate(all="ignore"):
         y = np.asarray(fn(xs), dtype=float)
     return np.broadcast_to(y, xs.shape).copy()

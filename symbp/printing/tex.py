@@ -116,9 +116,9 @@ class _Shared:
             if is_matrix(a):
                 r, c = a.shape
                 if r == 1 and R != 1 and not (c == 1 and C == 1):  # a row broadcast down
-                    s = self.ones() + s
+                    s = self.ones() + (s if _is_atom_name(a) else self.paren(s))
                 elif c == 1 and C != 1 and r != 1:  # a column broadcast across
-                    s = s + self.ones_t()
+                    s = (s if _is_atom_name(a) else self.paren(s)) + self.ones_t()
                 if self.needs_parens(a) or (isinstance(a, sp.MatMul) and e.lam.expr.is_Mul):
                     s = self.paren(s)
             elif isinstance(a, (sp.Add, sp.Mul)) and e.lam.expr != v:
@@ -303,7 +303,7 @@ class TextPrinter(_Shared, StrPrinter):
         self.names = names or Names()
 
     def doprint(self, e):
-        return super().doprint(e).replace(" - ", " − ")
+        return re.sub(r"(?<![0-9]e)-", "−", super().doprint(e))  # a real minus, not 1e-5
 
     def ones(self):
         return "𝟏"
@@ -315,7 +315,8 @@ class TextPrinter(_Shared, StrPrinter):
         return f"({s})"
 
     def scalar_front(self, front, out):
-        return f"{self.parenthesize(front, 45) if isinstance(front, sp.Add) else self._print(front)}·{out}"
+        f = self.parenthesize(front, 45) if isinstance(front, sp.Add) else self._print(front)
+        return f"{f}·{out}"
 
     def _print_Symbol(self, e):
         if isinstance(e, _Entry):

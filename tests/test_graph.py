@@ -1,0 +1,106 @@
+"""The computational graph: DOT structure, edge numbers that add up, Graphviz rendering."""
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import sympy as sp
+from conftest import need
+
+import symbp as sb
+from symbp.errors import SymbpError
+from symbp.printing import graph
+from symbp.printing.graph import render, to_dot
+
+w, x, b, t, y = sp.symbols("w x b t y", real=True)
+N = sp.Symbol("N")
+
+# name -> (f, at): scalar graphs whose edge gradients are checked against sb.compile
+SCALAR = {
+    "sum": (x + y, {"x": 2.0, "y": 3.0}),
+    "product": (x * y, {"x": -1.5, "y": 4.0}),
+    "neuron": ((sb.sigmoid(w * x + b) - t) ** 2 / 2, {"w": 0.5, "x": 1.0, "b": 0.1, "t": 1.0}),
+    "shared": (x * x + sp.exp(x) * w, {"x": 0.3, "w": -2.0}),
+    "chain": (sp.sin(x**2), {"x": 0.7}),
+}
+
+_EDGE = re.compile(r"^\s*(\w+) -> (\w+) \[label=<(.*)>\];$")
+_RED = re.compile(r'<font color="red">([^<]*)</font>')
+
+
+def _edges(dot):
+    out = []
+    for line in dot.splitlines():
+        m = _EDGE.match(line)
+        if m:
+            red = _RED.search(m.group(3))
+            out.append((m.group(1), m.group(2), float(red.group(1)) if red else None))
+    return out
+
+
+def test_sum_graph_is_the_textbook_figure():
+    x_, y_ = sp.symbols("x y")
+    dot = to_dot(x_ + y_, loss="p")
+    assert dot.startswith("digraph G {") and dot.rstrip().endswith("}")
+    assert 'label="+"' in dot and 'label="p"' in dot
+    assert dot.count("->") == 3  # x → +, y → +, + → p
+
+
+@pytest.mark.parametrize("name", SCALAR)
+def test_edge_gradients_add_up_to_the_compiled_gradient(name):
+    f, at = SCALAR[name]
+    wrt = sorted(f.free_symbols, key=str)
+    dot = to_dot(f, at=at, wrt=wrt, digits=15)
+    _, grads = sb.compile(f, wrt)(**at)
+    ids = {m.group(2): m.group(1) for m in re.finditer(r'(in\d+) \[shape=plaintext, '
+                                                         r'label="(\w+)', dot)}
+    edges = _edges(dot)
+    for s in wrt:
+        total = sum(g for src, _, g in edges if src == ids[s.name])
+        assert total == pytest.approx(float(grads[s.name]), rel=1e-9, abs=1e-12), (s, dot)
+    # every value edge also carries its forward value
+    assert all(g is not None for src, _, g in edges if src.startswith("op"))
+
+
+def test_matrix_graph_shows_shapes_and_values(rng):
+    X = sp.MatrixSymbol("X", N, 3)
+    W = sp.MatrixSymbol("W", 3, 2)
+    T = sp.MatrixSymbol("T", N, 2)
+    f = sb.softmax_cross_entropy(X * W, T)
+    at = {"X": rng.normal(size=(4, 3)), "W": rng.normal(size=(3, 2)),
+          "T": np.eye(2)[[0, 1, 1, 0]]}
+    dot = to_dot(f, at=at, wrt=[W])
+    assert "N×3" in dot and 'label="@"' in dot and "CE∘softmax" in dot
+    _, grads = sb.compile(f, [W])(**at)
+    # W is small: its edge shows the whole gradient matrix
+    wline = [ln for ln in dot.splitlines() if ln.strip().startswith("in1 ->")][0]
+    assert f"{grads['W'][0, 0]:.4g}" in wline
+
+
+@pytest.mark.parametrize("name", ["neuron", "shared"])
+def test_graphviz_renders_svg_and_png(tmp_path, name):
+    need(shutil.which("dot") is not None, "Graphviz (dot)")
+    f, at = SCALAR[name]
+    dot = to_dot(f, at=at)
+    svg = render(dot, tmp_path / "g.svg")
+    png = render(dot, tmp_path / "g.png")
+    assert svg.read_text().lstrip().startswith(("<?xml", "<svg")) and "<svg" in svg.read_text()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
+
+
+def test_missing_graphviz_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(graph.shutil, "which", lambda name: None)
+    with pytest.raises(SymbpError, match="apt-get install graphviz"):
+        render(to_dot(x + y), tmp_path / "g.svg")
+
+
+def test_bad_output_suffix(tmp_path):
+    with pytest.raises(SymbpError, match=r"\.svg, \.png or \.pdf"):
+        render(to_dot(x + y), tmp_path / "g.jpg")
+
+
+def test_dot_errors_are_reported(tmp_path):
+    need(shutil.which("dot") is not None, "Graphviz (dot)")
+    with pytest.raises(SymbpError, match="dot failed"):
+        render("digraph { a -> }", tmp_path / "g.svg")
