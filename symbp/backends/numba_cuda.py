@@ -1,0 +1,874 @@
+"""The CUDA backend: a Program printed as Numba CUDA kernels plus a host driver.
+
+Each assignment becomes one kernel launch, in program order, on device buffers that are
+allocated once per batch size and reused:
+
+    Elementwise       one kernel per fused group: ``passes.fuse`` composes single-use
+                      chains, then consecutive maps of one shape share a kernel (a value
+                      used only inside its group stays in a register)
+    MatMul            a tiled shared-memory product, one TILE×TILE block per output tile;
+                      transposed operands are read transposed, never copied
+    AxisSum           a TILE×TILE block sums a strip of columns (axis 0) or rows (axis 1)
+                      with a tree in shared memory
+    Total             one block: strided partial sums, then a tree in shared memory
+    Softmax, LogSoftmax, SoftmaxCrossEntropy
+                      TILE rows per block, TILE threads per row: max, then Σ exp, each
+                      reduced by a shared-memory tree (stable: exp(z - max))
+    scalar heads      a one-thread kernel per run of consecutive scalar assignments
+
+Scalars live on the device in one small array, so no step waits for the host until the
+results are copied back.  float32 discipline (a float64 instruction costs 32-64x on
+consumer GPUs): ``math.exp``, never ``np.exp``; every constant printed in the target
+dtype; sizes converted before they meet a float; reductions accumulate in the target
+dtype with trees, not long sequential sums.  ``tests/cuda_ptx_check.py`` compiles the
+float32 kernels to PTX and checks that no ``.f64`` instruction is left.
+
+The generated module is plain text (``Kernel.source``): kernels, the device helpers the
+program uses, a ``_SIGNATURES`` table (argument types of every kernel, for ahead-of-time
+compiling) and the driver ``symbp_cuda``.  This printer shares no code with the NumPy
+reference backend, so the tests compare two independent printings.
+"""
+
+from __future__ import annotations
+
+import linecache
+import re
+
+import numpy
+import sympy as sp
+from sympy.printing.pycode import PythonCodePrinter
+
+from ..errors import SymbpError, UnsupportedError
+from ..functions import Activation
+from ..ir import Program
+from ..matrix import (
+    AxisSum,
+    Elementwise,
+    LogSoftmax,
+    Softmax,
+    SoftmaxCrossEntropy,
+    Total,
+    is_matrix,
+)
+from ..passes import optimize
+from . import Kernel, identifiers
+
+# Kernel code sees these globals; an IR name spelled like one is renamed (`math` -> `math_v`).
+_RESERVED = {"math", "cuda", "float32", "float64", "int64", "max", "min", "abs", "range",
+             "int", "float", "numpy", "symbp_cuda"}
+
+# --- the table: device helpers, keyed by each function's `helper` name ------------------
+
+_HELPERS = {
+    # σ(x) without overflow: e^{-|x|} ≤ 1 on both branches
+    "sigmoid": """\
+@cuda.jit(device=True)
+def _sigmoid(x):
+    if x >= _DT(0):
+        return _DT(1) / (_DT(1) + math.exp(-x))
+    e = math.exp(x)
+    return e / (_DT(1) + e)
+""",
+    "relu": """\
+@cuda.jit(device=True)
+def _relu(x):
+    return x if x > _DT(0) else _DT(0)
+""",
+    "leaky_relu": """\
+@cuda.jit(device=True)
+def _leaky_relu(x, a):
+    return x if x > _DT(0) else a * x
+""",
+    # log(1 + e^x) = max(x, 0) + log1p(e^{-|x|}): no overflow, exact for large |x|
+    "softplus": """\
+@cuda.jit(device=True)
+def _softplus(x):
+    return max(x, _DT(0)) + math.log1p(math.exp(-abs(x)))
+""",
+    # expm1 keeps α(e^x − 1) accurate near 0
+    "elu": """\
+@cuda.jit(device=True)
+def _elu(x, a):
+    return x if x > _DT(0) else a * math.expm1(x)
+""",
+}
+
+# Tree reductions over threadIdx.x within one row of a TILE×TILE block (used by the row
+# kernels); every thread of the block must call them (they synchronise).
+_ROW_TREES = """\
+@cuda.jit(device=True)
+def _row_sum(sh, v, ty, tx):
+    sh[ty, tx] = v
+    cuda.syncthreads()
+    s = _TILE // 2
+    while s > 0:
+        if tx < s:
+            sh[ty, tx] += sh[ty, tx + s]
+        cuda.syncthreads()
+        s //= 2
+    r = sh[ty, 0]
+    cuda.syncthreads()
+    return r
+
+
+@cuda.jit(device=True)
+def _row_max(sh, v, ty, tx):
+    sh[ty, tx] = v
+    cuda.syncthreads()
+    s = _TILE // 2
+    while s > 0:
+        if tx < s:
+            sh[ty, tx] = max(sh[ty, tx], sh[ty, tx + s])
+        cuda.syncthreads()
+        s //= 2
+    r = sh[ty, 0]
+    cuda.syncthreads()
+    return r
+"""
+
+# Fixed kernels: (source, argument kinds); 'M' a matrix, 'V' the scalar vector, 'i' an
+# int, 'f' a float of the target dtype.  Row kernels put TILE rows in a block.
+_ROW_PROLOGUE = """\
+    sh = cuda.shared.array((_TILE, _TILE), _DT)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    i = cuda.blockIdx.x * _TILE + ty
+    ok = i < R
+    # max and Σ exp(z - max) of row i, each reduced over the row's TILE threads
+    m = Z[i, 0] if ok else _DT(0)
+    if ok:
+        for j in range(tx, C, _TILE):
+            m = max(m, Z[i, j])
+    m = _row_max(sh, m, ty, tx)
+    s = _DT(0)
+    if ok:
+        for j in range(tx, C, _TILE):
+            s += math.exp(Z[i, j] - m)
+    s = _row_sum(sh, s, ty, tx)
+"""
+
+_FIXED = {
+    "_total": ('''\
+@cuda.jit
+def _total(M, R, C, S, k, scale):
+    """S[k] = scale · Σ M, in one block: strided partial sums, then a tree."""
+    sh = cuda.shared.array(_BLOCK, _DT)
+    t = cuda.threadIdx.x
+    acc = _DT(0)
+    for n in range(t, R * C, _BLOCK):
+        i = n // C
+        acc += M[i, n - i * C]
+    sh[t] = acc
+    cuda.syncthreads()
+    s = _BLOCK // 2
+    while s > 0:
+        if t < s:
+            sh[t] += sh[t + s]
+        cuda.syncthreads()
+        s //= 2
+    if t == 0:
+        S[k] = sh[0] * scale
+''', "MiiVif"),
+    "_axis_sum0": ('''\
+@cuda.jit
+def _axis_sum0(M, Y, R, C):
+    """Y = 1ᵀ M (column sums): a block sums TILE columns, its TILE rows of threads
+    stride down them (reads coalesced along the row), then a tree over the rows."""
+    sh = cuda.shared.array((_TILE, _PAD), _DT)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    j = cuda.blockIdx.x * _TILE + tx
+    acc = _DT(0)
+    if j < C:
+        for i in range(ty, R, _TILE):
+            acc += M[i, j]
+    sh[ty, tx] = acc
+    cuda.syncthreads()
+    s = _TILE // 2
+    while s > 0:
+        if ty < s:
+            sh[ty, tx] += sh[ty + s, tx]
+        cuda.syncthreads()
+        s //= 2
+    if ty == 0 and j < C:
+        Y[0, j] = sh[0, tx]
+''', "MMii"),
+    "_axis_sum1": ('''\
+@cuda.jit
+def _axis_sum1(M, Y, R, C):
+    """Y = M 1 (row sums): TILE rows per block, TILE threads per row, then a tree."""
+    sh = cuda.shared.array((_TILE, _TILE), _DT)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    i = cuda.blockIdx.x * _TILE + ty
+    acc = _DT(0)
+    if i < R:
+        for j in range(tx, C, _TILE):
+            acc += M[i, j]
+    acc = _row_sum(sh, acc, ty, tx)
+    if tx == 0 and i < R:
+        Y[i, 0] = acc
+''', "MMii"),
+    "_softmax": ('''\
+@cuda.jit
+def _softmax(Z, Y, R, C):
+    """Y = softmax(Z) row by row, as exp(z - max) / Σ exp(z - max)."""
+''' + _ROW_PROLOGUE + '''\
+    if ok:
+        for j in range(tx, C, _TILE):
+            Y[i, j] = math.exp(Z[i, j] - m) / s
+''', "MMii"),
+    "_log_softmax": ('''\
+@cuda.jit
+def _log_softmax(Z, Y, R, C):
+    """Y = log softmax(Z) row by row, as z - max - log Σ exp(z - max)."""
+''' + _ROW_PROLOGUE + '''\
+    if ok:
+        lse = m + math.log(s)
+        for j in range(tx, C, _TILE):
+            Y[i, j] = Z[i, j] - lse
+''', "MMii"),
+    "_sce_rows": ('''\
+@cuda.jit
+def _sce_rows(Z, T, L, R, C):
+    """L[i] = logsumexp(Z_i) - Σ_j T_ij Z_ij: the cross-entropy of row i (then _total)."""
+''' + _ROW_PROLOGUE + '''\
+    tz = _DT(0)
+    if ok:
+        for j in range(tx, C, _TILE):
+            tz += T[i, j] * Z[i, j]
+    tz = _row_sum(sh, tz, ty, tx)
+    if tx == 0 and ok:
+        L[i, 0] = m + math.log(s) - tz
+''', "MMMii"),
+    "_transpose": ('''\
+@cuda.jit
+def _transpose(X, Y, R, C):
+    """Y = Xᵀ (Y is R×C)."""
+    n = cuda.grid(1)
+    if n < R * C:
+        i = n // C
+        j = n - i * C
+        Y[i, j] = X[j, i]
+''', "MMii"),
+}
+
+_NEEDS_TREES = {"_axis_sum1", "_softmax", "_log_softmax", "_sce_rows"}
+
+
+def _matmul_kernel(ta: bool, tb: bool) -> tuple[str, str]:
+    """C = op(A) op(B), op(A) M×K, op(B) K×N, with op a transpose where flagged.
+
+    Each block computes one TILE×TILE tile of C; per step along K it stages a tile of
+    op(A) and of op(B) in shared memory.  Threads load along the stored rows (coalesced):
+    a transposed operand's tile is written transposed into shared memory, padded by one
+    column so that those writes do not collide in one bank.
+    """
+    name = f"_mm_{'t' if ta else 'n'}{'t' if tb else 'n'}"
+    a_load = ("sA[tx, ty] = A[k0 + ty, i0 + tx] if (k0 + ty < K and i0 + tx < M) else _DT(0)"
+              if ta else
+              "sA[ty, tx] = A[i0 + ty, k0 + tx] if (i0 + ty < M and k0 + tx < K) else _DT(0)")
+    b_load = ("sB[tx, ty] = B[j0 + ty, k0 + tx] if (j0 + ty < N and k0 + tx < K) else _DT(0)"
+              if tb else
+              "sB[ty, tx] = B[k0 + ty, j0 + tx] if (k0 + ty < K and j0 + tx < N) else _DT(0)")
+    a_txt = "Aᵀ" if ta else "A"
+    b_txt = "Bᵀ" if tb else "B"
+    src = f'''\
+@cuda.jit
+def {name}(A, B, Cm, M, N, K):
+    """Cm = {a_txt} {b_txt}, tiled: Cm is M×N, the shared dimension is K."""
+    sA = cuda.shared.array((_TILE, _PAD), _DT)
+    sB = cuda.shared.array((_TILE, _PAD), _DT)
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    i0 = cuda.blockIdx.y * _TILE
+    j0 = cuda.blockIdx.x * _TILE
+    acc = _DT(0)
+    for k0 in range(0, K, _TILE):
+        {a_load}
+        {b_load}
+        cuda.syncthreads()
+        for kk in range(_TILE):
+            acc += sA[ty, kk] * sB[kk, tx]
+        cuda.syncthreads()
+    if i0 + ty < M and j0 + tx < N:
+        Cm[i0 + ty, j0 + tx] = acc
+'''
+    return name, src
+
+
+# --- the scalar printer -------------------------------------------------------------------
+
+
+class CudaPrinter(PythonCodePrinter):
+    """Scalar expressions as CUDA device code in one dtype.
+
+    Every number prints as ``float32(...)`` (or ``float64``) so nothing promotes; integer
+    powers become products; functions with a ``helper`` call the device helper of that
+    name, others print their ``formula``; ``Max``/``Heaviside``/``Piecewise`` become
+    ``max`` and conditional expressions with typed branches.
+    """
+
+    def __init__(self, dtype_name: str, used_helpers: set):
+        super().__init__({"fully_qualified_modules": True, "allow_unknown_functions": False})
+        self.dt = dtype_name
+        self.used_helpers = used_helpers
+
+    def _num(self, value: float) -> str:
+        if value < 0:
+            return f"-{self.dt}({-value!r})"
+        if value in (float("inf"), float("-inf")):
+            return f"{self.dt}(math.inf)"
+        return f"{self.dt}({value!r})"
+
+    def _print(self, expr, **kwargs):
+        # A constant subexpression (sqrt(2), 2*pi) folds to one typed literal.
+        if (isinstance(expr, sp.Expr) and expr.is_number and not expr.is_Atom
+                and not isinstance(expr, sp.Piecewise)):
+            return self._num(float(expr.evalf(20)))
+        return super()._print(expr, **kwargs)
+
+    def _print_Integer(self, e):
+        return self._num(float(int(e))) if int(e) < 0 else f"{self.dt}({int(e)})"
+
+    def _print_Rational(self, e):
+        return self._num(float(e))
+
+    _print_Half = _print_Rational
+
+    def _print_Float(self, e):
+        return self._num(float(e))
+
+    def _print_NumberSymbol(self, e):
+        return self._num(float(e.evalf(20)))
+
+    _print_Pi = _print_Exp1 = _print_EulerGamma = _print_NumberSymbol
+
+    def _print_Infinity(self, e):
+        return f"{self.dt}(math.inf)"
+
+    def _print_NegativeInfinity(self, e):
+        return f"-{self.dt}(math.inf)"
+
+    def _print_Pow(self, e, rational=False):
+        b, p = e.args
+        if b == sp.E:
+            return f"math.exp({self._print(p)})"
+        base = self.parenthesize(b, 100)  # tight: every base is parenthesized if compound
+        if p.is_Integer and 0 < abs(int(p)) <= 8:
+            # x**3 -> (x*x*x), parenthesized: it may stand in a denominator
+            prod = "*".join([base] * abs(int(p)))
+            prod = prod if abs(int(p)) == 1 else f"({prod})"
+            return prod if p > 0 else f"{self.dt}(1)/{prod}"
+        if p == sp.S.Half:
+            return f"math.sqrt({self._print(b)})"
+        if p == -sp.S.Half:
+            return f"{self.dt}(1)/math.sqrt({self._print(b)})"
+        return f"math.pow({self._print(b)}, {self._print(p)})"
+
+    def _print_Function(self, e):
+        # SymPy's dispatch skips base classes of a Function, so symbp's functions are
+        # recognised here rather than by a _print_Activation method.
+        if not isinstance(e, Activation):
+            return super()._print_Function(e)
+        if e.helper:
+            if e.helper not in _HELPERS:
+                raise UnsupportedError(
+                    f"{type(e).__name__} names the helper {e.helper!r}, which the CUDA backend "
+                    "lacks: add it to _HELPERS in symbp/backends/numba_cuda.py, or set "
+                    "helper = None to print its formula"
+                )
+            self.used_helpers.add(e.helper)
+            return f"_{e.helper}({', '.join(self._print(a) for a in e.args)})"
+        return self._print(e.expand_formula())
+
+    def _print_Max(self, e):
+        out = self._print(e.args[0])
+        for a in e.args[1:]:
+            out = f"max({out}, {self._print(a)})"
+        return out
+
+    def _print_Min(self, e):
+        out = self._print(e.args[0])
+        for a in e.args[1:]:
+            out = f"min({out}, {self._print(a)})"
+        return out
+
+    def _print_Abs(self, e):
+        return f"abs({self._print(e.args[0])})"
+
+    def _print_Heaviside(self, e):
+        x = self._print(e.args[0])
+        h0 = e.args[1] if len(e.args) > 1 else sp.S.Half
+        one, zero = f"{self.dt}(1)", f"{self.dt}(0)"
+        if h0 == 0:  # step(0) = 0: relu'(0) = 0, as in PyTorch
+            return f"({one} if {x} > {zero} else {zero})"
+        if h0 == 1:
+            return f"({one} if {x} >= {zero} else {zero})"
+        return f"({one} if {x} > {zero} else ({self._print(h0)} if {x} == {zero} else {zero}))"
+
+    def _print_Piecewise(self, e):
+        *pairs, (last, cond) = e.args
+        out = self._print(last) if cond == sp.true else f"{self.dt}(math.nan)"
+        if cond != sp.true:
+            pairs.append((last, cond))
+        for value, c in reversed(pairs):
+            out = f"({self._print(value)} if {self._print(c)} else {out})"
+        return out
+
+    def _print_sign(self, e):
+        x = self._print(e.args[0])
+        one, zero = f"{self.dt}(1)", f"{self.dt}(0)"
+        return f"({one} if {x} > {zero} else (-{one} if {x} < {zero} else {zero}))"
+
+
+# --- the generator ------------------------------------------------------------------------
+
+
+def _ids(program: Program) -> dict:
+    names = list(program.inputs) + list(program.dims) + [a.name for a in program.body]
+    ids = identifiers(names)
+    taken = set(ids.values())
+    for n, s in ids.items():
+        if s in _RESERVED:
+            new, k = f"{s}_v", 1
+            while new in taken:
+                k += 1
+                new = f"{s}_v{k}"
+            taken.add(new)
+            ids[n] = new
+    return ids
+
+
+class _Gen:
+    """Prints one Program as a CUDA module: kernels first, then the host driver."""
+
+    def __init__(self, program: Program, dtype, tile: int, block: int, fuse: bool):
+        self.p = program
+        self.dt = numpy.dtype(dtype).name  # 'float32' / 'float64'
+        self.tile, self.block, self.fuse = tile, block, fuse
+        self.ids = _ids(program)
+        self.helpers: set[str] = set()
+        self.pr = CudaPrinter(self.dt, self.helpers)
+        self.fixed: dict[str, str] = {}  # fixed kernels used, name -> source
+        self.kernels: list[str] = []  # per-assignment kernels
+        self.sigs: dict[str, str] = {}
+        self.driver: list[str] = []
+        self.scratch: list[tuple[str, str]] = []  # (buffer, shape source)
+        self.unbuffered: set = set()  # map values that never leave their fused kernel
+        self.dims = set(program.dims)
+        # scalar slots on the device: scalar inputs first (uploaded as one slice)
+        scalars = [s for s in program.inputs if not is_matrix(s)]
+        self.n_scalar_inputs = len(scalars)
+        scalars += [a.name for a in program.body if not is_matrix(a.name)]
+        self.slot = {s: k for k, s in enumerate(scalars)}
+        self.uses = self._uses()
+
+    # names ---------------------------------------------------------------------------
+    def d(self, name) -> str:
+        """The driver's device buffer of a matrix name."""
+        return f"_d_{self.ids[name]}"
+
+    def shape_src(self, shape) -> list[str]:
+        env = {d: sp.Symbol(self.ids[d]) for d in self.p.dims}
+        return [str(sp.sympify(x).xreplace(env)) for x in shape]
+
+    def _uses(self) -> dict:
+        """name -> indices of the assignments that read it (outputs count as a read)."""
+        from ..ir import _names_in
+
+        uses: dict = {}
+        for k, a in enumerate(self.p.body):
+            for n in _names_in(a.expr):
+                uses.setdefault(n, set()).add(k)
+        for o in self.p.outputs:
+            uses.setdefault(o, set()).add(len(self.p.body))
+        return uses
+
+    def sig(self, kinds: str) -> str:
+        t = {"M": f"{self.dt}[:, ::1]", "V": f"{self.dt}[::1]", "i": "int64", "f": self.dt}
+        return "void(" + ", ".join(t[k] for k in kinds) + ")"
+
+    def use_fixed(self, name: str):
+        if name not in self.fixed:
+            src, kinds = _FIXED[name]
+            self.fixed[name] = src
+            self.sigs[name] = self.sig(kinds)
+            if name in _NEEDS_TREES:
+                self.fixed.setdefault("_row_trees", _ROW_TREES)
+
+    # the walk ------------------------------------------------------------------------
+    def run(self) -> str:
+        body = list(self.p.body)
+        k = 0
+        while k < len(body):
+            a = body[k]
+            if isinstance(a.expr, Elementwise):
+                group = [a]
+                while (self.fuse and k + len(group) < len(body)
+                       and self._fusable(group, body[k + len(group)])):
+                    group.append(body[k + len(group)])
+                self.elementwise(group, k)
+                k += len(group)
+            elif not is_matrix(a.name) and not isinstance(a.expr, (Total, SoftmaxCrossEntropy)):
+                run = [a]
+                while (k + len(run) < len(body) and not is_matrix(body[k + len(run)].name)
+                       and not isinstance(body[k + len(run)].expr, (Total, SoftmaxCrossEntropy))):
+                    run.append(body[k + len(run)])
+                self.scalars(run)
+                k += len(run)
+            else:
+                self.structural(a)
+                k += 1
+        return self.module()
+
+    def _fusable(self, group, b) -> bool:
+        """b joins the group if it is a map of the same shape that reads the group's
+        values only at its own entry (never transposed)."""
+        if not isinstance(b.expr, Elementwise):
+            return False
+        if tuple(b.expr.shape) != tuple(group[0].expr.shape):
+            return False
+        members = {g.name for g in group}
+        return not any(isinstance(x, sp.Transpose) and x.arg in members for x in b.expr.operands)
+
+    # elementwise groups --------------------------------------------------------------
+    def elementwise(self, group, k):
+        shape = tuple(group[0].expr.shape)
+        members = {g.name for g in group}
+        last = k + len(group)  # index of the first assignment after the group
+        # a member is stored if something outside the group reads it
+        stored = [g.name for g in group
+                  if any(u >= last for u in self.uses.get(g.name, ()))]
+        arrays, scal, dims = [], False, []
+        loads, body = [], []
+        local: dict = {}  # name -> local variable in the kernel
+
+        def operand(x):
+            nonlocal scal
+            if isinstance(x, sp.Transpose):
+                arr = x.arg
+                if arr not in arrays:
+                    arrays.append(arr)
+                i = "_j" if x.shape[0] != 1 else "0"
+                j = "_i" if x.shape[1] != 1 else "0"
+                if x not in local:
+                    local[x] = f"{self.ids[arr]}_T_"
+                    loads.append(f"{local[x]} = {self.ids[arr]}[{i}, {j}]")
+                return local[x]
+            if x in local:
+                return local[x]
+            if is_matrix(x):
+                if x not in arrays:
+                    arrays.append(x)
+                i = "_i" if x.shape[0] != 1 else "0"
+                j = "_j" if x.shape[1] != 1 else "0"
+                loads.append(f"{self.ids[x]}_ = {self.ids[x]}[{i}, {j}]")
+            elif x in self.dims:
+                if x not in dims:
+                    dims.append(x)
+                loads.append(f"{self.ids[x]}_ = {self.dt}({self.ids[x]})")
+            elif x in self.slot:
+                scal = True
+                loads.append(f"{self.ids[x]}_ = _S[{self.slot[x]}]")
+            else:
+                raise SymbpError(f"map operand {x} is neither a matrix, a scalar nor a size")
+            local[x] = f"{self.ids[x]}_"
+            return local[x]
+
+        docs = []
+        for g in group:
+            e = g.expr
+            env = {v: sp.Symbol(operand(x)) for v, x in zip(e.lam.variables, e.operands)}
+            expr = e.lam.expr.xreplace(env)
+            docs.append(f"{self.ids[g.name]} = {_doc(e, self.ids)}")
+            temps, (value,) = sp.cse([expr], symbols=_temps(len(body)), optimizations=None)
+            for t, v in temps:
+                body.append(f"{t} = {self.pr.doprint(v)}")
+            local[g.name] = f"{self.ids[g.name]}_"
+            body.append(f"{local[g.name]} = {self.pr.doprint(value)}")
+            if g.name in stored:
+                body.append(f"{self.ids[g.name]}[_i, _j] = {local[g.name]}")
+        arrays = [x for x in arrays if x not in members]
+        R, C = self.shape_src(shape)
+        name = f"_k_{self.ids[group[0].name]}"
+        params = ([self.ids[x] for x in arrays] + [self.ids[x] for x in stored]
+                  + (["_S"] if scal else []) + [self.ids[x] for x in dims] + ["_R", "_C"])
+        kinds = "M" * (len(arrays) + len(stored)) + ("V" if scal else "") + "i" * (len(dims) + 2)
+        lines = ["@cuda.jit", f"def {name}({', '.join(params)}):"]
+        lines.append(f'    """{"; ".join(docs)}"""')
+        lines += ["    _n = cuda.grid(1)", "    if _n < _R * _C:",
+                  "        _i = _n // _C", "        _j = _n - _i * _C"]
+        lines += [f"        {s}" for s in loads + body]
+        self.kernels.append("\n".join(lines) + "\n")
+        self.sigs[name] = self.sig(kinds)
+        args = ([self.d(x) for x in arrays] + [self.d(x) for x in stored]
+                + (["_scalars"] if scal else []) + [self.ids[x] for x in dims] + [R, C])
+        what = ", ".join(self.ids[g.name] for g in group)
+        self.driver.append(f"{name}[_grid1({R} * {C}), _BLOCK]({', '.join(args)})  # {what}")
+        self.unbuffered |= members - set(stored)
+
+    # runs of scalar assignments -------------------------------------------------------
+    def scalars(self, run):
+        reads, dims = [], []
+        done = {a.name for a in run}
+        lines, docs = [], []
+        for a in run:
+            for n in sorted(a.expr.free_symbols, key=str):
+                if n in self.dims and n not in dims:
+                    dims.append(n)
+                elif n in self.slot and n not in done and n not in reads:
+                    reads.append(n)
+        env = {n: sp.Symbol(f"{self.ids[n]}_") for n in dims}
+        env.update({n: sp.Symbol(self.ids[n]) for n in list(reads) + [a.name for a in run]})
+        body = [f"{self.ids[n]} = _S[{self.slot[n]}]" for n in reads]
+        body += [f"{self.ids[n]}_ = {self.dt}({self.ids[n]})" for n in dims]
+        for a in run:
+            docs.append(f"{self.ids[a.name]} = {_doc(a.expr, self.ids)}")
+            body.append(f"{self.ids[a.name]} = {self.pr.doprint(a.expr.xreplace(env))}")
+            body.append(f"_S[{self.slot[a.name]}] = {self.ids[a.name]}")
+        name = f"_k_{self.ids[run[0].name]}"
+        params = ["_S"] + [self.ids[n] for n in dims]
+        lines = ["@cuda.jit", f"def {name}({', '.join(params)}):", f'    """{"; ".join(docs)}"""',
+                 "    if cuda.grid(1) == 0:"]
+        lines += [f"        {s}" for s in body]
+        self.kernels.append("\n".join(lines) + "\n")
+        self.sigs[name] = self.sig("V" + "i" * len(dims))
+        args = ["_scalars"] + [self.ids[n] for n in dims]
+        what = ", ".join(self.ids[a.name] for a in run)
+        self.driver.append(f"{name}[1, 1]({', '.join(args)})  # {what}")
+
+    # structural heads --------------------------------------------------------------------
+    def structural(self, a):
+        e, out = a.expr, self.ids[a.name]
+        if isinstance(e, sp.MatMul):
+            A, B = e.args
+            ta, tb = isinstance(A, sp.Transpose), isinstance(B, sp.Transpose)
+            name, src = _matmul_kernel(ta, tb)
+            if name not in self.fixed:
+                self.fixed[name] = src
+                self.sigs[name] = self.sig("MMMiii")
+            M, N = self.shape_src(a.name.shape)
+            (K,) = self.shape_src([A.shape[1]])
+            ops = [self.d(x.arg if isinstance(x, sp.Transpose) else x) for x in (A, B)]
+            self.driver.append(
+                f"{name}[_grid2({M}, {N}), (_TILE, _TILE)]({ops[0]}, {ops[1]}, {self.d(a.name)}, "
+                f"{M}, {N}, {K})  # {out} = {_doc(e, self.ids)}")
+        elif isinstance(e, AxisSum):
+            M = e.args[0]
+            R, C = self.shape_src(M.shape)
+            kernel = f"_axis_sum{e.axis}"
+            self.use_fixed(kernel)
+            grid = f"_grid_tiles({C})" if e.axis == 0 else f"_grid_tiles({R})"
+            self.driver.append(f"{kernel}[{grid}, (_TILE, _TILE)]({self.d(M)}, {self.d(a.name)}, "
+                               f"{R}, {C})  # {out} = {_doc(e, self.ids)}")
+        elif isinstance(e, (Softmax, LogSoftmax)):
+            Z = e.args[0]
+            R, C = self.shape_src(Z.shape)
+            kernel = "_softmax" if isinstance(e, Softmax) else "_log_softmax"
+            self.use_fixed(kernel)
+            self.driver.append(f"{kernel}[_grid_tiles({R}), (_TILE, _TILE)]({self.d(Z)}, "
+                               f"{self.d(a.name)}, {R}, {C})  # {out} = {_doc(e, self.ids)}")
+        elif isinstance(e, sp.Transpose):
+            R, C = self.shape_src(a.name.shape)
+            self.use_fixed("_transpose")
+            self.driver.append(f"_transpose[_grid1({R} * {C}), _BLOCK]({self.d(e.arg)}, "
+                               f"{self.d(a.name)}, {R}, {C})  # {out} = {_doc(e, self.ids)}")
+        elif isinstance(e, Total):
+            M = e.args[0]
+            R, C = self.shape_src(M.shape)
+            self.use_fixed("_total")
+            self.driver.append(f"_total[1, _BLOCK]({self.d(M)}, {R}, {C}, _scalars, "
+                               f"{self.slot[a.name]}, _HT(1))  # {out} = {_doc(e, self.ids)}")
+        elif isinstance(e, SoftmaxCrossEntropy):
+            Z, T = e.args
+            R, C = self.shape_src(Z.shape)
+            rows = f"_rows_{out}"
+            self.scratch.append((rows, f"({R}, 1)"))
+            self.use_fixed("_sce_rows")
+            self.use_fixed("_total")
+            self.driver.append(f"_sce_rows[_grid_tiles({R}), (_TILE, _TILE)]({self.d(Z)}, "
+                               f"{self.d(T)}, {rows}, {R}, {C})  # {out}: cross-entropy per row")
+            self.driver.append(f"_total[1, _BLOCK]({rows}, {R}, 1, _scalars, "
+                               f"{self.slot[a.name]}, _HT(1 / ({R})))  # {out} = mean of rows")
+        else:
+            raise UnsupportedError(
+                f"the CUDA backend has no kernel for {type(e).__name__} in `{out} = {e}`: "
+                "compile this program for target 'numpy' or 'cpu'"
+            )
+
+    # the module ----------------------------------------------------------------------
+    def module(self) -> str:
+        p, ids = self.p, self.ids
+        unbuffered = self.unbuffered
+        mats = [n for n in list(p.inputs) + [a.name for a in p.body]
+                if is_matrix(n) and n not in unbuffered]
+        dims = [ids[d] for d in p.dims]
+        key = "(" + "".join(f"{d}, " for d in dims) + ")"
+        allocs = [f"cuda.device_array(({', '.join(self.shape_src(n.shape))}), _HT)" for n in mats]
+        allocs += [f"cuda.device_array({shape}, _HT)" for _, shape in self.scratch]
+        allocs.append(f"cuda.device_array({max(len(self.slot), 1)}, _HT)")
+        names = [self.d(n) for n in mats] + [b for b, _ in self.scratch] + ["_scalars"]
+
+        out = [_HEADER.format(dt=self.dt, tile=self.tile, block=self.block)]
+        out += [_HELPERS[h] for h in sorted(self.helpers)]
+        trees = self.fixed.pop("_row_trees", None)  # device functions before their callers
+        out += ([trees] if trees else []) + list(self.fixed.values()) + self.kernels
+        sigs = "".join(f"    {k!r}: {v!r},\n" for k, v in self.sigs.items())
+        out.append("# argument types of every kernel, for ahead-of-time compiling "
+                   "(cuda.compile_ptx)\n_SIGNATURES = {\n" + sigs + "}\n")
+
+        params = [ids[s] for s in p.inputs] + dims
+        lines = [f"def _buffers({', '.join(dims)}):",
+                 '    """Device buffers for one set of sizes: allocated once, then reused."""',
+                 f"    key = {key}",
+                 "    got = _cache.get(key)",
+                 "    if got is None:",
+                 "        if len(_cache) >= 4:  # a few batch sizes (e.g. the last, short batch)",
+                 "            _cache.clear()",
+                 "        got = _cache[key] = (",
+                 *[f"            {a},  # {n}" for a, n in zip(allocs, names)],
+                 "        )",
+                 "    return got",
+                 "",
+                 "",
+                 f"def symbp_cuda({', '.join(params)}):",
+                 "    (", *_wrap(names, "        "), f"    ) = _buffers({', '.join(dims)})"]
+        for s in p.inputs:
+            if is_matrix(s):
+                lines.append(f"    {self.d(s)}.copy_to_device({ids[s]})")
+        if self.n_scalar_inputs:
+            vals = ", ".join(ids[s] for s in p.inputs if not is_matrix(s))
+            lines.append(f"    _scalars[:{self.n_scalar_inputs}].copy_to_device("
+                         f"numpy.array([{vals}], _HT))")
+        lines += [f"    {s}" for s in self.driver]
+        outs = []
+        if any(not is_matrix(o) and o in self.slot for o in p.outputs):
+            lines.append("    _h = _scalars.copy_to_host()")
+        for o in p.outputs:
+            if is_matrix(o):
+                outs.append(f"{self.d(o)}.copy_to_host()")
+            elif o in self.slot:
+                outs.append(f"_HT(_h[{self.slot[o]}])")
+            elif o in self.dims:
+                outs.append(f"_HT({ids[o]})")
+            else:
+                outs.append(f"_HT({float(o)!r})")
+        lines.append(f"    return ({', '.join(outs)},)")
+        out.append("_cache = {}\n\n\n" + "\n".join(lines) + "\n")
+        return "\n\n".join(out)
+
+
+_HEADER = '''\
+# Generated by symbp (target "cuda"): kernels, then the host driver symbp_cuda.
+import math
+
+import numpy
+from numba import cuda, float32, float64, int64  # noqa: F401  (kernels use the dtype names)
+
+_DT = {dt}  # the kernels' dtype: every constant and shared array is {dt}
+_HT = numpy.{dt}
+_TILE = {tile}  # matmul tile and reduction block edge (a power of two)
+_PAD = {tile} + 1  # padded shared rows: column reads hit distinct banks (a constant for Numba)
+_BLOCK = {block}  # threads per block of 1-D kernels (a power of two)
+
+
+def _grid1(n):
+    return ((n + _BLOCK - 1) // _BLOCK,)
+
+
+def _grid2(rows, cols):
+    return ((cols + _TILE - 1) // _TILE, (rows + _TILE - 1) // _TILE)
+
+
+def _grid_tiles(n):
+    return ((n + _TILE - 1) // _TILE,)
+'''
+
+
+def _wrap(names, indent, width=92) -> list[str]:
+    """``a, b, c,`` broken into lines of at most ``width`` characters."""
+    lines, cur = [], indent
+    for n in names:
+        if len(cur) + len(n) + 2 > width and cur.strip():
+            lines.append(cur.rstrip())
+            cur = indent
+        cur += f"{n}, "
+    return lines + [cur.rstrip()]
+
+
+def _temps(start: int):
+    k = start
+    while True:
+        yield sp.Symbol(f"_c{k}")
+        k += 1
+
+
+def _doc(e, ids) -> str:
+    """A one-line reading of an assignment's head for comments and docstrings."""
+    if isinstance(e, Elementwise):
+        env = {v: sp.Symbol(ids.get(x, str(x)) if not isinstance(x, sp.Transpose)
+                            else ids[x.arg] + "ᵀ")
+               for v, x in zip(e.lam.variables, e.operands)}
+        return sp.sstr(e.lam.expr.xreplace(env))
+    text = sp.sstr(e.xreplace({n: sp.Symbol(s) for n, s in ids.items()
+                               if not is_matrix(n)}))
+    for n, s in ids.items():  # matrix names print as their identifiers
+        if is_matrix(n) and str(n) != s:
+            text = re.sub(rf"\b{re.escape(str(n))}\b", s, text)
+    return text.replace('"', "'")
+
+
+def _power_of_two(name, v) -> int:
+    v = int(v)
+    if v < 1 or v & (v - 1):
+        raise SymbpError(f"CUDA option {name}={v} must be a power of two (the tree reductions "
+                         "halve it)")
+    return v
+
+
+def generate(program: Program, dtype=numpy.float32, tile: int = 16, block: int = 256,
+             fuse: bool = True) -> str:
+    """The CUDA module source for ``program`` (no Numba needed to generate it)."""
+    dtype = numpy.dtype(dtype)
+    if dtype not in (numpy.float32, numpy.float64):
+        raise SymbpError(f"the CUDA backend computes in float32 or float64, not {dtype}")
+    tile, block = _power_of_two("tile", tile), _power_of_two("block", block)
+    if tile * tile > 1024:
+        raise SymbpError(f"CUDA option tile={tile}: a block of tile² = {tile * tile} threads "
+                         "exceeds CUDA's 1024")
+    if block > 1024:
+        raise SymbpError(f"CUDA option block={block} exceeds CUDA's 1024 threads per block")
+    if fuse:  # compose single-use chains of maps first (passes.fuse), drop dead code
+        program = optimize(program)
+    return _Gen(program, dtype, tile, block, fuse).run()
+
+
+def load(source: str) -> dict:
+    """Execute a generated module (kernels are compiled lazily, at their first launch)."""
+    filename = f"<symbp-cuda-{abs(hash(source)):x}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    ns: dict = {"__name__": "symbp_cuda_generated"}
+    exec(compile(source, filename, "exec"), ns)  # our own generated source, never user text
+    return ns
+
+
+def build(program: Program, dtype=numpy.float32, target: str = "cuda", tile: int = 16,
+          block: int = 256, fuse: bool = True, **options) -> Kernel:
+    """Compile ``program`` for Numba CUDA.
+
+    ``fn(*inputs, *dims)`` takes host arrays and returns host arrays ``(loss, *grads)``;
+    device buffers are kept per batch size.  Options: ``tile`` (matmul tile and reduction
+    block edge, a power of two, tile² ≤ 1024), ``block`` (threads of 1-D kernels) and
+    ``fuse`` (``passes.optimize`` first, then consecutive same-shape maps share one
+    kernel; ``fuse=False`` gives one kernel per assignment, for debugging).
+    """
+    if options:
+        raise SymbpError(f"unknown CUDA options {sorted(options)}: use tile, block, fuse")
+    source = generate(program, dtype, tile=tile, block=block, fuse=fuse)
+    try:
+        from numba import cuda  # noqa: F401
+    except ImportError as err:  # pragma: no cover - numba is a core dependency
+        raise SymbpError(f"the CUDA target needs numba's CUDA support: {err}") from err
+    ns = load(source)
+    return Kernel(fn=ns["symbp_cuda"], source=source)

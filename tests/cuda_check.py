@@ -1,0 +1,240 @@
+"""CUDA backend checks that must run in their own process (tests/test_backend_cuda.py).
+
+    python tests/cuda_check.py sim   # needs NUMBA_ENABLE_CUDASIM=1 set before numba loads:
+                                     # every case on the simulator vs the NumPy reference
+    python tests/cuda_check.py ptx   # real NVVM, no GPU needed: every float32 kernel of the
+                                     # cases compiled to PTX for sm_80, counting .f64 lines
+
+Prints one JSON object on the last line of stdout.  The case table is shared by both modes
+so that every program the simulator checks is also compiled for real hardware.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import sympy as sp
+
+import symbp as sb
+from symbp.matrix import Total
+
+N = sp.Symbol("N")
+
+
+def _mlp_sce():
+    X, T = sp.MatrixSymbol("X", N, 6), sp.MatrixSymbol("T", N, 3)
+    W1, b1 = sp.MatrixSymbol("W1", 6, 5), sp.MatrixSymbol("b1", 1, 5)
+    W2, b2 = sp.MatrixSymbol("W2", 5, 3), sp.MatrixSymbol("b2", 1, 3)
+    Z = sb.dense(sb.tanh(sb.dense(X, W1, b1)), W2, b2)
+    return sb.softmax_cross_entropy(Z, T), [W1, b1, W2, b2]
+
+
+def _mlp2_mse():
+    X, Y = sp.MatrixSymbol("X", N, 5), sp.MatrixSymbol("Y", N, 2)
+    W1, b1 = sp.MatrixSymbol("W1", 5, 7), sp.MatrixSymbol("b1", 1, 7)
+    W2, b2 = sp.MatrixSymbol("W2", 7, 6), sp.MatrixSymbol("b2", 1, 6)
+    W3, b3 = sp.MatrixSymbol("W3", 6, 2), sp.MatrixSymbol("b3", 1, 2)
+    H1 = sb.relu(sb.dense(X, W1, b1))
+    H2 = sb.sigmoid(sb.dense(H1, W2, b2))
+    return sb.mse(sb.dense(H2, W3, b3), Y), [W1, b1, W2, b2, W3, b3]
+
+
+def _mlp_activations():
+    # softplus, elu, leaky_relu, gelu, silu (helpers and formulas); a log-softmax output
+    X, T = sp.MatrixSymbol("X", N, 4), sp.MatrixSymbol("T", N, 3)
+    W1, b1 = sp.MatrixSymbol("W1", 4, 6), sp.MatrixSymbol("b1", 1, 6)
+    W2, b2 = sp.MatrixSymbol("W2", 6, 3), sp.MatrixSymbol("b2", 1, 3)
+    Z1 = sb.dense(X, W1, b1)
+    H = sb.elu(Z1) + sb.softplus(Z1) + sb.leaky_relu(Z1, 0.1) + sb.gelu(Z1) + sb.silu(Z1)
+    P = sb.log_softmax(sb.dense(H, W2, b2))
+    return -Total(sp.HadamardProduct(T, P)) / N, [W1, b1, W2, b2]
+
+
+def _softmax_mse_prelu():
+    # softmax as a value (its backward needs row sums); PReLU slopes: a row and a scalar
+    X, Y = sp.MatrixSymbol("X", N, 5), sp.MatrixSymbol("Y", N, 4)
+    W, b = sp.MatrixSymbol("W", 5, 4), sp.MatrixSymbol("b", 1, 4)
+    a, c = sp.MatrixSymbol("a", 1, 4), sp.Symbol("c", real=True)
+    H = sb.prelu(sb.dense(X, W, b), a)
+    return sb.mse(sb.softmax(c * H), Y), [W, b, a, c]
+
+
+def _tied_autoencoder():
+    # W and Wᵀ in one network: products with transposed operands forward and backward
+    X = sp.MatrixSymbol("X", N, 6)
+    W, b = sp.MatrixSymbol("W", 6, 3), sp.MatrixSymbol("b", 1, 3)
+    H = sb.tanh(sb.dense(X, W, b))
+    return sb.mse(H * W.T, X), [W, b]
+
+
+def _bce_logits():
+    X, Y = sp.MatrixSymbol("X", N, 3), sp.MatrixSymbol("Y", N, 1)
+    W, b = sp.MatrixSymbol("W", 3, 1), sp.MatrixSymbol("b", 1, 1)
+    return sb.bce_with_logits(sb.dense(X, W, b), Y), [W, b]
+
+
+def _scalar():
+    # x**3 / y**2 once printed as x*x*x/y*y: integer powers in denominators
+    x, y = sp.symbols("x y", real=True)
+    f = sb.sigmoid(x * y) + sp.log(x) + x**3 / y**2 + sb.softplus(y - 2 * x) + sp.sqrt(x)
+    return f, [x, y]
+
+
+# name -> (builder, batch size, input value scale)
+CASES = {
+    "scalar": (_scalar, None),
+    "mlp_tanh_sce": (_mlp_sce, 7),
+    "mlp2_relu_sigmoid_mse": (_mlp2_mse, 9),
+    "mlp_activations_logsoftmax": (_mlp_activations, 6),
+    "softmax_mse_prelu": (_softmax_mse_prelu, 5),
+    "tied_autoencoder": (_tied_autoencoder, 11),
+    "bce_with_logits": (_bce_logits, 10),
+}
+OPTIONS = {"tile": 4, "block": 8}  # small blocks: the simulator runs one Python thread each
+
+
+def inputs(fn, n, seed):
+    """Random arrays for every input of a compiled function (targets: one-hot rows)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in fn.program.inputs:
+        if isinstance(s, sp.MatrixSymbol):
+            shape = tuple(int(d.subs(N, n)) for d in s.shape)
+            if s.name == "T":
+                out[s.name] = np.eye(shape[1])[rng.integers(0, shape[1], shape[0])]
+            elif s.name == "Y" and shape[1] == 1:
+                out[s.name] = rng.integers(0, 2, shape).astype(float)
+            else:
+                out[s.name] = rng.normal(0, 1, shape)
+        else:  # positive scalars: the scalar case takes log(x) and sqrt(x)
+            out[s.name] = rng.uniform(0.5, 1.5)
+    return out
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _errs(got, want) -> float:
+    (v1, g1), (v2, g2) = got, want
+    return max([rel_err(v1, v2)] + [rel_err(g1[k], g2[k]) for k in g2])
+
+
+def sim() -> dict:
+    """Per case and dtype: the max relative error of cuda, and of the NumPy reference in
+    the same dtype, against the float64 NumPy reference (float32 roundoff is judged
+    against the exact value, not against another float32 rounding)."""
+    assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", "run with NUMBA_ENABLE_CUDASIM=1"
+    from numba import config
+
+    assert config.ENABLE_CUDASIM, "numba was imported before the simulator was switched on"
+    result = {}
+    for name, (make, n) in CASES.items():
+        f, wrt = make()
+        exact = sb.compile(f, wrt, target="numpy", dtype="float64")
+        for dtype in ("float32", "float64"):
+            t0 = time.perf_counter()
+            ref = sb.compile(f, wrt, target="numpy", dtype=dtype)
+            cu = sb.compile(f, wrt, target="cuda", dtype=dtype, **OPTIONS)
+            calls = [(1, n)]
+            if name == "mlp_tanh_sce" and dtype == "float32":  # new data, then a new size
+                calls += [(2, n), (3, 3)]
+            err, ref_err = 0.0, 0.0
+            for seed, m in calls:
+                arrays = inputs(ref, m, seed)
+                want = exact(**arrays)
+                got = cu(**arrays)
+                assert all(np.asarray(g).dtype == dtype for g in got[1].values()), name
+                err = max(err, _errs(got, want))
+                ref_err = max(ref_err, _errs(ref(**arrays), want))
+            result[f"{name}/{dtype}"] = {"err": err, "ref_err": ref_err,
+                                         "s": time.perf_counter() - t0}
+    # a forward program whose value is a matrix (softmax of logits)
+    X, W = sp.MatrixSymbol("X", N, 5), sp.MatrixSymbol("W", 5, 3)
+    expr = sb.softmax(sb.relu(X * W))
+    rng = np.random.default_rng(4)
+    arrays = {"X": rng.normal(size=(6, 5)), "W": rng.normal(size=(5, 3))}
+    want = sb.compile_forward(expr, target="numpy", dtype="float64")(**arrays)
+    for dtype in ("float32", "float64"):
+        ref = sb.compile_forward(expr, target="numpy", dtype=dtype)(**arrays)
+        got = sb.compile_forward(expr, target="cuda", dtype=dtype, **OPTIONS)(**arrays)
+        result[f"forward_softmax/{dtype}"] = {"err": rel_err(got, want),
+                                              "ref_err": rel_err(ref, want), "s": 0.0}
+    return result
+
+
+def ptx() -> dict:
+    """Compile every float32 kernel of every case for sm_80; count .f64 lines."""
+    from numba import config
+
+    assert not config.ENABLE_CUDASIM, "the PTX check needs the real CUDA target"
+    import numba.cuda.dispatcher as dispatcher
+
+    from symbp.backends import numba_cuda
+
+    # Device functions (our helpers) compile for the *current* device's compute
+    # capability, and there is no device here: pin the one compile_ptx is asked for.
+    assert hasattr(dispatcher, "get_current_device"), "numba-cuda moved get_current_device"
+    dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=(8, 0))
+
+    result, seen = {}, {}
+    for name, (make, _) in CASES.items():
+        f, wrt = make()
+        fn = sb.compile(f, wrt, target="numpy", dtype=np.float32)  # just for its Program
+        ns = numba_cuda.load(numba_cuda.generate(fn.program, np.float32))
+        for kname, sig in ns["_SIGNATURES"].items():
+            text = inspect.getsource(ns[kname].py_func) + sig
+            if text in seen:  # a fixed kernel (_mm_nn, _total, ...) already compiled
+                continue
+            seen[text] = f"{name}/{kname}"
+            result[f"{name}/{kname}"] = _f64_lines(ns[kname].py_func, sig)
+    # the control: a kernel with a bare float64 literal must show .f64 lines
+    result["control/float64_literal"] = _f64_lines(_control, "void(float32[::1])")
+    return result
+
+
+def _control(x):
+    x[0] = x[0] * 0.1  # 0.1 is a float64: x[0] is promoted, multiplied in f64, rounded back
+
+
+def _f64_lines(kernel, sig) -> dict:
+    from numba import cuda
+
+    code, _ = cuda.compile_ptx(kernel, sig, cc=(8, 0))
+    f64 = [ln.strip() for ln in code.splitlines() if ".f64" in ln]
+    return {"f64": f64[:5], "n_f64": len(f64), "ptx_lines": len(code.splitlines())}
+
+
+def nvvm_available() -> str:
+    """'' when NVVM can compile a trivial kernel, else the reason it cannot."""
+    try:
+        from numba import cuda
+
+        def k(x):
+            x[0] = 1.0
+
+        cuda.compile_ptx(k, "(float32[::1],)", cc=(8, 0))
+        return ""
+    except Exception as err:  # noqa: BLE001 - any failure means "no NVVM here"
+        return f"{type(err).__name__}: {err}".splitlines()[0][:300]
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "sim":
+        out = sim()
+    elif mode == "ptx":
+        why = nvvm_available()
+        out = {"nvvm": why or "ok"}
+        if not why:
+            out["kernels"] = ptx()
+    else:
+        raise SystemExit(f"unknown mode {mode!r}: use sim or ptx")
+    print(json.dumps(out))

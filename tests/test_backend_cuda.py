@@ -1,0 +1,160 @@
+"""The CUDA backend against the NumPy reference, without a GPU.
+
+Numba's CUDA simulator must be switched on before numba is first imported, and other
+test files import numba normally, so the kernels run in subprocesses
+(tests/cuda_check.py): ``sim`` runs every case of its table on the simulator and reports
+errors against the float64 NumPy reference; ``ptx`` compiles every float32 kernel for
+real hardware (sm_80) and reports its float64 instructions.  Both start once, in
+parallel, when the first test needs them.  The source checks run here: generating
+kernels needs no Numba.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy as sp
+from conftest import need
+from cuda_check import CASES
+
+import symbp as sb
+from symbp.backends import numba_cuda
+from symbp.errors import SymbpError
+
+HERE = Path(__file__).parent
+_procs: dict = {}
+
+
+def _start(mode: str):
+    env = dict(os.environ)
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    if mode == "sim":
+        env["NUMBA_ENABLE_CUDASIM"] = "1"
+    return subprocess.Popen([sys.executable, str(HERE / "cuda_check.py"), mode],
+                            cwd=HERE.parent, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _result(mode: str) -> dict:
+    """The JSON report of ``cuda_check.py mode`` (both modes start on the first call)."""
+    for m in ("sim", "ptx"):
+        if m not in _procs:
+            _procs[m] = _start(m)
+    p = _procs[mode]
+    if isinstance(p, dict):
+        return p
+    try:
+        out, err = p.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail(f"cuda_check.py {mode} ran over 400 s")
+    if p.returncode != 0:
+        pytest.fail(f"cuda_check.py {mode} failed:\n{err[-3000:]}")
+    _procs[mode] = json.loads(out.strip().splitlines()[-1])
+    return _procs[mode]
+
+
+SIM_KEYS = [f"{c}/{d}" for c in [*CASES, "forward_softmax"] for d in ("float32", "float64")]
+TOL = {"float32": 1e-5, "float64": 1e-12}
+
+
+@pytest.mark.parametrize("key", SIM_KEYS)
+def test_simulator_matches_numpy(key):
+    r = _result("sim")[key]
+    tol = TOL[key.split("/")[1]]
+    assert r["err"] <= tol, (
+        f"{key}: cuda is {r['err']:.2e} from the float64 reference (NumPy in this dtype: "
+        f"{r['ref_err']:.2e}), tolerance {tol:.0e}")
+
+
+def test_ptx_float32_kernels_have_no_float64():
+    r = _result("ptx")
+    need(r["nvvm"] == "ok", f"NVVM via numba-cuda[cu13] ({r['nvvm']})")
+    kernels = r["kernels"]
+    # the grep works: a bare float64 literal does show up as .f64 instructions
+    assert kernels.pop("control/float64_literal")["n_f64"] > 0
+    assert len(kernels) >= 20, sorted(kernels)  # every case's kernels were compiled
+    bad = {k: v["f64"] for k, v in kernels.items() if v["n_f64"]}
+    assert not bad, f"float64 instructions in float32 kernels: {bad}"
+
+
+# --- the generated source, checked here (no Numba involved) --------------------------------
+
+
+def _program(case, dtype=np.float32):
+    f, wrt = CASES[case][0]()
+    return sb.gradient_program(f, wrt)
+
+
+def _kernels(src: str) -> str:
+    """The device code of a generated module: every @cuda.jit function's text."""
+    return "\n".join(re.findall(r"@cuda\.jit.*?\n(?=\n\n|\Z)", src, flags=re.S))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_float32_source_discipline(case):
+    src = numba_cuda.generate(_program(case), np.float32)
+    code = re.sub(r'""".*?"""', "", _kernels(src), flags=re.S)  # docstrings quote the math
+    assert code.count("@cuda.jit") >= 1
+    assert "float64" not in code and "numpy." not in code and "np." not in code
+    # every float literal is wrapped as float32(...): strip those, no literal is left
+    bare = re.sub(r"float32\([^()]*\)", "", code)
+    assert not re.findall(r"(?<![\w.])\d+\.\d*|(?<![\w.])\d+e[-+]?\d+", bare), bare
+
+
+def test_float64_source_uses_float64_constants():
+    src = numba_cuda.generate(_program("mlp2_relu_sigmoid_mse"), np.float64)
+    assert "float64(1)" in src and "float32(" not in _kernels(src)
+
+
+@pytest.mark.parametrize("case, heads", [
+    ("mlp_tanh_sce", ["_mm_nn", "_mm_nt", "_mm_tn", "_sce_rows", "_softmax", "_axis_sum0"]),
+    ("mlp_activations_logsoftmax", ["_log_softmax", "_axis_sum1", "_elu", "_softplus",
+                                    "_leaky_relu", "math.erf"]),
+    ("tied_autoencoder", ["_mm_nt", "_total"]),
+])
+def test_source_names_its_kernels(case, heads):
+    src = numba_cuda.generate(_program(case), np.float32)
+    for h in heads:
+        assert h in src, h
+    assert "def symbp_cuda(" in src and "_SIGNATURES = {" in src
+
+
+def test_fused_map_keeps_intermediates_in_registers():
+    # dense + tanh: one kernel writes tanh(X W + b) and never stores the sum X W + b
+    src = numba_cuda.generate(_program("mlp_tanh_sce"), np.float32)
+    k = [b for b in _kernels(src).split("@cuda.jit") if "math.tanh" in b]
+    assert len(k) == 1 and k[0].count("] = ") == 1
+
+
+def test_unfused_has_one_kernel_per_map():
+    p = _program("mlp_tanh_sce")
+    n_maps = sum(isinstance(a.expr, sb.Elementwise) for a in p.body)
+    src = numba_cuda.generate(p, np.float32, fuse=False)
+    assert src.count("def _k_") == n_maps
+
+
+@pytest.mark.parametrize("opts, match", [
+    ({"tile": 3}, "power of two"),
+    ({"tile": 64}, "1024"),
+    ({"block": 2048}, "1024"),
+    ({"threads": 8}, "unknown CUDA options"),
+])
+def test_bad_options_are_named(opts, match):
+    with pytest.raises(SymbpError, match=match):
+        numba_cuda.build(_program("scalar"), np.float32, **opts)
+
+
+def test_reserved_names_are_renamed():
+    # an input called `math` must not shadow the math module inside kernels
+    X, m = sp.MatrixSymbol("X", sp.Symbol("N"), 3), sp.MatrixSymbol("math", 1, 3)
+    f = sb.mse(sb.tanh(sb.dense(X, sp.MatrixSymbol("W", 3, 3), m)), X)
+    src = numba_cuda.generate(sb.gradient_program(f, [m]), np.float32)
+    assert "math_v" in src and "def symbp_cuda(X, math_v" in src
