@@ -315,7 +315,7 @@ def test_hostile_in_process(text, fragment, tmp_path, capsys, monkeypatch):
     assert err.startswith("symbp: error: ") and err.count("\n") == 1, err
     assert err.isascii() and err[:-1].isprintable(), ascii(err)
     assert os.listdir(tmp_path) == []
-    assert elapsed < 0.5, elapsed
+    assert elapsed < 2.0, elapsed  # milliseconds when idle; slack for a loaded machine
 
 
 BAD_USE = [
@@ -424,3 +424,18 @@ def test_derive_passes_parsed_symbols(printing, monkeypatch, capsys):
     w, x, b = (sp.Symbol(n, real=True) for n in "wxb")
     assert seen == {"f": sb.sigmoid(w * x + b), "wrt": [b, w], "at": {w: 0.5, x: 1.0, b: -2.0}}
     assert cli.main(["derive", "w*x"]) == 0 and seen["wrt"] == [w, x] and seen["at"] is None
+
+
+def test_help_lists_every_known_function(capsys):
+    from symbp.parse import known_functions
+
+    with pytest.raises(SystemExit):
+        cli.main(["derive", "--help"])
+    words = set(capsys.readouterr().out.replace("(", " ").replace(",", " ").split())
+    missing = sorted(set(known_functions()) - words)
+    assert not missing, f"derive --help does not list {missing}"
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "symbp derive" in capsys.readouterr().out

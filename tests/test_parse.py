@@ -269,7 +269,7 @@ def test_hostile_rejected_fast(text, fragment, tmp_path, no_eval):
     msg = str(err.value)
     assert fragment in msg, msg
     assert "\n" not in msg and len(msg) < 600 and msg.isprintable(), msg
-    assert elapsed < 0.5, f"{elapsed:.3f} s"
+    assert elapsed < 1.0, f"{elapsed:.3f} s"  # milliseconds when idle; slack for load
     assert not (tmp_path / "canary").exists()
 
 
