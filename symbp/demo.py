@@ -15,14 +15,17 @@ ACTIVATIONS = ["tanh", "relu"]
 
 
 def digits(seed: int = 0):
-    """(X_train, X_test, y_train, y_test): pixels scaled to [0, 1], a stratified 75/25
-    split."""
+    """(X_train, X_test, y_train, y_test): a stratified 75/25 split, pixels standardised
+    with the training split's mean and standard deviation."""
     from sklearn.datasets import load_digits  # heavy: imported on use only
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
-    X = d.data.astype(np.float64) / 16.0
-    return train_test_split(X, d.target, test_size=0.25, random_state=seed, stratify=d.target)
+    Xtr, Xte, ytr, yte = train_test_split(d.data / 16.0, d.target, test_size=0.25,
+                                          random_state=seed, stratify=d.target)
+    # + 0.1: border pixels that are always 0 stay 0 instead of dividing by 0
+    mu, sd = Xtr.mean(axis=0), Xtr.std(axis=0) + 0.1
+    return (Xtr - mu) / sd, (Xte - mu) / sd, ytr, yte
 
 
 def default_target() -> str:
@@ -37,11 +40,13 @@ def default_target() -> str:
     return "cpu"
 
 
-def run(epochs: int = 30, target: str | None = None, progress: bool = True,
-        batch_size: int = 32, lr: float = 0.1, seed: int = 0, verbose: bool = True) -> dict:
-    """Train on the digits and return {'accuracy', 'loss', 'seconds', 'target', 'history'}.
+def run(epochs: int = 20, target: str | None = None, progress: bool = True,
+        batch_size: int = 32, lr: float = 1e-3, seed: int = 0, verbose: bool = True) -> dict:
+    """Train on the digits with Adam and return {'accuracy', 'loss', 'seconds',
+    'target', 'history', 'model'}.
 
-    ``accuracy`` and ``loss`` are measured on the held-out test quarter.
+    ``accuracy`` and ``loss`` are measured on the held-out test quarter (450 images);
+    ``seconds`` is the wall time of ``fit``, compilation included.
     """
     from . import nn, optim, train
 
@@ -52,7 +57,7 @@ def run(epochs: int = 30, target: str | None = None, progress: bool = True,
         print(f"symbp demo: {' -> '.join(model.layers)} on {len(Xtr)} digits, target {target!r}")
     t0 = time.perf_counter()
     hist = train.fit(model, Xtr, ytr, epochs=epochs, batch_size=batch_size,
-                     optimizer=optim.SGD(lr), target=target, seed=seed, progress=progress)
+                     optimizer=optim.Adam(lr), target=target, seed=seed, progress=progress)
     seconds = time.perf_counter() - t0  # compile included
     test = train.evaluate(model, Xte, yte, target=target)
     if verbose:

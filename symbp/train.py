@@ -176,7 +176,7 @@ class _DeferSigint:
 def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
         target: str = "numpy", dtype=np.float32, seed: int = 0, shuffle: bool = True,
         target_loss: float | None = None, progress: bool = True, checkpoint=None,
-        resume=False, validation=None, callback=None) -> History:
+        resume=False, validation=None, callback=None, guard: bool = True) -> History:
     """Train ``model`` on rows ``X`` with targets ``y``; returns the ``History``.
 
     optimizer    ``symbp.SGD`` (default, lr 0.1), ``Momentum`` or ``Adam``.
@@ -188,8 +188,11 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
     resume       True: continue from ``checkpoint`` if that file exists; or a path.
                  ``epochs`` counts the epochs of the whole run, resumed ones included.
     validation   ``(X_val, y_val)``: loss and accuracy recorded after every epoch.
-    callback     ``callback(epoch, step, loss)`` after every step (step counts from 0
-                 within the epoch).
+    callback     ``callback(epoch, step, loss)`` after every step (both count from 0).
+    guard        True: parameters are checked and backed up after every step, so a
+                 failure restores those of the step before (one finiteness pass and one
+                 copy of the parameters per step); False: only the loss is checked per
+                 step and the parameters per epoch, a failure restores the epoch's start.
     """
     dtype = _dtype(dtype)
     optimizer = optimizer if optimizer is not None else optim.SGD(0.1)
@@ -200,8 +203,7 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
         raise SymbpError(f"X has {len(X)} rows but y has {len(T)}")
     if batch_size < 1:
         raise SymbpError(f"batch_size must be at least 1, got {batch_size}")
-    for k in model.params:  # the step updates these arrays in place
-        model.params[k] = np.ascontiguousarray(model.params[k], dtype=dtype)
+    flat = _flatten(model.params, dtype)
     params = model.params
     step = _step(model, optimizer, target, dtype)
     _set_opt_state(step, None)
@@ -218,12 +220,14 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                                                             len(X))
 
     n = len(X)
-    good = {k: v.copy() for k, v in params.items()}  # the last verified-finite params
+    good = flat.copy()  # the last parameters known to be finite
     bar = _progress(progress, epochs, epoch0)
     try:
         with _DeferSigint() as sigint, np.errstate(all="ignore"):
             for epoch in range(epoch0, epochs):
                 t0 = time.perf_counter()
+                if not guard:
+                    np.copyto(good, flat)
                 if perm is None:
                     perm = rng.permutation(n) if shuffle else np.arange(n)
                 # One gather per epoch; the batches are then contiguous slices (views).
@@ -235,19 +239,23 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                     data = {model.X.name: xb, model.T.name: tb,
                             **model.slopes(len(xb), dtype, rng)}
                     loss = step(params, **data)
-                    if not (math.isfinite(loss) and _finite(params)):
-                        _fail(model, good, epoch, s, loss, data, perm[i:i + batch_size], path)
-                    for k, v in params.items():
-                        np.copyto(good[k], v)
+                    if not (math.isfinite(loss) and (not guard or np.isfinite(flat).all())):
+                        _fail(model, flat, good, epoch, s, loss, data, perm[i:i + batch_size],
+                              path, guard)
+                    if guard:
+                        np.copyto(good, flat)
                     losses.append(loss)
                     hist.steps += 1
                     if callback is not None:
                         callback(epoch, s, loss)
                     if sigint.hit:
-                        if path is not None:
+                        if path is not None and np.isfinite(flat).all():
                             _save(path, model, step, optimizer, rng, epoch, i + len(xb), perm,
                                   hist, seed, losses)
                         raise KeyboardInterrupt
+                if not guard and not np.isfinite(flat).all():
+                    _fail(model, flat, good, epoch, s, loss, data, perm[i:i + batch_size],
+                          path, guard)
                 perm, row0 = None, 0
                 _record(hist, model, epoch, losses, time.perf_counter() - t0, X, y_raw,
                         validation, target, dtype)
@@ -267,15 +275,26 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
     return hist
 
 
-def _finite(params: dict) -> bool:
-    return all(np.isfinite(v).all() for v in params.values())
+def _flatten(params: dict, dtype) -> np.ndarray:
+    """Move the parameters into one flat array and make ``params`` views of it.
+
+    The step updates the views in place; the per-step guard then costs one finiteness
+    check and one copy of a single buffer, however many parameters there are.
+    """
+    flat = np.empty(sum(v.size for v in params.values()), dtype=dtype)
+    at = 0
+    for k, v in params.items():
+        view = flat[at:at + v.size].reshape(v.shape)
+        view[...] = v
+        params[k] = view
+        at += v.size
+    return flat
 
 
-def _fail(model, good, epoch, s, loss, data, rows, path):
+def _fail(model, flat, good, epoch, s, loss, data, rows, path, guard):
     """Restore the last good parameters and raise the error that names the culprits."""
     bad = [k for k, v in model.params.items() if not np.isfinite(v).all()]
-    for k, v in good.items():
-        np.copyto(model.params[k], v)
+    np.copyto(flat, good)
     causes = []
     for name, a in data.items():
         r = np.flatnonzero(~np.isfinite(a).all(axis=1))
@@ -290,7 +309,8 @@ def _fail(model, good, epoch, s, loss, data, rows, path):
     kept = f"; the last good checkpoint {path} is unchanged" if path is not None else ""
     err = TrainingError(
         f"training stopped at epoch {epoch + 1}, step {s + 1}: the loss is {loss}; "
-        f"{'; '.join(causes)}. The parameters are those before this step{kept}."
+        f"{'; '.join(causes)}. The parameters are those "
+        f"{'before this step' if guard else 'at the start of this epoch'}{kept}."
     )
     err.epoch, err.step, err.params = epoch + 1, s + 1, bad
     raise err
