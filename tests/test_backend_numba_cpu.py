@@ -1,0 +1,325 @@
+"""The Numba CPU backends ('cpu', 'parallel') against the NumPy reference, from tables.
+
+Compilation is the cost here (seconds per program), so each program is compiled once per
+module (cached fixtures) and the table is a covering set: every activation, every loss,
+1-3 hidden layers, both dtypes; 'parallel' on fewer, wider cases that exercise prange.
+"""
+
+import re
+
+import numpy as np
+import pytest
+import sympy as sp
+from conftest import N
+
+import symbp as sb
+from symbp.errors import InputError, ShapeError
+
+numba = pytest.importorskip("numba")
+
+TOL = {np.float64: dict(rtol=1e-12, atol=1e-13), np.float32: dict(rtol=1e-5, atol=1e-6)}
+OPTS = dict(boundscheck=True)  # out-of-bounds reads raise instead of passing silently
+
+# --- programs -----------------------------------------------------------------------------
+
+x, w, b = sp.symbols("x w b", real=True)
+alpha = sp.Symbol("alpha", real=True)
+ACTS = {
+    "sigmoid": sb.sigmoid, "tanh": sb.tanh, "relu": sb.relu,
+    "leaky_relu": lambda z: sb.leaky_relu(z, sp.Rational(1, 10)),
+    "prelu": lambda z: sb.prelu(z, alpha), "elu": sb.elu, "selu": sb.selu, "gelu": sb.gelu,
+    "silu": sb.silu, "softplus": sb.softplus,
+}
+# one scalar expression holding every activation: each term reads w*x + b at its own shift
+SCALAR = sum(f(w * x + b + k / 4) * (k + 1) for k, f in enumerate(ACTS.values()))
+SCALAR_WRT = [w, b, alpha]
+
+LOSSES = {
+    "ce": sb.softmax_cross_entropy,
+    "mse": sb.mse,
+    "bce": lambda Z, T: sb.binary_cross_entropy(sb.sigmoid(Z), T),
+    "bce_logits": sb.bce_with_logits,
+}
+
+
+def mlp(acts, loss, n_in=3, hidden=5, n_out=2):
+    """A dense network: len(acts) hidden layers, returning (loss, params, input shapes)."""
+    X = sp.MatrixSymbol("X", N, n_in)
+    T = sp.MatrixSymbol("T", N, n_out)
+    H, params, width = X, [], n_in
+    for k, act in enumerate(acts + [None]):
+        out = hidden if act is not None else n_out
+        W = sp.MatrixSymbol(f"W{k}", width, out)
+        bb = sp.MatrixSymbol(f"b{k}", 1, out)
+        params += [W, bb]
+        H = sb.dense(H, W, bb)
+        if act == "prelu":  # PReLU's slope is a (1, C) row of parameters
+            a = sp.MatrixSymbol(f"a{k}", 1, out)
+            params.append(a)
+            H = sb.prelu(H, a)
+        elif act is not None:
+            H = ACTS[act](H)
+        width = out
+    return LOSSES[loss](H, T), params
+
+
+# covering table: every activation, every loss, depths 1-3
+MLPS = {
+    "1h_sigmoid_ce": (["sigmoid"], "ce"),
+    "2h_tanh_relu_mse": (["tanh", "relu"], "mse"),
+    "3h_leaky_prelu_elu_bce": (["leaky_relu", "prelu", "elu"], "bce"),
+    "3h_selu_gelu_silu_logits": (["selu", "gelu", "silu"], "bce_logits"),
+    "2h_softplus_tanh_ce": (["softplus", "tanh"], "ce"),
+}
+
+
+def arrays_for(inputs, n, rng, dtype=np.float64):
+    """Random inputs: targets in (0, 1) (rows summing to 1 for a cross-entropy)."""
+    out = {}
+    for s in inputs:
+        if isinstance(s, sp.MatrixSymbol):
+            shape = tuple(int(sp.sympify(d).subs(N, n)) for d in s.shape)
+            a = rng.standard_normal(shape)
+            if s.name == "T":
+                a = rng.uniform(0.05, 0.95, shape)
+                a /= a.sum(axis=1, keepdims=True) if shape[1] > 2 else 1
+            elif s.name.startswith("a"):
+                a = rng.uniform(0.05, 0.3, shape)
+            out[s.name] = a.astype(dtype)
+        else:
+            out[s.name] = dtype(rng.uniform(0.1, 0.5) if s == alpha else rng.standard_normal())
+    return out
+
+
+_compiled: dict = {}
+
+
+def compiled(key, build):
+    """Compile once per test session (compilation dominates this file's runtime)."""
+    if key not in _compiled:
+        _compiled[key] = build()
+    return _compiled[key]
+
+
+def check_same(fn, ref, arrays, dtype):
+    v, g = fn(**arrays)
+    v0, g0 = ref(**arrays)
+    np.testing.assert_allclose(v, v0, **TOL[dtype])
+    assert set(g) == set(g0)
+    for k in g0:
+        assert np.asarray(g[k]).dtype == dtype, k
+        np.testing.assert_allclose(g[k], g0[k], **TOL[dtype], err_msg=k)
+
+
+# --- every CPU target vs the NumPy reference ---------------------------------------------
+
+DTYPES = [np.float64, np.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scalar_program_every_activation(dtype):
+    fn = compiled(("scalar", dtype), lambda: sb.compile(SCALAR, SCALAR_WRT, target="cpu",
+                                                         dtype=dtype, **OPTS))
+    ref = sb.compile(SCALAR, SCALAR_WRT, target="numpy", dtype=dtype)
+    for xv in (-3.0, -0.4, 0.0, 0.3, 2.5):  # both sides of every kink
+        arrays = dict(x=dtype(xv), w=dtype(1.3), b=dtype(-0.2), alpha=dtype(0.2))
+        check_same(fn, ref, arrays, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", MLPS)
+def test_mlp_matches_numpy(case, dtype):
+    f, params = mlp(*MLPS[case])
+    fn = compiled((case, dtype), lambda: sb.compile(f, params, target="cpu", dtype=dtype,
+                                                    **OPTS))
+    ref = sb.compile(f, params, target="numpy", dtype=dtype)
+    rng = np.random.default_rng(7)
+    for n in (1, 6):  # a batch of one, and a larger batch (new buffers)
+        check_same(fn, ref, arrays_for(fn.program.inputs, n, rng, dtype), dtype)
+
+
+PAR = {
+    "tanh_ce_wide": (["tanh"], "ce", dict(n_in=8, hidden=24, n_out=16)),
+    "relu_gelu_mse": (["relu", "gelu"], "mse", dict(n_in=4, hidden=20, n_out=3)),
+}
+
+
+@pytest.mark.parametrize("case", PAR)
+def test_parallel_matches_numpy(case):
+    acts, loss, shape = PAR[case]
+    f, params = mlp(acts, loss, **shape)
+    dtype = np.float32
+    fn = compiled(("par", case), lambda: sb.compile(f, params, target="parallel", dtype=dtype))
+    assert "prange(" in fn.source  # the wide maps are parallel loops
+    ref = sb.compile(f, params, target="numpy", dtype=dtype)
+    rng = np.random.default_rng(3)
+    check_same(fn, ref, arrays_for(fn.program.inputs, 50, rng, dtype), dtype)
+
+
+@pytest.mark.parametrize("target", ["cpu", "parallel"])
+def test_forward_program_logits(target):
+    f, params = mlp(["tanh"], "ce", n_in=8, hidden=24, n_out=16)
+    X = sp.MatrixSymbol("X", N, 8)
+    W0, b0, W1, b1 = params
+    Z = sb.dense(sb.tanh(sb.dense(X, W0, b0)), W1, b1)
+    fw = compiled(("fw", target), lambda: sb.compile_forward(Z, target=target,
+                                                            dtype=np.float32))
+    ref = sb.compile_forward(Z, target="numpy", dtype=np.float32)
+    rng = np.random.default_rng(5)
+    a1 = arrays_for(fw.program.inputs, 9, rng, np.float32)
+    a2 = {**a1, "X": rng.standard_normal((9, 8)).astype(np.float32)}
+    z1, z2 = fw(**a1), fw(**a2)
+    assert z1.shape == (9, 16) and z1.dtype == np.float32
+    np.testing.assert_allclose(z1, ref(**a1), **TOL[np.float32])
+    np.testing.assert_allclose(z2, ref(**a2), **TOL[np.float32])  # z1 not overwritten:
+    np.testing.assert_allclose(z1, ref(**a1), **TOL[np.float32])  # outputs are fresh
+
+
+def test_stable_for_large_inputs():
+    f, params = mlp(["softplus", "tanh"], "ce")
+    fn = compiled(("2h_softplus_tanh_ce", np.float64),
+                  lambda: sb.compile(f, params, target="cpu", dtype=np.float64, **OPTS))
+    rng = np.random.default_rng(1)
+    arrays = arrays_for(fn.program.inputs, 4, rng)
+    arrays["X"] *= 1e3  # exp would overflow in the naive formulas
+    v, g = fn(**arrays)
+    assert np.isfinite(v) and all(np.isfinite(a).all() for a in g.values())
+
+
+# --- fused training steps vs the reference step -------------------------------------------
+
+OPTIMIZERS = {"sgd": sb.SGD(0.1), "momentum": sb.Momentum(0.05, 0.9), "adam": sb.Adam(0.01)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_fused_step_matches_reference(opt, dtype):
+    f, params = mlp(["tanh", "relu"], "ce", n_out=3)
+    step = compiled(("step", opt, dtype), lambda: sb.compile_step(
+        f, params, OPTIMIZERS[opt], target="cpu", dtype=dtype, **OPTS))
+    ref = sb.compile_step(f, params, OPTIMIZERS[opt], target="numpy", dtype=dtype)
+    rng = np.random.default_rng(11)
+    arrays = arrays_for(step.program.inputs, 8, rng, dtype)
+    names = {p.name for p in params}
+    p1 = {k: v.copy() for k, v in arrays.items() if k in names}
+    p2 = {k: v.copy() for k, v in arrays.items() if k in names}
+    data = {k: v for k, v in arrays.items() if k not in names}
+    for _ in range(4):
+        l1, l2 = step(p1, **data), ref(p2, **data)
+        np.testing.assert_allclose(l1, l2, **TOL[dtype])
+    for k in names:
+        np.testing.assert_allclose(p1[k], p2[k], **TOL[dtype], err_msg=k)
+    assert step.state["t"] == ref.state["t"] == 4
+    for buf in OPTIMIZERS[opt].buffers:
+        for k in names:
+            np.testing.assert_allclose(step.state[buf][k], ref.state[buf][k], **TOL[dtype])
+    assert "train_step" in step.source
+
+
+def test_fused_step_scalar_program():
+    opt = sb.Adam(0.1)
+    f = sb.sigmoid(w * x + b) ** 2
+    step = compiled("scalar_step", lambda: sb.compile_step(f, [w, b], opt, target="cpu"))
+    ref = sb.compile_step(f, [w, b], opt, target="numpy")
+    p1 = dict(w=np.array(1.0), b=np.array(0.5))
+    p2 = {k: v.copy() for k, v in p1.items()}
+    for xv in (0.3, -1.0, 2.0):
+        np.testing.assert_allclose(step(p1, x=xv), ref(p2, x=xv), rtol=1e-12)
+    np.testing.assert_allclose([p1["w"], p1["b"]], [p2["w"], p2["b"]], rtol=1e-12)
+
+
+def test_parallel_step_matches_reference():
+    f, params = mlp(["tanh"], "ce", n_in=8, hidden=24, n_out=16)
+    opt = sb.Momentum(0.1, 0.9)
+    step = compiled("par_step", lambda: sb.compile_step(f, params, opt, target="parallel",
+                                                         dtype=np.float32))
+    ref = sb.compile_step(f, params, opt, target="numpy", dtype=np.float32)
+    rng = np.random.default_rng(2)
+    arrays = arrays_for(step.program.inputs, 40, rng, np.float32)
+    names = {p.name for p in params}
+    p1 = {k: v.copy() for k, v in arrays.items() if k in names}
+    p2 = {k: v.copy() for k, v in arrays.items() if k in names}
+    data = {k: v for k, v in arrays.items() if k not in names}
+    for _ in range(3):
+        np.testing.assert_allclose(step(p1, **data), ref(p2, **data), rtol=1e-5)
+    for k in names:
+        np.testing.assert_allclose(p1[k], p2[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+# --- float32 discipline, bad input, no recompiles -----------------------------------------
+
+
+def float64_lines(fn):
+    """Source lines of a float32 kernel that compute a float64 scalar, bar accumulators."""
+    from numba.core import ir, types
+
+    kern = fn.kernel.fn.kernel
+    ann = kern.overloads[kern.signatures[0]].type_annotation  # needs cache=False
+    src = fn.source.splitlines()
+    bad = set()
+    for blk in ann.blocks.values():
+        for st in blk.body:
+            if isinstance(st.value if isinstance(st, ir.Assign) else None, ir.Const):
+                continue  # the float64 literal inside DT(0.5): folded to a float32 constant
+            if isinstance(st, ir.Assign) and ann.typemap.get(st.target.name) == types.float64 \
+                    and not st.target.name.startswith("_acc"):
+                text = src[st.loc.line - 1] if 0 < st.loc.line <= len(src) else "?"
+                if "_acc" not in text and "ACC" not in text:
+                    bad.add(f"{text.strip()}   <- {st}")
+    return bad
+
+
+def test_float32_code_stays_float32():
+    f, params = mlp(["selu", "gelu", "silu"], "bce_logits")
+    fn = compiled("f32check", lambda: sb.compile(f, params, target="cpu", dtype=np.float32,
+                                                 cache=False))
+    kern = fn.kernel.fn.kernel
+    (sig,) = kern.signatures
+    assert all(getattr(t, "dtype", t) in (numba.float32, numba.int64) for t in sig)
+    assert not float64_lines(fn)
+    # every literal in the kernels is typed: DT(…) or ACC(…), or an index
+    sfn = compiled(("scalar", np.float32), lambda: sb.compile(
+        SCALAR, SCALAR_WRT, target="cpu", dtype=np.float32, **OPTS))
+    for src in (fn.source, sfn.source):
+        code = [ln.split("#")[0] for ln in src.split("def loss_and_grad", 1)[1].splitlines()]
+        assert not re.findall(r"(?<!DT\()(?<!DT\(-)(?<!ACC\()\b\d+\.\d+", "\n".join(code))
+
+
+def test_bad_input_converts_or_refuses_without_recompiling():
+    case, dtype = "2h_tanh_relu_mse", np.float32
+    f, params = mlp(*MLPS[case])
+    fn = compiled((case, dtype), lambda: sb.compile(f, params, target="cpu", dtype=dtype,
+                                                    **OPTS))
+    ref = sb.compile(f, params, target="numpy", dtype=dtype)
+    rng = np.random.default_rng(4)
+    arrays = arrays_for(fn.program.inputs, 5, rng, np.float64)  # float64 into float32 code
+    arrays["X"] = np.asfortranarray(arrays["X"])  # and a foreign layout
+    check_same(fn, ref, arrays, dtype)
+    assert len(fn.kernel.fn.kernel.signatures) == 1  # converted before Numba: no recompile
+    with pytest.raises(ShapeError, match="X"):
+        fn(**{**arrays, "X": np.ones((5, 4))})
+    with pytest.raises(InputError, match="dtype"):
+        fn(**{**arrays, "X": np.array([["a"] * 3] * 5)})
+
+
+def test_step_refuses_params_it_cannot_update_in_place():
+    f, params = mlp(["tanh", "relu"], "ce", n_out=3)
+    opt = OPTIMIZERS["sgd"]
+    step = compiled(("step", "sgd", np.float32), lambda: sb.compile_step(
+        f, params, opt, target="cpu", dtype=np.float32, **OPTS))
+    rng = np.random.default_rng(6)
+    arrays = arrays_for(step.program.inputs, 4, rng, np.float32)
+    names = {p.name for p in params}
+    p = {k: v for k, v in arrays.items() if k in names}
+    data = {k: v.astype(np.float64) for k, v in arrays.items() if k not in names}
+    step(p, **data)  # float64 data is converted (documented)
+    assert len(step.kernel.signatures) == 1
+    with pytest.raises(InputError, match="W0"):
+        step({**p, "W0": p["W0"].astype(np.float64)}, **data)
+    with pytest.raises(ShapeError):
+        step(p, **{**data, "X": np.ones((4, 7))})
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(sb.SymbpError, match="fastmath"):
+        sb.compile(sb.sigmoid(w * x), [w], target="cpu", fastmath=True)
