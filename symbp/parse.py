@@ -121,10 +121,6 @@ def known_functions() -> dict[str, Callable]:
     return table
 
 
-def _fail(msg: str) -> SymbpError:
-    return SymbpError(msg)
-
-
 def _show(s: str, limit: int = 40) -> str:
     """The culprit, quoted and shortened; non-printable or non-ASCII text is escaped."""
     s = s if len(s) <= limit else s[: limit - 3] + "..."
@@ -135,15 +131,15 @@ def _check_text(text) -> tuple[str, int]:
     """Length, characters and parentheses of the raw text; returns it stripped and the
     number of characters stripped on the left (to report columns of the original)."""
     if not isinstance(text, str):
-        raise _fail(f"an expression must be a string, not {type(text).__name__}")
+        raise SymbpError(f"an expression must be a string, not {type(text).__name__}")
     if len(text) > LIMITS["chars"]:
-        raise _fail(f"the expression is {len(text)} characters long; at most "
+        raise SymbpError(f"the expression is {len(text)} characters long; at most "
                     f"{LIMITS['chars']} are allowed")
     stripped = text.lstrip(" \t")
     left = len(text) - len(stripped)
     stripped = stripped.rstrip(" \t")
     if not stripped:
-        raise _fail("the expression is empty; write one like sigmoid(w*x + b)")
+        raise SymbpError("the expression is empty; write one like sigmoid(w*x + b)")
     depth = deepest = 0
     for i, c in enumerate(text):
         if c not in ALLOWED_CHARS:
@@ -151,19 +147,19 @@ def _check_text(text) -> tuple[str, int]:
                 hint = "only ASCII is allowed (write Greek letters by name: alpha, beta)"
             else:
                 hint = CHAR_HINTS.get(c, "it cannot occur in an expression")
-            raise _fail(f"character {_show(c)} at column {i + 1} is not allowed: {hint}")
+            raise SymbpError(f"character {_show(c)} at column {i + 1} is not allowed: {hint}")
         if c == "(":
             depth += 1
             deepest = max(deepest, depth)
             if deepest > LIMITS["parens"]:
-                raise _fail(f"parentheses nest deeper than {LIMITS['parens']} levels "
+                raise SymbpError(f"parentheses nest deeper than {LIMITS['parens']} levels "
                             f"(at column {i + 1})")
         elif c == ")":
             depth -= 1
             if depth < 0:
-                raise _fail(f"unmatched `)` at column {i + 1}")
+                raise SymbpError(f"unmatched `)` at column {i + 1}")
     if depth:
-        raise _fail(f"{depth} unclosed `(`")
+        raise SymbpError(f"{depth} unclosed `(`")
     return stripped, left
 
 
@@ -186,19 +182,19 @@ def parse_expr(text: str, functions: dict[str, Callable] | None = None
     if functions:
         for name, fn in functions.items():
             if not (isinstance(name, str) and NAME.match(name) and callable(fn)):
-                raise _fail(f"functions: {name!r} must be a plain name mapped to a callable")
+                raise SymbpError(f"functions: {name!r} must be a plain name mapped to a callable")
         table.update(functions)
     src, left = _check_text(text)
     try:
         tree = ast.parse(src, mode="eval")
     except SyntaxError as e:
         col = (e.offset or 1) + left
-        raise _fail(f"not a valid expression at column {col}: {e.msg}") from None
+        raise SymbpError(f"not a valid expression at column {col}: {e.msg}") from None
     except (RecursionError, MemoryError, ValueError):
-        raise _fail("the expression is too deeply nested") from None
+        raise SymbpError("the expression is too deeply nested") from None
     n = sum(1 for node in ast.walk(tree) if isinstance(node, ast.expr))
     if n > LIMITS["nodes"]:
-        raise _fail(f"the expression has {n} parts; at most {LIMITS['nodes']} are allowed")
+        raise SymbpError(f"the expression has {n} parts; at most {LIMITS['nodes']} are allowed")
     builder = _Builder(src, left, table)
     f = builder.build(tree.body, 0)
     _check_result(f)
@@ -219,11 +215,11 @@ class _Builder:
         return f"{_show(seg)} at column {node.col_offset + self.left + 1}"
 
     def refuse(self, node, what: str) -> SymbpError:
-        return _fail(f"{self.where(node)}: {what} not allowed; allowed: {ALLOWED}")
+        return SymbpError(f"{self.where(node)}: {what} not allowed; allowed: {ALLOWED}")
 
     def build(self, node, depth: int) -> sp.Expr:
         if depth > LIMITS["depth"]:
-            raise _fail(f"the expression nests deeper than {LIMITS['depth']} levels")
+            raise SymbpError(f"the expression nests deeper than {LIMITS['depth']} levels")
         kind = type(node)
         if kind is ast.Constant:
             return self.number(node)
@@ -241,12 +237,12 @@ class _Builder:
         v = node.value
         if type(v) is int:
             if v.bit_length() > LIMITS["bits"]:
-                raise _fail(f"{self.where(node)}: the number is too large (more than "
+                raise SymbpError(f"{self.where(node)}: the number is too large (more than "
                             f"{LIMITS['bits']} bits)")
             return sp.Integer(v)
         if type(v) is float:
             if not math.isfinite(v):
-                raise _fail(f"{self.where(node)}: the number is too large for a float")
+                raise SymbpError(f"{self.where(node)}: the number is too large for a float")
             return sp.Float(v)
         what = {bool: "booleans are", complex: "imaginary numbers are", str: "strings are",
                 bytes: "bytes are"}.get(type(v), f"{v!r} is")
@@ -257,14 +253,14 @@ class _Builder:
         if s in CONSTANTS:
             return CONSTANTS[s]
         if s in self.table:
-            raise _fail(f"{self.where(node)}: {s} is a function; call it, as in {s}(x)")
+            raise SymbpError(f"{self.where(node)}: {s} is a function; call it, as in {s}(x)")
         if not NAME.match(s) or "__" in s:
-            raise _fail(f"{self.where(node)}: a name must be letters, digits and single "
+            raise SymbpError(f"{self.where(node)}: a name must be letters, digits and single "
                         "underscores, starting with a letter")
         if len(s) > LIMITS["name"]:
-            raise _fail(f"{self.where(node)}: names are at most {LIMITS['name']} characters")
+            raise SymbpError(f"{self.where(node)}: names are at most {LIMITS['name']} characters")
         if s in RESERVED:
-            raise _fail(f"{self.where(node)}: {s} is a Python builtin, not allowed as a "
+            raise SymbpError(f"{self.where(node)}: {s} is a Python builtin, not allowed as a "
                         "name; pick another name")
         if s not in self.symbols:
             self.symbols[s] = sp.Symbol(s, real=True)
@@ -303,7 +299,7 @@ class _Builder:
                 x = -x
             elif kind is ast.Div:
                 if x == 0:
-                    raise _fail(f"{self.where(sub)}: division by zero")
+                    raise SymbpError(f"{self.where(sub)}: division by zero")
                 x = 1 / x
             terms.append(x)
         out = sp.Add(*terms) if group[0] is ast.Add else sp.Mul(*terms)
@@ -315,13 +311,13 @@ class _Builder:
         n = self.build(node.right, depth + 1)
         if n.is_Number:
             if abs(n) > LIMITS["power"]:
-                raise _fail(f"{self.where(node)}: the exponent {_short(n)} is too large; "
+                raise SymbpError(f"{self.where(node)}: the exponent {_short(n)} is too large; "
                             f"|exponent| <= {LIMITS['power']} is allowed")
             # (2*x)**n multiplies each exact number's size by n: refuse before computing
             if _bits(base) * abs(float(n)) > LIMITS["bits"]:
-                raise _fail(f"{self.where(node)}: the result would be too large a number")
+                raise SymbpError(f"{self.where(node)}: the result would be too large a number")
             if base == 0 and n < 0:
-                raise _fail(f"{self.where(node)}: division by zero")
+                raise SymbpError(f"{self.where(node)}: division by zero")
         out = base**n
         _check_size(out, node)
         return out
@@ -331,26 +327,26 @@ class _Builder:
             raise self.refuse(node, "calling anything but a function's bare name is")
         name = node.func.id
         if name not in self.table:
-            raise _fail(f"{self.where(node.func)}: unknown function {name}; known: "
+            raise SymbpError(f"{self.where(node.func)}: unknown function {name}; known: "
                         + ", ".join(sorted(self.table)))
         if node.keywords:
-            raise _fail(f"{self.where(node)}: keyword arguments are not allowed; pass "
+            raise SymbpError(f"{self.where(node)}: keyword arguments are not allowed; pass "
                         f"arguments by position, as in leaky_relu(x, 0.1)")
         least, most = ARITY.get(name, (1, 1)) if name in self.builtin else (0, 16)
         if not least <= len(node.args) <= most:
             want = str(least) if least == most else f"{least} to {most}"
-            raise _fail(f"{self.where(node)}: {name} takes {want} argument(s), "
+            raise SymbpError(f"{self.where(node)}: {name} takes {want} argument(s), "
                         f"got {len(node.args)}")
         args = [self.build(a, depth + 1) for a in node.args]
         try:
             out = self.table[name](*args)
         except SymbpError as e:
-            raise _fail(f"{self.where(node)}: {e}") from None
+            raise SymbpError(f"{self.where(node)}: {e}") from None
         except Exception as e:  # a function refusing its arguments (rrelu's bounds, ...)
-            raise _fail(f"{self.where(node)}: {name} cannot take these arguments "
+            raise SymbpError(f"{self.where(node)}: {name} cannot take these arguments "
                         f"({type(e).__name__}: {e})") from None
         if not isinstance(out, sp.Expr):
-            raise _fail(f"{self.where(node)}: {name} does not give a scalar expression")
+            raise SymbpError(f"{self.where(node)}: {name} does not give a scalar expression")
         _check_size(out, node)
         return out
 
@@ -370,17 +366,17 @@ def _check_size(e, node) -> None:
     # SymPy folds numbers and powers on its own ((x**100)**100 is x**10000): look at the
     # result, not only at what was typed.
     if _bits(e) > LIMITS["bits"]:
-        raise _fail(f"a number in the expression (near column {node.col_offset + 1}) is "
+        raise SymbpError(f"a number in the expression (near column {node.col_offset + 1}) is "
                     f"too large: more than {LIMITS['bits']} bits")
     for p in e.atoms(sp.Pow):
         if p.exp.is_Number and abs(p.exp) > LIMITS["power"]:
-            raise _fail(f"the power {_short(p)} (near column {node.col_offset + 1}) is too "
+            raise SymbpError(f"the power {_short(p)} (near column {node.col_offset + 1}) is too "
                         f"large; |exponent| <= {LIMITS['power']} is allowed")
 
 
 def _check_result(f) -> None:
     if f.has(sp.zoo, sp.oo, -sp.oo, sp.nan):
-        raise _fail(f"the expression is undefined ({_short(f)}): a division by zero "
+        raise SymbpError(f"the expression is undefined ({_short(f)}): a division by zero "
                     "or log(0)?")
 
 
@@ -395,9 +391,10 @@ def parse_assignments(items: Iterable[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for item in items:
         if not isinstance(item, str):
-            raise _fail(f"an assignment must be a string like w=0.5, not {type(item).__name__}")
+            raise SymbpError(f"an assignment must be a string like w=0.5, not "
+                             f"{type(item).__name__}")
         if len(item) > LIMITS["chars"]:
-            raise _fail(f"an assignment is {len(item)} characters long; at most "
+            raise SymbpError(f"an assignment is {len(item)} characters long; at most "
                         f"{LIMITS['chars']} are allowed")
         for part in item.split(","):
             part = part.strip(" \t")
@@ -405,16 +402,16 @@ def parse_assignments(items: Iterable[str]) -> dict[str, float]:
                 continue
             name, eq, value = (s.strip(" \t") for s in part.partition("="))
             if not eq or not NAME.match(name) or "__" in name or len(name) > LIMITS["name"]:
-                raise _fail(f"{_show(part)}: expected NAME=NUMBER, as in w=0.5")
+                raise SymbpError(f"{_show(part)}: expected NAME=NUMBER, as in w=0.5")
             if not NUMBER.match(value):
-                raise _fail(f"{_show(part)}: {_show(value)} is not a number; expected "
+                raise SymbpError(f"{_show(part)}: {_show(value)} is not a number; expected "
                             "NAME=NUMBER, as in w=0.5 or b=-1e-3")
             v = float(value)
             if not math.isfinite(v):
-                raise _fail(f"{_show(part)}: the number is too large for a float")
+                raise SymbpError(f"{_show(part)}: the number is too large for a float")
             if name in out:
-                raise _fail(f"{name} is given twice")
+                raise SymbpError(f"{name} is given twice")
             out[name] = v
             if len(out) > LIMITS["assignments"]:
-                raise _fail(f"at most {LIMITS['assignments']} assignments are allowed")
+                raise SymbpError(f"at most {LIMITS['assignments']} assignments are allowed")
     return out
