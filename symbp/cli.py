@@ -114,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--epochs", type=_epochs, default=None, metavar="N",
                    help="training epochs (default: the demo's own)")
-    m.add_argument("--target", choices=("cpu", "numpy", "parallel"), default="cpu",
-                   help="where the compiled step runs (default: cpu)")
-    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument("--target", choices=("cpu", "numpy", "parallel"), default=None,
+                   help="where the compiled step runs (default: cpu if Numba is installed, "
+                        "else numpy)")
+    m.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no commentary: only the final accuracy")
     m.set_defaults(run=cmd_demo)
     return top
 
@@ -235,7 +237,7 @@ def cmd_plot(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run
 
-    options = {"target": args.target, "progress": not args.quiet}
+    options = {"target": args.target, "progress": not args.quiet, "verbose": not args.quiet}
     if args.epochs is not None:
         options["epochs"] = args.epochs
     result = run(**options)

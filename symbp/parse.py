@@ -134,7 +134,7 @@ def _check_text(text) -> tuple[str, int]:
         raise SymbpError(f"an expression must be a string, not {type(text).__name__}")
     if len(text) > LIMITS["chars"]:
         raise SymbpError(f"the expression is {len(text)} characters long; at most "
-                    f"{LIMITS['chars']} are allowed")
+                         f"{LIMITS['chars']} are allowed")
     stripped = text.lstrip(" \t")
     left = len(text) - len(stripped)
     stripped = stripped.rstrip(" \t")
@@ -153,7 +153,7 @@ def _check_text(text) -> tuple[str, int]:
             deepest = max(deepest, depth)
             if deepest > LIMITS["parens"]:
                 raise SymbpError(f"parentheses nest deeper than {LIMITS['parens']} levels "
-                            f"(at column {i + 1})")
+                                 f"(at column {i + 1})")
         elif c == ")":
             depth -= 1
             if depth < 0:
@@ -238,7 +238,7 @@ class _Builder:
         if type(v) is int:
             if v.bit_length() > LIMITS["bits"]:
                 raise SymbpError(f"{self.where(node)}: the number is too large (more than "
-                            f"{LIMITS['bits']} bits)")
+                                 f"{LIMITS['bits']} bits)")
             return sp.Integer(v)
         if type(v) is float:
             if not math.isfinite(v):
@@ -256,12 +256,12 @@ class _Builder:
             raise SymbpError(f"{self.where(node)}: {s} is a function; call it, as in {s}(x)")
         if not NAME.match(s) or "__" in s:
             raise SymbpError(f"{self.where(node)}: a name must be letters, digits and single "
-                        "underscores, starting with a letter")
+                             "underscores, starting with a letter")
         if len(s) > LIMITS["name"]:
             raise SymbpError(f"{self.where(node)}: names are at most {LIMITS['name']} characters")
         if s in RESERVED:
             raise SymbpError(f"{self.where(node)}: {s} is a Python builtin, not allowed as a "
-                        "name; pick another name")
+                             "name; pick another name")
         if s not in self.symbols:
             self.symbols[s] = sp.Symbol(s, real=True)
         return self.symbols[s]
@@ -312,7 +312,7 @@ class _Builder:
         if n.is_Number:
             if abs(n) > LIMITS["power"]:
                 raise SymbpError(f"{self.where(node)}: the exponent {_short(n)} is too large; "
-                            f"|exponent| <= {LIMITS['power']} is allowed")
+                                 f"|exponent| <= {LIMITS['power']} is allowed")
             # (2*x)**n multiplies each exact number's size by n: refuse before computing
             if _bits(base) * abs(float(n)) > LIMITS["bits"]:
                 raise SymbpError(f"{self.where(node)}: the result would be too large a number")
@@ -327,16 +327,16 @@ class _Builder:
             raise self.refuse(node, "calling anything but a function's bare name is")
         name = node.func.id
         if name not in self.table:
-            raise SymbpError(f"{self.where(node.func)}: unknown function {name}; known: "
-                        + ", ".join(sorted(self.table)))
+            known = ", ".join(sorted(self.table))
+            raise SymbpError(f"{self.where(node.func)}: unknown function {name}; known: {known}")
         if node.keywords:
             raise SymbpError(f"{self.where(node)}: keyword arguments are not allowed; pass "
-                        f"arguments by position, as in leaky_relu(x, 0.1)")
+                             f"arguments by position, as in leaky_relu(x, 0.1)")
         least, most = ARITY.get(name, (1, 1)) if name in self.builtin else (0, 16)
         if not least <= len(node.args) <= most:
             want = str(least) if least == most else f"{least} to {most}"
             raise SymbpError(f"{self.where(node)}: {name} takes {want} argument(s), "
-                        f"got {len(node.args)}")
+                             f"got {len(node.args)}")
         args = [self.build(a, depth + 1) for a in node.args]
         try:
             out = self.table[name](*args)
@@ -344,7 +344,7 @@ class _Builder:
             raise SymbpError(f"{self.where(node)}: {e}") from None
         except Exception as e:  # a function refusing its arguments (rrelu's bounds, ...)
             raise SymbpError(f"{self.where(node)}: {name} cannot take these arguments "
-                        f"({type(e).__name__}: {e})") from None
+                             f"({type(e).__name__}: {e})") from None
         if not isinstance(out, sp.Expr):
             raise SymbpError(f"{self.where(node)}: {name} does not give a scalar expression")
         _check_size(out, node)
@@ -367,17 +367,17 @@ def _check_size(e, node) -> None:
     # result, not only at what was typed.
     if _bits(e) > LIMITS["bits"]:
         raise SymbpError(f"a number in the expression (near column {node.col_offset + 1}) is "
-                    f"too large: more than {LIMITS['bits']} bits")
+                         f"too large: more than {LIMITS['bits']} bits")
     for p in e.atoms(sp.Pow):
         if p.exp.is_Number and abs(p.exp) > LIMITS["power"]:
             raise SymbpError(f"the power {_short(p)} (near column {node.col_offset + 1}) is too "
-                        f"large; |exponent| <= {LIMITS['power']} is allowed")
+                             f"large; |exponent| <= {LIMITS['power']} is allowed")
 
 
 def _check_result(f) -> None:
     if f.has(sp.zoo, sp.oo, -sp.oo, sp.nan):
         raise SymbpError(f"the expression is undefined ({_short(f)}): a division by zero "
-                    "or log(0)?")
+                         "or log(0)?")
 
 
 def parse_assignments(items: Iterable[str]) -> dict[str, float]:
@@ -395,7 +395,7 @@ def parse_assignments(items: Iterable[str]) -> dict[str, float]:
                              f"{type(item).__name__}")
         if len(item) > LIMITS["chars"]:
             raise SymbpError(f"an assignment is {len(item)} characters long; at most "
-                        f"{LIMITS['chars']} are allowed")
+                             f"{LIMITS['chars']} are allowed")
         for part in item.split(","):
             part = part.strip(" \t")
             if not part:
@@ -405,7 +405,7 @@ def parse_assignments(items: Iterable[str]) -> dict[str, float]:
                 raise SymbpError(f"{_show(part)}: expected NAME=NUMBER, as in w=0.5")
             if not NUMBER.match(value):
                 raise SymbpError(f"{_show(part)}: {_show(value)} is not a number; expected "
-                            "NAME=NUMBER, as in w=0.5 or b=-1e-3")
+                                 "NAME=NUMBER, as in w=0.5 or b=-1e-3")
             v = float(value)
             if not math.isfinite(v):
                 raise SymbpError(f"{_show(part)}: the number is too large for a float")
