@@ -261,6 +261,8 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                         validation, target, dtype)
                 if path is not None:
                     _save(path, model, step, optimizer, rng, epoch + 1, 0, None, hist, seed, [])
+                if sigint.hit:  # Ctrl-C during the metrics or the save: stop here
+                    raise KeyboardInterrupt
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(_postfix(hist))

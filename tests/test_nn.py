@@ -133,6 +133,19 @@ def test_rrelu_slopes():
     assert np.all(ev == (1 / 8 + 1 / 3) / 2)
 
 
+def test_sequential_mixes_layers():
+    m = nn.Sequential([nn.Dense(4, "tanh"), nn.Dense(4), nn.PReLU(per_unit=False),
+                       nn.Dense(3, activation=lambda x: x / (1 + sp.Abs(x))), nn.RReLU(0.1, 0.2),
+                       nn.Dense(2, bias=False)], inputs=3, loss="mse", seed=0).build()
+    assert list(m.params) == ["W1", "b1", "W2", "b2", "alpha1", "W3", "b3", "W4"]
+    assert m.layers == ["Dense(4)", "tanh", "Dense(4)", "PReLU", "Dense(3)", "<lambda>",
+                        "RReLU", "Dense(2)"]
+    assert m.random == {"rrelu_1": (0.1, 0.2, 3)}
+    X, y = data(m, n=6)
+    arrays = {**m.params, "X": X, "T": m.targets(y), **m.slopes(6, np.float64)}
+    assert sb.gradcheck(m.loss, m.wrt, arrays).ok
+
+
 def test_targets():
     m = nn.mlp([2, 3], loss="ce")
     assert m.loss_name == "softmax_ce"
