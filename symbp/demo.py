@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 SIZES = [64, 128, 64, 10]
 ACTIVATIONS = ["tanh", "relu"]
 
