@@ -158,3 +158,35 @@ def test_reserved_names_are_renamed():
     f = sb.mse(sb.tanh(sb.dense(X, sp.MatrixSymbol("W", 3, 3), m)), X)
     src = numba_cuda.generate(sb.gradient_program(f, [m]), np.float32)
     assert "math_v" in src and "def symbp_cuda(X, math_v" in src
+
+
+# --- the scalar printer, evaluated as plain Python against SymPy ----------------------------
+
+_x = sp.Symbol("x", real=True)
+_POINTS = [-30.0, -3.0, -0.5, 0.0, 0.7, 4.0, 30.0]
+_NO_PRINTER_ROW = {"rrelu", "swish"}  # rrelu is leaky_relu with a random slope; swish = silu
+
+
+def _device_namespace(dtype_name):
+    """The printed code's globals, with @cuda.jit(device=True) helpers as Python functions."""
+    from types import SimpleNamespace
+
+    ns = {"math": __import__("math"), "float32": np.float32, "float64": np.float64,
+          "_DT": getattr(np, dtype_name),
+          "cuda": SimpleNamespace(jit=lambda *a, **k: (lambda f: f))}
+    for src in numba_cuda._HELPERS.values():
+        exec(src, ns)  # the backend's own table, not user text
+    return ns
+
+
+@pytest.mark.parametrize("name", sorted(set(sb.functions.FUNCTIONS) - _NO_PRINTER_ROW))
+def test_printer_values_and_derivatives_match_sympy(name):
+    f = sb.functions.FUNCTIONS[name]
+    y = f(_x) if name not in ("prelu",) else f(_x, sp.Rational(1, 4))
+    ns = _device_namespace("float64")
+    for expr in (y, sp.diff(y, _x)):
+        code = numba_cuda.CudaPrinter("float64", set()).doprint(expr)
+        for v in _POINTS:
+            got = eval(code, dict(ns, x=np.float64(v)))  # our printer's output, not user text
+            want = float(sp.N(expr.subs(_x, v), 30))
+            assert abs(got - want) <= 1e-12 * max(1.0, abs(want)), (name, str(expr), v, code)

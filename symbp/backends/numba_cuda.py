@@ -36,6 +36,7 @@ import re
 
 import numpy
 import sympy as sp
+from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
 from ..errors import SymbpError, UnsupportedError
@@ -329,7 +330,7 @@ class CudaPrinter(PythonCodePrinter):
         return super()._print(expr, **kwargs)
 
     def _print_Integer(self, e):
-        return self._num(float(int(e))) if int(e) < 0 else f"{self.dt}({int(e)})"
+        return f"-{self.dt}({-int(e)})" if int(e) < 0 else f"{self.dt}({int(e)})"
 
     def _print_Rational(self, e):
         return self._num(float(e))
@@ -349,6 +350,17 @@ class CudaPrinter(PythonCodePrinter):
 
     def _print_NegativeInfinity(self, e):
         return f"-{self.dt}(math.inf)"
+
+    def _print_Mul(self, e):
+        # ½·√2·x prints as one typed constant times x: float32(0.7071067811865476)*x
+        nums = [a for a in e.args if a.is_number]
+        if not nums or (len(nums) == 1 and nums[0].is_Integer):
+            return super()._print_Mul(e)
+        c = float(sp.Mul(*nums).evalf(20))
+        rest = sp.Mul(*[a for a in e.args if not a.is_number])
+        if c == -1:
+            return "-" + self.parenthesize(rest, PRECEDENCE["Mul"], strict=True)
+        return f"{self._num(c)}*{self.parenthesize(rest, PRECEDENCE['Mul'], strict=True)}"
 
     def _print_Pow(self, e, rational=False):
         b, p = e.args
