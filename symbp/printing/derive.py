@@ -237,14 +237,14 @@ class Derivation:
         return worst
 
 
-def format_value(v, style="text", digits: int = 4) -> str:
+def format_value(v, style="text", digits: int = 4, max_entries: int = 24) -> str:
     """A number to 4 significant digits; a small matrix in full, a large one by shape."""
     if v is None:
         return ""
     a = np.asarray(v, dtype=float)
     if a.ndim == 0:
         return _g(float(a), digits)
-    if a.size > 24:
+    if a.size > max_entries:
         return f"[{a.shape[0]}×{a.shape[1]} array, mean {_g(a.mean())}]" if style != "tex" else \
             r"\left[%d\times %d,\ \text{mean } %s\right]" % (a.shape[0], a.shape[1], _g(a.mean()))
     if style == "tex":

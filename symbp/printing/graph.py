@@ -145,12 +145,12 @@ def to_dot(f, at=None, wrt=None, *, loss: str = "L", digits: int = 4) -> str:
         name = T.name_text(v.name) if v in p.inputs else ""
         if values is None:
             return name
-        val = format_value(values[v], "text", digits)
+        val = format_value(values[v], "text", digits, 6)
         g = share if share is not None else gval(v)
         top = f"{name} = {val}" if name else val
         if g is None:
             return f"<{_esc(top)}>"
-        return f'<{_esc(top)}<br/><font color="red">{_esc(format_value(g, "text", digits))}</font>>'
+        return f'<{_esc(top)}<br/><font color="red">{_esc(format_value(g, "text", digits, 6))}</font>>'
 
     for a in fwd_body:
         for v in _names_in(a.expr):
