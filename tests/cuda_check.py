@@ -79,6 +79,16 @@ def _bce_logits():
     return sb.bce_with_logits(sb.dense(X, W, b), Y), [W, b]
 
 
+def _transposes():
+    # Xᵀ as an operand of a product and as a materialised value; a parameter V the loss
+    # ignores (its gradient is a zero fill); a scalar c inside maps
+    X, Y = sp.MatrixSymbol("X", 3, N), sp.MatrixSymbol("Y", N, 3)
+    W, V = sp.MatrixSymbol("W", 3, 3), sp.MatrixSymbol("V", 2, 2)
+    c = sp.Symbol("c", real=True)
+    f = sb.mse(sb.tanh(X.T * W), Y) + c * Total(sp.HadamardProduct(X.T, Y)) / N
+    return f, [W, V, X, c]
+
+
 def _scalar():
     # x**3 / y**2 once printed as x*x*x/y*y: integer powers in denominators
     x, y = sp.symbols("x y", real=True)
@@ -86,15 +96,18 @@ def _scalar():
     return f, [x, y]
 
 
-# name -> (builder, batch size, input value scale)
+# name -> (builder, batch size, dtypes run on the simulator); float64 runs only where it
+# adds a check (the functions, the losses): the simulator is slow
+BOTH, F32 = ("float32", "float64"), ("float32",)
 CASES = {
-    "scalar": (_scalar, None),
-    "mlp_tanh_sce": (_mlp_sce, 7),
-    "mlp2_relu_sigmoid_mse": (_mlp2_mse, 9),
-    "mlp_activations_logsoftmax": (_mlp_activations, 6),
-    "softmax_mse_prelu": (_softmax_mse_prelu, 5),
-    "tied_autoencoder": (_tied_autoencoder, 11),
-    "bce_with_logits": (_bce_logits, 10),
+    "scalar": (_scalar, None, BOTH),
+    "mlp_tanh_sce": (_mlp_sce, 7, BOTH),
+    "mlp2_relu_sigmoid_mse": (_mlp2_mse, 9, BOTH),
+    "mlp_activations_logsoftmax": (_mlp_activations, 6, BOTH),
+    "softmax_mse_prelu": (_softmax_mse_prelu, 5, F32),
+    "tied_autoencoder": (_tied_autoencoder, 6, F32),
+    "bce_with_logits": (_bce_logits, 10, BOTH),
+    "transposes_zero_grad": (_transposes, 5, F32),
 }
 OPTIONS = {"tile": 4, "block": 8}  # small blocks: the simulator runs one Python thread each
 
@@ -136,10 +149,10 @@ def sim() -> dict:
 
     assert config.ENABLE_CUDASIM, "numba was imported before the simulator was switched on"
     result = {}
-    for name, (make, n) in CASES.items():
+    for name, (make, n, dtypes) in CASES.items():
         f, wrt = make()
         exact = sb.compile(f, wrt, target="numpy", dtype="float64")
-        for dtype in ("float32", "float64"):
+        for dtype in dtypes:
             t0 = time.perf_counter()
             ref = sb.compile(f, wrt, target="numpy", dtype=dtype)
             cu = sb.compile(f, wrt, target="cuda", dtype=dtype, **OPTIONS)
@@ -185,7 +198,7 @@ def ptx() -> dict:
     dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=(8, 0))
 
     result, seen = {}, {}
-    for name, (make, _) in CASES.items():
+    for name, (make, _, _) in CASES.items():
         f, wrt = make()
         fn = sb.compile(f, wrt, target="numpy", dtype=np.float32)  # just for its Program
         ns = numba_cuda.load(numba_cuda.generate(fn.program, np.float32))

@@ -61,7 +61,8 @@ def _result(mode: str) -> dict:
     return _procs[mode]
 
 
-SIM_KEYS = [f"{c}/{d}" for c in [*CASES, "forward_softmax"] for d in ("float32", "float64")]
+SIM_KEYS = ([f"{c}/{d}" for c, (_, _, dtypes) in CASES.items() for d in dtypes]
+            + ["forward_softmax/float32", "forward_softmax/float64"])
 TOL = {"float32": 1e-5, "float64": 1e-12}
 
 
@@ -119,6 +120,7 @@ def test_float64_source_uses_float64_constants():
     ("mlp_activations_logsoftmax", ["_log_softmax", "_axis_sum1", "_elu", "_softplus",
                                     "_leaky_relu", "math.erf"]),
     ("tied_autoencoder", ["_mm_nt", "_total"]),
+    ("transposes_zero_grad", ["_transpose", "_mm_tn", "_scalars"]),
 ])
 def test_source_names_its_kernels(case, heads):
     src = numba_cuda.generate(_program(case), np.float32)
