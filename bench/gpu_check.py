@@ -54,7 +54,33 @@ def gpu_or_exit() -> str:
         sys.exit(2)
     dev = cuda.get_current_device()
     name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
-    return f"{name} (compute capability {dev.compute_capability[0]}.{dev.compute_capability[1]})"
+    desc = f"{name} (compute capability {dev.compute_capability[0]}.{dev.compute_capability[1]}"
+    try:
+        from numba.cuda.cudadrv.driver import driver
+
+        desc += f", driver CUDA {'.'.join(map(str, driver.get_version()))}"
+    except Exception:  # noqa: BLE001 - the version is only informative
+        pass
+    desc += ")"
+    # Compile and launch one tiny kernel: a missing NVVM or a driver older than the PTX
+    # NVVM emits shows up here, once, with its own message.
+    try:
+        @cuda.jit
+        def smoke(x):
+            i = cuda.grid(1)
+            if i < x.size:
+                x[i] = x[i] * 2 + 1
+
+        d = cuda.to_device(np.arange(4, dtype=np.float32))
+        smoke[1, 32](d)
+        got = d.copy_to_host()
+        assert np.array_equal(got, [1, 3, 5, 7]), got
+    except Exception as err:  # noqa: BLE001
+        print(f"gpu_check: found {desc} but cannot compile or run a kernel: "
+              f"{type(err).__name__}: {err}\n  numba-cuda[cu13] needs a CUDA 13 driver; with a "
+              "CUDA 12 driver install numba-cuda[cu12]", file=sys.stderr)
+        sys.exit(2)
+    return desc
 
 
 # --- 1. correctness -------------------------------------------------------------------------
