@@ -874,9 +874,12 @@ def build(program: Program, dtype=numpy.float32, target: str = "cuda", tile: int
           block: int = 256, fuse: bool = True, **options) -> Kernel:
     """Compile ``program`` for Numba CUDA.
 
-    ``fn(*inputs, *dims)`` takes host arrays and returns host arrays ``(loss, *grads)``;
-    device buffers are kept per batch size.  Options: ``tile`` (matmul tile and reduction
-    block edge, a power of two, tile² ≤ 1024), ``block`` (threads of 1-D kernels) and
+    ``fn(*inputs, *dims)`` takes host arrays and returns host arrays ``(loss, *grads)``
+    (fresh copies); device buffers are kept per batch size (the last four sizes), so one
+    compiled function must not be called from two threads at once.
+
+    Options: ``tile`` (matmul tile and reduction block edge, a power of two,
+    tile² ≤ 1024), ``block`` (threads of 1-D kernels) and
     ``fuse`` (``passes.optimize`` first, then consecutive same-shape maps share one
     kernel; ``fuse=False`` gives one kernel per assignment, for debugging).
     """
