@@ -37,9 +37,13 @@ def network(depth: int, width: int = WIDTH):
             ws = [sp.Symbol(f"w{layer}_{j}{i}", real=True) for i in range(width)]
             b = sp.Symbol(f"b{layer}_{j}", real=True)
             params += ws + [b]
-            new.append(sp.tanh(sum(w * x for w, x in zip(ws, h)) + b))
+            # unevaluated: SymPy's canonical ordering would compare the deep shared
+            # subexpressions as trees, exponential in depth (the network is a DAG)
+            z = sp.Add(*[sp.Mul(w, x, evaluate=False) for w, x in zip(ws, h)], b,
+                       evaluate=False)
+            new.append(sp.tanh(z, evaluate=False))
         h = new
-    return (sum(h) - t) ** 2 / 2, params
+    return (sp.Add(*h, -t, evaluate=False)) ** 2 / 2, params
 
 
 def main():

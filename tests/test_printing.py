@@ -293,3 +293,15 @@ def test_import_symbp_stays_light():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'graphviz')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_lecture_example_runs_end_to_end(capsys):
+    # examples/lecture.py asserts the chapter's facts itself (σ′ ≤ 1/4, Σ softmax = 1,
+    # softmax + cross-entropy gives y − t, gradient check); here it must run through
+    import runpy
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "lecture.py"
+    lecture = runpy.run_path(str(path))
+    lecture["main"](["--format", "md"])
+    out = capsys.readouterr().out
+    assert "All sections reproduced." in out and "| $\\Delta_{2}$ |" in out
