@@ -150,7 +150,8 @@ def to_dot(f, at=None, wrt=None, *, loss: str = "L", digits: int = 4) -> str:
         top = f"{name} = {val}" if name else val
         if g is None:
             return f"<{_esc(top)}>"
-        return f'<{_esc(top)}<br/><font color="red">{_esc(format_value(g, "text", digits, 6))}</font>>'
+        red = _esc(format_value(g, "text", digits, 6))
+        return f'<{_esc(top)}<br/><font color="red">{red}</font>>'
 
     for a in fwd_body:
         for v in _names_in(a.expr):
