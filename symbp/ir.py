@@ -179,7 +179,8 @@ class _Lowering:
             return self.map(e.lam, shape, [self.L(a) for a in e.operands])
         if isinstance(e, ElementwiseApplyFunction):
             f = e.function
-            lam = f if isinstance(f, sp.Lambda) else sp.Lambda(placeholders(1)[:1], f(placeholders(1)[0]))
+            v = placeholders(1)
+            lam = f if isinstance(f, sp.Lambda) else sp.Lambda(v, f(v[0]))
             return self.map(lam, shape, [self.L(e.expr)])
         if isinstance(e, sp.MatAdd):
             args = [self.L(_bias_row(a)) for a in e.args]
@@ -381,7 +382,9 @@ def verify(p: Program) -> Program:
     Cheap (one pass over small expressions); returns the program so it chains."""
     defined = set(p.inputs) | set(p.dims)
     for a in p.body:
-        where = f"in `{a.name} = {a.expr}`"
+        # printed only when something is wrong: printing every assignment was most of
+        # verify's time on large programs
+        where = _Where(a)
         if a.name in defined:
             raise SymbpError(f"{a.name} is assigned twice ({where})")
         used = _names_in(a.expr)
@@ -416,6 +419,19 @@ def verify(p: Program) -> Program:
         if not is_constant(o) and o not in defined:
             raise SymbpError(f"output {o} is never assigned")
     return p
+
+
+class _Where:
+    """The assignment an error is in, printed lazily (``in `t3 = x*y```)."""
+
+    def __init__(self, a: Assign):
+        self.a = a
+
+    def __str__(self) -> str:
+        return f"in `{self.a.name} = {self.a.expr}`"
+
+    def __format__(self, spec) -> str:
+        return format(str(self), spec)
 
 
 def _names_in(expr) -> list:
