@@ -39,7 +39,7 @@ __all__ = [
     "Activation", "sigmoid", "relu", "leaky_relu", "prelu", "rrelu", "softplus", "elu",
     "selu", "gelu", "gelu_tanh", "silu", "identity", "tanh", "exp", "log", "step",
     "softmax", "log_softmax", "dense", "mse", "binary_cross_entropy", "bce_with_logits",
-    "cross_entropy", "softmax_cross_entropy", "random_slopes", "FUNCTIONS",
+    "cross_entropy", "softmax_cross_entropy", "random_slopes", "FUNCTIONS", "bce",
 ]
 
 
@@ -369,10 +369,39 @@ def mse(Y, T):
     return _mean(elementwise(sq, Y, T) if is_matrix(Y) else sq(Y, T))
 
 
+# PyTorch's guards for cross-entropy from probabilities: logs clamped at -100 so p = 0 or
+# 1 gives a finite loss, and the derivative's denominator p(1 − p) kept >= 1e-12.
+LOG_FLOOR, BCE_EPS = sp.Integer(-100), sp.Float(1e-12)
+
+
+class bce(Activation):
+    """Binary cross-entropy of one probability p against target t, logs clamped at -100.
+
+    Primitive for numerical safety: the textbook −(t log p + (1 − t) log(1 − p)) is
+    0·(−∞) = NaN at p = 0 or 1, and its derivative (p − t)/(p(1 − p)) divides by 0.
+    The guards are Max() in the formula itself, so every backend prints it as is.
+    """
+
+    latex_name = r"\operatorname{BCE}"
+    nargs = 2
+
+    @staticmethod
+    def formula(p, t):
+        return -(t * sp.Max(sp.log(p), LOG_FLOOR) + (1 - t) * sp.Max(sp.log(1 - p), LOG_FLOOR))
+
+    def fdiff(self, argindex=1):
+        p, t = self.args
+        if argindex == 1:  # (p − t)/(p(1 − p)), denominator floored as PyTorch does
+            return (p - t) / sp.Max(p * (1 - p), BCE_EPS)
+        return sp.Max(sp.log(1 - p), LOG_FLOOR) - sp.Max(sp.log(p), LOG_FLOOR)
+
+    def _numpycode(self, printer):
+        return printer._print(self.expand_formula())
+
+
 def binary_cross_entropy(P, T):
-    """−mean(t log p + (1 − t) log(1 − p)) from probabilities P."""
+    """−mean(t log p + (1 − t) log(1 − p)) from probabilities P (logs clamped at -100)."""
     _check_pair("binary_cross_entropy", P, T)
-    bce = lambda p, t: -(t * sp.log(p) + (1 - t) * sp.log(1 - p))  # noqa: E731
     return _mean(elementwise(bce, P, T) if is_matrix(P) else bce(P, T))
 
 
