@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 from sympy.core.function import AppliedUndef
+from sympy.functions.elementary.piecewise import ExprCondPair
 from sympy.matrices.expressions.applyfunc import ElementwiseApplyFunction
 
 from .errors import ShapeError, SymbpError, UnsupportedError
@@ -442,6 +443,10 @@ def _names_in(expr) -> list:
         if isinstance(e, (sp.Symbol, sp.MatrixSymbol)):
             if not is_placeholder(e) and e not in out:
                 out.append(e)
+        elif isinstance(e, ExprCondPair):
+            # a Tuple subclass, but Piecewise's branches and conditions are real operands:
+            # skipping it with the shape Tuples below made every Piecewise gradient 0
+            stack.extend(e.args)
         elif isinstance(e, sp.Basic) and not isinstance(e, (sp.Lambda, sp.Tuple)):
             stack.extend(e.args)
     return out
