@@ -22,9 +22,16 @@ first).
 
 from __future__ import annotations
 
-import numba  # noqa: F401  (fail at import when Numba is missing: the target is unavailable)
-import numpy as np
-import sympy as sp
+import os
+
+# OpenMP threads that spin while they wait steal both cores from BLAS on a busy 2-core
+# machine (a parallel W1 step took 2-30 ms instead of 0.3): let idle threads sleep.  Set
+# before Numba starts its OpenMP pool; a value the user chose is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import numba  # noqa: E402, F401  (fail at import when Numba is missing: target unavailable)
+import numpy as np  # noqa: E402
+import sympy as sp  # noqa: E402
 from sympy.printing.pycode import PythonCodePrinter
 
 from .. import cache, optim
@@ -83,6 +90,30 @@ def _softplus(x):
     "elu": '''
 def _elu(x, a):
     return x if x > 0 else a * math.expm1(x)
+''',
+}
+
+# float32 overrides.  tanh: Eigen's rational approximation (clamped to ±7.9, odd degree-13
+# numerator over degree-6 denominator, within 4e-7 relative of tanh in float32): no call
+# and no branch, so the map loop vectorises: 4096 entries in ~5 µs instead of ~40 µs.
+HELPERS_F32 = {
+    "tanh": '''
+def _tanh(x):
+    # Eigen's float tanh: p(x)/q(x) on [-7.9, 7.9]; x itself below 4e-4
+    x = max(min(x, DT(7.90531110763549805)), DT(-7.90531110763549805))
+    x2 = x * x
+    p = DT(-2.76076847742355e-16)
+    p = p * x2 + DT(2.00018790482477e-13)
+    p = p * x2 + DT(-8.60467152213735e-11)
+    p = p * x2 + DT(5.12229709037114e-08)
+    p = p * x2 + DT(1.48572235717979e-05)
+    p = p * x2 + DT(6.37261928875436e-04)
+    p = p * x2 + DT(4.89352455891786e-03)
+    q = DT(1.19825839466702e-06)
+    q = q * x2 + DT(1.18534705686654e-04)
+    q = q * x2 + DT(2.26843463243900e-03)
+    q = q * x2 + DT(4.89352518554385e-03)
+    return x if abs(x) < DT(0.0004) else p * x / q
 ''',
 }
 
@@ -242,6 +273,8 @@ def _cost(expr) -> int:
 
 # prange pays for itself above about this much work per loop (2 cores, OpenMP barriers)
 PAR_MIN_WORK = 20_000
+# products whose fixed sizes multiply to at most this are loops, not BLAS calls
+SMALL_PRODUCT = 16
 
 
 class _Gen:
@@ -332,9 +365,30 @@ class _Gen:
         return self.ids[x]
 
     def matmul(self, a):
+        """BLAS, or loops for a product whose fixed sizes are tiny (a call costs ~1 µs)."""
         self.head(a)
         A, B = a.expr.args
-        self.emit(f"np.dot({self.operand(A)}, {self.operand(B)}, {self.buffer(a.name)})")
+        C = self.buffer(a.name)
+        m, k = A.shape
+        n = B.shape[1]
+        fixed = 1
+        for d in (m, k, n):
+            d = sp.sympify(d)
+            fixed *= int(d) if d.is_Integer else 1
+        if fixed > SMALL_PRODUCT:
+            self.emit(f"np.dot({self.operand(A)}, {self.operand(B)}, {C})")
+            return
+
+        def at(x, i, j):
+            return f"{self.ids[x.arg]}[{j}, {i}]" if isinstance(x, sp.Transpose) \
+                else f"{self.ids[x]}[{i}, {j}]"
+
+        self.emit(f"for _i in range({_idx(m)}):")
+        self.emit(f"for _j in range({_idx(n)}):", 2)
+        self.emit("_acc = ACC(0.0)", 3)
+        self.emit(f"for _k in range({_idx(k)}):", 3)
+        self.emit(f"_acc += {at(A, '_i', '_k')} * {at(B, '_k', '_j')}", 4)
+        self.emit(f"{C}[_i, _j] = DT(_acc)", 3)
 
     def transpose(self, a):
         self.head(a)
@@ -516,24 +570,26 @@ class _Gen:
                 raise SymbpError(f"unknown optimizer {opt!r}: use SGD, Momentum or Adam")
 
 
-def hyper_names(opt) -> tuple[str, ...]:
+def hyper_values(opt) -> np.ndarray:
+    """The optimizer's constants, float64 (the kernel casts, as NumPy casts Python floats)."""
     if isinstance(opt, optim.SGD):
-        return ("_lr",)
+        return np.array([opt.lr])
     if isinstance(opt, optim.Momentum):
-        return ("_lr", "_beta")
+        return np.array([opt.lr, opt.beta])
     if isinstance(opt, optim.Adam):
-        return ("_lr", "_beta1", "_omb1", "_beta2", "_omb2", "_eps", "_bc1", "_bc2")
+        return np.array([opt.lr, opt.beta1, opt.beta2, opt.eps])
     raise SymbpError(f"unknown optimizer {opt!r}: use SGD, Momentum or Adam")
 
 
-def hyper_values(opt, t: int) -> tuple[float, ...]:
-    """The update's constants for step ``t`` (1-based), computed in float64 like optim."""
-    if isinstance(opt, optim.SGD):
-        return (opt.lr,)
-    if isinstance(opt, optim.Momentum):
-        return (opt.lr, opt.beta)
-    return (opt.lr, opt.beta1, 1 - opt.beta1, opt.beta2, 1 - opt.beta2, opt.eps,
-            1 - opt.beta1**t, 1 - opt.beta2**t)
+# the update's constants inside the kernel, read from the float64 array _hp
+_HYPER = {
+    optim.SGD: ["_lr = DT(_hp[0])"],
+    optim.Momentum: ["_lr = DT(_hp[0])", "_beta = DT(_hp[1])"],
+    optim.Adam: ["_lr = DT(_hp[0])", "_beta1 = DT(_hp[1])", "_omb1 = DT(1.0 - _hp[1])",
+                 "_beta2 = DT(_hp[2])", "_omb2 = DT(1.0 - _hp[2])", "_eps = DT(_hp[3])",
+                 "_bc1 = DT(1.0 - math.pow(_hp[1], _t))  # bias corrections of step _t",
+                 "_bc2 = DT(1.0 - math.pow(_hp[2], _t))"],
+}
 
 
 _HEADER = '''\
@@ -553,7 +609,12 @@ def _array_type(dt, ndim):
 
 
 def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_=True):
-    """The module source and the kernel's calling convention for Program ``p``."""
+    """The module source and the kernel's calling convention for Program ``p``.
+
+    Arguments: inputs, sizes, the workspace ``_ws`` (every scratch array is a view into
+    it: one argument instead of one per array, since each costs ~0.3 µs per call), fresh
+    output arrays (a gradient function), then for a step the optimizer state, its
+    constants ``_hp`` and the step number ``_t``."""
     dt = np.dtype(dtype).name
     g = _Gen(p, dtype, target, update=opt)
     g.run()
@@ -563,7 +624,8 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
     scalar_out = [o for o in p.outputs if o in ids and not is_matrix(o)
                   and o not in p.inputs]
     g.emit(f"return ({''.join(ids[o] + ', ' for o in scalar_out)})")
-    # parameters: inputs, sizes, buffers, then (a step) optimizer state and constants
+    outs = [b for b in g.buffers if b in g.outputs] if opt is None else []
+    scratch = [b for b in g.buffers if b not in outs]
     params, types = [], []
     for x in p.inputs:
         if x in g.scalar_params:
@@ -572,10 +634,10 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
         else:
             params.append(ids[x])
             types.append(_array_type(dt, 2) if is_matrix(x) else dt)
-    params += [ids[d] for d in p.dims]
-    types += ["int64"] * len(p.dims)
-    params += [ids[b] for b in g.buffers]
-    types += [_array_type(dt, 2)] * len(g.buffers)
+    params += [ids[d] for d in p.dims] + ["_ws"]
+    types += ["int64"] * len(p.dims) + [_array_type(dt, 1)]
+    params += [ids[b] for b in outs]
+    types += [_array_type(dt, 2)] * len(outs)
     state = []
     if opt is not None:
         for buf in opt.buffers:
@@ -583,30 +645,84 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
                 state.append((buf, w))
                 params.append(f"_{buf}_{ids[w]}")
                 types.append(_array_type(dt, 2 if is_matrix(w) else 1))
-        params += list(hyper_names(opt))
-        types += [dt] * len(hyper_names(opt))
+        params += ["_hp", "_t"]
+        types += ["float64[::1]", "int64"]
     name = "train_step" if opt is not None else ("loss_and_grad" if p.wrt else "forward")
     flags = ['error_model="numpy"', f"cache={bool(cache_)}"]
-    if target == "parallel":
-        flags.append("parallel=True")
     if boundscheck:
         flags.append("boundscheck=True")
+    kflags = flags + (["parallel=True"] if target == "parallel" else [])
     sig = f'"({", ".join(types)},)"'
     lines = [_HEADER.format(target=target, dtype=dt)]
+    table = {**HELPERS, **(HELPERS_F32 if dt == "float32" else {})}
     for h in sorted(g.used):
-        lines.append(f"\n@njit({', '.join(flags[:2] + flags[3:])})" + HELPERS[h])
-    lines.append(f"\n@njit({sig}, {', '.join(flags)})")
+        lines.append(f"\n@njit({', '.join(flags)})" + table[h])
+    lines.append(f"\n@njit({sig}, {', '.join(kflags)})")
     lines.append(f"def {name}({', '.join(params)}):")
+    if scratch:
+        lines.append("    # scratch arrays: views into one workspace, kept between calls")
+        lines.append("    _o = 0")
+        for b in scratch:
+            r, c = b.shape
+            view = f"_ws[_o:_o + {_idx(r * c)}].reshape(({_idx(r)}, {_idx(c)}))"
+            lines.append(f"    {ids[b]} = {view}")
+            lines.append(f"    _o += {_idx(r * c)}")
     for w in g.scalar_params:  # a scalar parameter arrives as a 1-element view
         lines.append(f"    {ids[w]} = _ref_{ids[w]}[0]")
+    if opt is not None:
+        lines += ["    " + h for h in _HYPER[type(opt)]]
     lines += g.lines
     source = "\n".join(lines) + "\n"
-    layout = {"name": name, "buffers": list(g.buffers), "scalar_out": scalar_out,
+    layout = {"name": name, "scratch": scratch, "outs": outs, "scalar_out": scalar_out,
               "state": state}
     return source, layout
 
 
 # --- the callables ------------------------------------------------------------------------
+
+
+class _Blas:
+    """The thread count of the OpenBLAS that njit's np.dot calls (SciPy's copy).
+
+    'cpu' runs it on one thread, 'parallel' on every core.  On a shared 2-core machine two
+    BLAS threads waiting on each other while another process holds a core made a 784-256
+    GEMM 20x slower (28 ms, not 1.4); one thread is slower only on an idle machine.  NumPy's
+    own OpenBLAS (the user's matmuls) is left alone.  Needs threadpoolctl; without it the
+    library default stays.
+    """
+
+    def __init__(self):
+        self.libs = None
+        self.now = None
+
+    def use(self, n: int) -> None:
+        if n == self.now:
+            return
+        if self.libs is None:
+            try:
+                import scipy.linalg.cython_blas  # noqa: F401  (load it, so it can be found)
+                from threadpoolctl import ThreadpoolController
+
+                self.libs = [c for c in ThreadpoolController().lib_controllers
+                             if c.user_api == "blas" and "scipy" in os.path.basename(
+                                 os.path.dirname(c.filepath))]
+            except ImportError:
+                self.libs = []
+        for c in self.libs:
+            c.set_num_threads(n)
+        self.now = n
+
+
+BLAS = _Blas()
+
+
+def blas_threads(target: str, options: dict) -> int:
+    n = options.get("blas_threads")
+    if n is None:
+        return 1 if target == "cpu" else (os.cpu_count() or 1)
+    if not (isinstance(n, int) and n >= 1):
+        raise SymbpError(f"blas_threads must be a positive int, not {n!r}")
+    return n
 
 
 def _shape_fn(shape, dims):
@@ -623,30 +739,32 @@ def _shape_fn(shape, dims):
     return f
 
 
-class _Buffers:
-    """Preallocated arrays per batch size (a few sizes kept: the last batch is smaller)."""
+class _Workspace:
+    """One preallocated array per batch size holding every scratch array (a few sizes
+    are kept: the last batch of an epoch is smaller)."""
 
     def __init__(self, names, dims, dtype, keep=4):
-        self.names, self.dtype, self.keep = list(names), dtype, keep
-        self.shapes = [_shape_fn(n.shape, dims) for n in self.names]
+        self.dtype, self.keep = dtype, keep
+        self.sizes = [_shape_fn(n.shape, dims) for n in names]
         self.sets: dict = {}
 
-    def get(self, dim_vals: tuple) -> list:
-        bufs = self.sets.get(dim_vals)
-        if bufs is None:
+    def get(self, dim_vals: tuple) -> np.ndarray:
+        ws = self.sets.get(dim_vals)
+        if ws is None:
             if len(self.sets) >= self.keep:
                 self.sets.pop(next(iter(self.sets)))
-            bufs = [np.empty(s(dim_vals), self.dtype) for s in self.shapes]
-            self.sets[dim_vals] = bufs
-        return bufs
+            n = sum(int(np.prod(s(dim_vals))) for s in self.sizes)
+            ws = self.sets[dim_vals] = np.empty(n, self.dtype)
+        return ws
 
 
 def _compile(p, dtype, target, opt, options):
-    unknown = set(options) - {"boundscheck", "cache"}
+    unknown = set(options) - {"boundscheck", "cache", "blas_threads"}
     if unknown:
         raise SymbpError(
             f"unknown option(s) {', '.join(sorted(unknown))} for target {target!r}: "
-            "the Numba backends take boundscheck=True/False and cache=True/False"
+            "the Numba backends take boundscheck=True/False, cache=True/False and "
+            "blas_threads=n"
         )
     p = optimize(p)
     source, layout = generate(p, dtype, target, opt, options.get("boundscheck", False),
@@ -655,61 +773,50 @@ def _compile(p, dtype, target, opt, options):
     return p, source, layout, getattr(module, layout["name"])
 
 
-class _Outputs:
-    """Assembles (value, *grads) from the kernel's scalars and buffers."""
-
-    def __init__(self, p: Program, layout, dtype):
-        self.dtype = np.dtype(dtype)
-        self.plan = []
-        bufs = layout["buffers"]
-        for o in p.outputs:
-            if o in layout["scalar_out"]:
-                self.plan.append(("ret", layout["scalar_out"].index(o)))
-            elif o in bufs:
-                self.plan.append(("buf", bufs.index(o)))
-            elif o in p.inputs:
-                self.plan.append(("in", p.inputs.index(o)))
-            else:  # a constant: a gradient that is identically zero
-                self.plan.append(("const", o))
-
-
 def build(program: Program, dtype=np.float64, target: str = "cpu", **options) -> Kernel:
     """Compile ``program``: ``fn(*inputs, *dims)`` returns ``(value, *grads)``.
 
     Options: ``boundscheck=True`` (IndexError instead of silent out-of-bounds reads, for
-    tests), ``cache=False`` (do not keep machine code on disk).  Intermediate buffers are
-    kept per batch size; returned arrays are fresh for every call.
+    tests), ``cache=False`` (do not keep machine code on disk), ``blas_threads=n`` (the
+    matrix products' threads: 1 on 'cpu', every core on 'parallel').  Scratch arrays are kept
+    per batch size; returned arrays are fresh for every call.
     """
     dt = np.dtype(dtype)
     p, source, layout, kern = _compile(program, dt, target, None, options)
-    outs = _Outputs(p, layout, dt)
     n_in, n_dims = len(p.inputs), len(p.dims)
-    out_idx = {i for kind, i in outs.plan if kind == "buf"}
-    keep = [b for k, b in enumerate(layout["buffers"]) if k not in out_idx]
-    scratch = _Buffers(keep, p.dims, dt)
-    fresh = _Buffers(layout["buffers"], p.dims, dt)
-    order = [(k in out_idx, keep.index(b) if k not in out_idx else k)
-             for k, b in enumerate(layout["buffers"])]
-    shapes = [_shape_fn(o.shape, p.dims) if is_matrix(o) else None for o in p.outputs]
+    ws = _Workspace(layout["scratch"], p.dims, dt)
+    out_shapes = [_shape_fn(o.shape, p.dims) for o in layout["outs"]]
+    plan = []  # where each output comes from
+    for o in p.outputs:
+        if o in layout["scalar_out"]:
+            plan.append(("ret", layout["scalar_out"].index(o), None))
+        elif o in layout["outs"]:
+            plan.append(("out", layout["outs"].index(o), None))
+        elif o in p.inputs:
+            plan.append(("in", p.inputs.index(o), None))
+        else:  # a constant: a gradient that is identically zero
+            shape = _shape_fn(o.shape, p.dims) if is_matrix(o) else None
+            plan.append(("const", float(o) if not is_matrix(o) else 0.0, shape))
+
+    threads = blas_threads(target, options)
 
     def fn(*args):
+        BLAS.use(threads)
         dims = tuple(int(d) for d in args[n_in:n_in + n_dims])
-        kept = scratch.get(dims)
-        bufs = [np.empty(fresh.shapes[i](dims), dt) if is_out else kept[i]
-                for is_out, i in order]
-        ret = kern(*args[:n_in], *dims, *bufs)
+        outs = [np.empty(f(dims), dt) for f in out_shapes]
+        ret = kern(*args[:n_in], *dims, ws.get(dims), *outs)
         result = []
-        for (kind, i), shape in zip(outs.plan, shapes):
+        for kind, i, shape in plan:
             if kind == "ret":
                 result.append(dt.type(ret[i]))
-            elif kind == "buf":
-                result.append(bufs[i])
+            elif kind == "out":
+                result.append(outs[i])
             elif kind == "in":
                 result.append(np.array(args[i], dtype=dt))
             elif shape is not None:
-                result.append(np.full(shape(dims), float(i), dt))
+                result.append(np.full(shape(dims), i, dt))
             else:
-                result.append(dt.type(float(i)))
+                result.append(dt.type(i))
         return tuple(result)
 
     fn.source = source
@@ -733,51 +840,55 @@ class FusedStep:
         self.state = None
         self._wrt = {w.name for w in p.wrt}
         self._spec = [(s.name, s.name in self._wrt, is_matrix(s)) for s in p.inputs]
-        self._bufs = _Buffers(layout["buffers"], p.dims, self.dtype)
-        self._state_keys = layout["state"]
+        self._ws = _Workspace(layout["scratch"], p.dims, self.dtype)
+        self._state_keys = [(b, w.name) for b, w in layout["state"]]
         self._dims: dict = {}  # input shapes -> dims, validated once per shape combination
         self._dt = self.dtype.type
+        self._names = [(name, is_p) for name, is_p, _ in self._spec]
+        self._scalar_params = [is_p and not is_m for _, is_p, is_m in self._spec]
+        if not any(self._scalar_params):
+            self._scalar_params = None
+        self._hp = hyper_values(optimizer)
+        self._threads = blas_threads(target, options)
+        self._last = (None, None)
 
     @property
     def fn(self):
         return self
 
     def __call__(self, params: dict, **data) -> float:
-        if self.state is None:
-            self.state = optim.init_state(self.optimizer, params)
-        xs = []
-        try:
-            for name, is_param, is_mat in self._spec:
-                x = params[name] if is_param else data[name]
-                xs.append(x if is_mat or is_param else self._dt(x))
-            key = tuple([x.shape for x in xs])
-        except (KeyError, AttributeError, TypeError, ValueError):
-            key = None
-        dims = self._dims.get(key) if key is not None else None
-        if dims is None or len(params) + len(data) != len(self._spec):
-            xs, dims = self._bind(params, data)
-            if key is not None:
-                self._dims[key] = dims
         st = self.state
+        if st is None:
+            st = self.state = optim.init_state(self.optimizer, params)
+        try:  # the fast path: shapes seen before (validated once), arrays as they come
+            xs = [params[n] if p else data[n] for n, p in self._names]
+            dims = self._dims[tuple([x.shape for x in xs])]
+            if len(params) + len(data) != len(xs):
+                raise KeyError
+        except (KeyError, AttributeError, TypeError):
+            xs, dims = self._bind(params, data)
+        if self._scalar_params:  # a 0-d parameter travels as a 1-element view of itself
+            xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
         st["t"] += 1
-        sv = [st[b][w.name] for b, w in self._state_keys]
-        args = [x.reshape(1) if (is_p and not is_m) else x
-                for x, (_, is_p, is_m) in zip(xs, self._spec)]
-        sv = [s.reshape(1) if s.ndim == 0 else s for s in sv]
-        hyper = [self._dt(h) for h in hyper_values(self.optimizer, st["t"])]
+        sv = [st[b][k] for b, k in self._state_keys]
+        if self._scalar_params:
+            sv = [v.reshape(1) if v.ndim == 0 else v for v in sv]
+        if dims != self._last[0]:
+            self._last = (dims, self._ws.get(dims))
+        if BLAS.now != self._threads:
+            BLAS.use(self._threads)
         try:
-            ret = self.kernel(*args, *dims, *self._bufs.get(dims), *sv, *hyper)
-        except TypeError:
-            st["t"] -= 1
+            ret = self.kernel(*xs, *dims, self._last[1], *sv, self._hp, st["t"])
+        except TypeError:  # Numba refused the types: convert data, or name the culprit
             self._check_params(params)
-            xs, dims = self._bind(params, data)  # converts data arrays (documented)
-            st["t"] += 1
-            args = [x.reshape(1) if (is_p and not is_m) else x
-                    for x, (_, is_p, is_m) in zip(xs, self._spec)]
-            ret = self.kernel(*args, *dims, *self._bufs.get(dims), *sv, *hyper)
+            xs, dims = self._bind(params, data, convert_only=True)
+            if self._scalar_params:
+                xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
+            ret = self.kernel(*xs, *dims, self._last[1], *sv, self._hp, st["t"])
         return float(ret[0])
 
-    def _bind(self, params, data):
+    def _bind(self, params, data, convert_only=False):
+        """Full check and documented conversion; remembers the shapes it validated."""
         both = dict(data)
         for k, v in params.items():
             if k in both:
@@ -787,7 +898,13 @@ class FusedStep:
         args = bind_inputs(self.program, both, self.dtype)
         n = len(self.program.inputs)
         xs = [params[name] if is_p else a for a, (name, is_p, _) in zip(args[:n], self._spec)]
-        return xs, tuple(args[n:])
+        dims = tuple(args[n:])
+        if not convert_only:
+            try:
+                self._dims[tuple([np.shape(x) for x in xs])] = dims
+            except TypeError:
+                pass
+        return xs, dims
 
     def _check_params(self, params):
         for name in self._wrt:

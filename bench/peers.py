@@ -1,0 +1,330 @@
+"""Training-step speed of symbp against its peers on the CPU (issue 3's W1, W2, W3).
+
+    python bench/peers.py                  # every workload, every installed peer
+    python bench/peers.py --only W3 --repeats 7
+
+Same data, same initialisation, float32 everywhere.  Each (framework, workload) runs in
+its own fresh process, so thread pools (OpenBLAS, OpenMP, XLA, PyTorch) never share one:
+it reports the median ms/step over several repeats, and the ratio symbp/peer from this
+one run.  Then cold compile time of the W1 step (fresh process, empty cache) and start
+from the disk cache (fresh process, warm cache).  Peers (torch, jax) are optional:
+install them locally, they are not symbp dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# workload: layer widths, activations, loss, batch, lr, steps per repeat
+WORKLOADS = {
+    "W1": dict(sizes=[64, 128, 64, 10], acts=["tanh", "relu"], loss="ce", batch=32,
+               lr=0.1, steps=300, what="digits 64-128 tanh-64 relu-10, softmax-CE, batch 32"),
+    "W2": dict(sizes=[784, 256, 10], acts=["relu"], loss="ce", batch=128, lr=0.05,
+               steps=40, what="synthetic 60000x784, 784-256 relu-10, softmax-CE, batch 128"),
+    "W3": dict(sizes=[2, 8, 1], acts=["tanh"], loss="bce", batch=4, lr=0.5, steps=5000,
+               what="XOR 2-8 tanh-1 sigmoid, BCE, batch 4"),
+}
+FRAMEWORKS = ["symbp-cpu", "symbp-parallel", "jax-jit", "torch-eager", "numpy"]
+
+
+# --- the same data and initialisation for everyone ------------------------------------------
+
+
+def data(name):
+    rng = np.random.default_rng(0)
+    if name == "W1":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        X, y = d.data / 16.0, d.target
+    elif name == "W2":
+        X = rng.random((60000, 784), dtype=np.float32)
+        y = rng.integers(0, 10, 60000)
+    else:
+        X = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float64)
+        y = np.array([0, 1, 1, 0])
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    k = WORKLOADS[name]["sizes"][-1]
+    T = (np.eye(k, dtype=np.float32)[y] if k > 1 else y[:, None].astype(np.float32))
+    return X, np.ascontiguousarray(T)
+
+
+def init(name):
+    """Xavier-uniform weights, zero biases, seeded."""
+    rng = np.random.default_rng(1)
+    sizes, params = WORKLOADS[name]["sizes"], {}
+    for k, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        lim = np.sqrt(6 / (a + b))
+        params[f"W{k}"] = rng.uniform(-lim, lim, (a, b)).astype(np.float32)
+        params[f"b{k}"] = np.zeros((1, b), np.float32)
+    return params
+
+
+def batches(name):
+    X, T = data(name)
+    n = WORKLOADS[name]["batch"]
+    return [(X[i:i + n], T[i:i + n]) for i in range(0, len(X) - n + 1, n)]
+
+
+def timed(step, bs, steps, repeats, sync=lambda x: x):
+    for k in range(20):  # warm up: compile, caches, thread pools
+        out = step(*bs[k % len(bs)])
+    sync(out)
+    per = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for k in range(steps):
+            out = step(*bs[k % len(bs)])
+        sync(out)
+        per.append((time.perf_counter() - t) / steps * 1e3)
+    return per
+
+
+# --- one function per framework: returns (ms/step per repeat, first loss) -------------------
+
+
+def symbp_expr(name):
+    import sympy as sp
+
+    import symbp as sb
+
+    w = WORKLOADS[name]
+    N = sp.Symbol("N")
+    X = sp.MatrixSymbol("X", N, w["sizes"][0])
+    T = sp.MatrixSymbol("T", N, w["sizes"][-1])
+    H, params = X, []
+    for k, (a, b) in enumerate(zip(w["sizes"], w["sizes"][1:])):
+        W, bb = sp.MatrixSymbol(f"W{k}", a, b), sp.MatrixSymbol(f"b{k}", 1, b)
+        params += [W, bb]
+        H = sb.dense(H, W, bb)
+        if k < len(w["acts"]):
+            H = {"tanh": sb.tanh, "relu": sb.relu}[w["acts"][k]](H)
+    L = sb.softmax_cross_entropy(H, T) if w["loss"] == "ce" else sb.bce_with_logits(H, T)
+    if w["loss"] == "bce":  # the sigmoid output and binary CE, as the workload says
+        L = sb.binary_cross_entropy(sb.sigmoid(H), T)
+    return L, params
+
+
+def run_symbp(name, target, repeats):
+    import symbp as sb
+
+    L, params = symbp_expr(name)
+    w = WORKLOADS[name]
+    step = sb.compile_step(L, params, sb.SGD(w["lr"]), target=target, dtype=np.float32)
+    P = init(name)
+    bs = batches(name)
+    first = step(P, X=bs[0][0], T=bs[0][1])
+    return timed(lambda x, t: step(P, X=x, T=t), bs, w["steps"], repeats), first
+
+
+def run_numpy(name, repeats):
+    """Hand-written NumPy layers: forward, backward and SGD, no framework."""
+    w, P = WORKLOADS[name], init(name)
+    lr = np.float32(w["lr"])
+    nl = len(w["sizes"]) - 1
+
+    def step(X, T):
+        Hs, H = [X], X
+        for k in range(nl):
+            Z = H @ P[f"W{k}"] + P[f"b{k}"]
+            if k < len(w["acts"]):
+                H = np.tanh(Z) if w["acts"][k] == "tanh" else np.maximum(Z, 0)
+            else:
+                H = Z
+            Hs.append(H)
+        n = X.shape[0]
+        if w["loss"] == "ce":
+            m = H.max(axis=1, keepdims=True)
+            e = np.exp(H - m)
+            s = e.sum(axis=1, keepdims=True)
+            loss = float(np.sum(m + np.log(s)) - np.sum(T * H)) / n
+            G = (e / s - T) / n
+        else:
+            Y = 1 / (1 + np.exp(-H))
+            loss = float(-np.mean(T * np.log(Y) + (1 - T) * np.log(1 - Y)))
+            G = (Y - T) / T.size
+        for k in reversed(range(nl)):
+            Hp = Hs[k]
+            gW, gb = Hp.T @ G, G.sum(axis=0, keepdims=True)
+            if k > 0:
+                G = G @ P[f"W{k}"].T
+                Hk = Hs[k]
+                G = G * (1 - Hk * Hk) if w["acts"][k - 1] == "tanh" else G * (Hk > 0)
+            P[f"W{k}"] -= lr * gW
+            P[f"b{k}"] -= lr * gb
+        return loss
+
+    bs = batches(name)
+    first = step(*bs[0])
+    return timed(step, bs, w["steps"], repeats), first
+
+
+def run_torch(name, repeats):
+    import torch
+
+    torch.set_num_threads(2)
+    w = WORKLOADS[name]
+    P = {k: torch.tensor(v, requires_grad=True) for k, v in init(name).items()}
+    nl = len(w["sizes"]) - 1
+    labels = w["loss"] == "ce"
+
+    def step(X, T):
+        H = X
+        for k in range(nl):
+            H = H @ P[f"W{k}"] + P[f"b{k}"]
+            if k < len(w["acts"]):
+                H = torch.tanh(H) if w["acts"][k] == "tanh" else torch.relu(H)
+        if labels:
+            loss = torch.nn.functional.cross_entropy(H, T)
+        else:
+            loss = torch.nn.functional.binary_cross_entropy(torch.sigmoid(H), T)
+        loss.backward()
+        with torch.no_grad():
+            for p in P.values():
+                p -= w["lr"] * p.grad
+                p.grad = None
+        return loss
+
+    bs = [(torch.from_numpy(x), torch.from_numpy(t.argmax(1)) if labels else torch.from_numpy(t))
+          for x, t in batches(name)]
+    first = float(step(*bs[0]))
+    return timed(step, bs, w["steps"], repeats), first
+
+
+def run_jax(name, repeats):
+    import jax
+    import jax.numpy as jnp
+
+    w = WORKLOADS[name]
+    nl = len(w["sizes"]) - 1
+
+    def loss_fn(P, X, T):
+        H = X
+        for k in range(nl):
+            H = H @ P[f"W{k}"] + P[f"b{k}"]
+            if k < len(w["acts"]):
+                H = jnp.tanh(H) if w["acts"][k] == "tanh" else jax.nn.relu(H)
+        if w["loss"] == "ce":
+            return jnp.mean(jax.nn.logsumexp(H, axis=1) - jnp.sum(T * H, axis=1))
+        Y = jax.nn.sigmoid(H)
+        return -jnp.mean(T * jnp.log(Y) + (1 - T) * jnp.log(1 - Y))
+
+    @jax.jit
+    def step(P, X, T):  # value_and_grad plus the SGD update in one jitted call
+        loss, g = jax.value_and_grad(loss_fn)(P, X, T)
+        return jax.tree_util.tree_map(lambda p, d: p - w["lr"] * d, P, g), loss
+
+    state = {"P": {k: jnp.asarray(v) for k, v in init(name).items()}}
+
+    def run(X, T):
+        state["P"], loss = step(state["P"], X, T)
+        return loss
+
+    bs = [(jnp.asarray(x), jnp.asarray(t)) for x, t in batches(name)]
+    first = float(run(*bs[0]))
+    return timed(run, bs, w["steps"], repeats, sync=lambda x: x.block_until_ready()), first
+
+
+def worker(fw, name, repeats):
+    if fw.startswith("symbp-"):
+        return run_symbp(name, fw.split("-")[1], repeats)
+    return {"numpy": run_numpy, "torch-eager": run_torch, "jax-jit": run_jax}[fw](name, repeats)
+
+
+COMPILE_SCRIPT = '''
+import time, sys
+t0 = time.perf_counter()
+import numpy as np, symbp as sb
+sys.path.insert(0, {bench!r})
+from peers import symbp_expr, WORKLOADS
+t1 = time.perf_counter()
+L, params = symbp_expr("W1")
+step = sb.compile_step(L, params, sb.SGD(0.1), target={target!r}, dtype=np.float32)
+t2 = time.perf_counter()
+print(t1 - t0, t2 - t1)
+'''
+
+
+def compile_times(target):
+    """(imports, cold compile) in a fresh process with an empty cache, then from the cache."""
+    with tempfile.TemporaryDirectory() as d:
+        env = {**os.environ, "SYMBP_CACHE_DIR": d}
+        code = COMPILE_SCRIPT.format(bench=os.path.dirname(os.path.abspath(__file__)),
+                                     target=target)
+        out = []
+        for _ in range(2):
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                               text=True, check=True)
+            total = time.perf_counter() - t
+            imp, comp = map(float, r.stdout.split())
+            out.append((imp, comp, total))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="W1,W2,W3")
+    ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--worker", nargs=2, metavar=("FRAMEWORK", "WORKLOAD"))
+    args = ap.parse_args()
+    if args.worker:
+        per, first = worker(*args.worker, args.repeats)
+        print(json.dumps({"per": per, "first": first}))
+        return
+    load = os.getloadavg()[0]
+    names = args.only.split(",")
+    res: dict = {}
+    for name in names:
+        for fw in args.frameworks.split(","):
+            r = subprocess.run([sys.executable, __file__, "--worker", fw, name, "--repeats",
+                                str(args.repeats)], capture_output=True, text=True)
+            if r.returncode != 0:
+                last = (r.stderr.strip().splitlines() or ["?"])[-1]
+                print(f"  {name} {fw}: skipped ({last[:100]})", file=sys.stderr)
+                continue
+            out = json.loads(r.stdout.strip().splitlines()[-1])
+            res[name, fw] = (float(np.median(out["per"])), out["first"])
+    print(f"machine: {os.cpu_count()} CPUs, load average at start {load:.1f}, "
+          f"at end {os.getloadavg()[0]:.1f}; median of {args.repeats} repeats\n")
+    fws = [f for f in args.frameworks.split(",") if any((n, f) in res for n in names)]
+    print("| workload | " + " | ".join(f"{f} ms/step" for f in fws) + " |")
+    print("|---|" + "---|" * len(fws))
+    for n in names:
+        cells = [f"{res[n, f][0]:.4f}" if (n, f) in res else "–" for f in fws]
+        print(f"| {n} | " + " | ".join(cells) + " |")
+    print("\nratios symbp-cpu / peer (< 1: symbp faster)\n")
+    peers = [f for f in fws if f != "symbp-cpu"]
+    print("| workload | " + " | ".join(peers) + " |")
+    print("|---|" + "---|" * len(peers))
+    for n in names:
+        if (n, "symbp-cpu") not in res:
+            continue
+        s = res[n, "symbp-cpu"][0]
+        cells = [f"{s / res[n, f][0]:.2f}" if (n, f) in res else "–" for f in peers]
+        print(f"| {n} | " + " | ".join(cells) + " |")
+    print("\nfirst-step loss (same data and init: should agree)\n")
+    for n in names:
+        print(f"- {n}: " + ", ".join(f"{f} {res[n, f][1]:.6f}" for f in fws if (n, f) in res))
+    if "W1" in names:
+        print("\nW1 step compile, fresh processes (s): imports, compile_step, process total\n")
+        print("| target | cold: imports | cold: compile | cold: total | cached: imports "
+              "| cached: compile | cached: total |")
+        print("|---|---|---|---|---|---|---|")
+        for target in ("cpu", "parallel"):
+            (i0, c0, t0), (i1, c1, t1) = compile_times(target)
+            print(f"| {target} | {i0:.2f} | {c0:.2f} | {t0:.2f} | {i1:.2f} | {c1:.2f} "
+                  f"| {t1:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
