@@ -325,3 +325,5 @@ def test_step_refuses_params_it_cannot_update_in_place():
 def test_unknown_option_is_named():
     with pytest.raises(sb.SymbpError, match="fastmath"):
         sb.compile(sb.sigmoid(w * x), [w], target="cpu", fastmath=True)
+    with pytest.raises(sb.SymbpError, match="blas_threads"):
+        sb.compile(sb.sigmoid(w * x), [w], target="cpu", blas_threads=0)

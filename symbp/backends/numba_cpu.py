@@ -684,11 +684,12 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
 class _Blas:
     """The thread count of the OpenBLAS that njit's np.dot calls (SciPy's copy).
 
-    'cpu' runs it on one thread, 'parallel' on every core.  On a shared 2-core machine two
-    BLAS threads waiting on each other while another process holds a core made a 784-256
-    GEMM 20x slower (28 ms, not 1.4); one thread is slower only on an idle machine.  NumPy's
-    own OpenBLAS (the user's matmuls) is left alone.  Needs threadpoolctl; without it the
-    library default stays.
+    One thread by default, on both targets ('parallel' parallelises the loops with
+    prange).  On this project's shared 2-core machine two OpenBLAS threads stalled for
+    ~30 ms per 784x256 GEMM (threads spinning on each other while another process held a
+    core, 1.4 ms on one thread); NumPy's own matmul showed the same.  ``blas_threads=n``
+    asks for more where cores are idle.  NumPy's OpenBLAS (the user's matmuls) is left
+    alone.  Needs threadpoolctl; without it the library default stays.
     """
 
     def __init__(self):
@@ -717,9 +718,7 @@ BLAS = _Blas()
 
 
 def blas_threads(target: str, options: dict) -> int:
-    n = options.get("blas_threads")
-    if n is None:
-        return 1 if target == "cpu" else (os.cpu_count() or 1)
+    n = options.get("blas_threads", 1)
     if not (isinstance(n, int) and n >= 1):
         raise SymbpError(f"blas_threads must be a positive int, not {n!r}")
     return n
@@ -766,6 +765,7 @@ def _compile(p, dtype, target, opt, options):
             "the Numba backends take boundscheck=True/False, cache=True/False and "
             "blas_threads=n"
         )
+    blas_threads(target, options)  # refuse a bad value before compiling
     p = optimize(p)
     source, layout = generate(p, dtype, target, opt, options.get("boundscheck", False),
                               options.get("cache", True))
@@ -777,8 +777,8 @@ def build(program: Program, dtype=np.float64, target: str = "cpu", **options) ->
     """Compile ``program``: ``fn(*inputs, *dims)`` returns ``(value, *grads)``.
 
     Options: ``boundscheck=True`` (IndexError instead of silent out-of-bounds reads, for
-    tests), ``cache=False`` (do not keep machine code on disk), ``blas_threads=n`` (the
-    matrix products' threads: 1 on 'cpu', every core on 'parallel').  Scratch arrays are kept
+    tests), ``cache=False`` (do not keep machine code on disk), ``blas_threads=n`` (threads
+    of the matrix products, default 1: see ``_Blas``).  Scratch arrays are kept
     per batch size; returned arrays are fresh for every call.
     """
     dt = np.dtype(dtype)
