@@ -1,0 +1,174 @@
+"""Property-based tests (hypothesis): random expression DAGs and random MLPs.
+
+Profiles (chosen with HYPOTHESIS_PROFILE, applied to these tests only):
+  ci   (default)  60 DAGs, 30 MLPs, derandomized: the same cases on every run
+  long            500 DAGs, 200 MLPs, random: a longer local run
+Backends: every target named in SYMBP_PROPERTY_TARGETS (comma-separated, default
+"numpy") is compared with the NumPy reference on each MLP; add "cpu,parallel,cuda" as the
+backends land (a target that cannot be imported is skipped, or fails in CI via `need`).
+"""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import sympy as sp
+from conftest import need
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import symbp as sb
+from symbp import functions as F
+
+_common = dict(deadline=None, suppress_health_check=list(HealthCheck))
+settings.register_profile("ci", max_examples=60, derandomize=True, **_common)
+settings.register_profile("long", max_examples=500, **_common)
+PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+MLP_EXAMPLES = {"ci": 30, "long": 200}.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), 20)
+TARGETS = [t for t in os.environ.get("SYMBP_PROPERTY_TARGETS", "numpy").split(",") if t]
+
+XS = sp.symbols("x0:3", real=True)
+
+# every supported scalar head: sympy's and symbp's functions, powers, Piecewise, Max/Min/Abs
+UNARY = [sp.sin, sp.cos, sp.tanh, F.sigmoid, F.relu, F.softplus, F.elu, F.selu, F.gelu,
+         F.gelu_tanh, F.silu, lambda u: F.leaky_relu(u, sp.Rational(1, 10)), sp.Abs,
+         lambda u: sp.exp(sp.tanh(u)), lambda u: sp.log(1 + u**2), lambda u: u**3,
+         lambda u: sp.sqrt(1 + u**2), lambda u: sp.Piecewise((u**2, u > 0), (-u, True)),
+         lambda u: sp.erf(u)]
+BINARY = [sp.Add, sp.Mul, lambda u, v: u - v, lambda u, v: u / (1 + v**2), sp.Max, sp.Min,
+          lambda u, v: F.prelu(u, v), lambda u, v: F.elu(u, 1 + v**2)]
+
+
+@st.composite
+def dags(draw):
+    """A random DAG: each node applies a head to earlier nodes, so nodes get shared."""
+    nodes = list(XS)
+    for _ in range(draw(st.integers(2, 9))):
+        if draw(st.booleans()):
+            f = draw(st.sampled_from(UNARY))
+            nodes.append(f(draw(st.sampled_from(nodes))))
+        else:
+            f = draw(st.sampled_from(BINARY))
+            nodes.append(f(draw(st.sampled_from(nodes)), draw(st.sampled_from(nodes))))
+    # the root sums the last few nodes, so earlier ones are reused through several paths
+    root = sp.Add(*nodes[-draw(st.integers(1, 3)):])
+    mag = st.floats(1e-3, 2)  # away from 0, where most kinks are
+    point = [draw(mag) * draw(st.sampled_from((-1, 1))) for _ in XS]
+    return root, dict(zip(XS, point))
+
+
+def _num(e, point):
+    try:
+        v = complex(sp.sympify(e).xreplace({k: sp.Float(p) for k, p in point.items()}).evalf(30))
+    except (TypeError, ValueError, ZeroDivisionError):
+        return math.nan
+    return v.real if abs(v.imag) < 1e-12 else math.nan
+
+
+@settings(PROFILE)
+@given(dags())
+def test_dag_grad_matches_sympy_diff_and_central_differences(case):
+    f, point = case
+    wrt = [s for s in XS if s in f.free_symbols]
+    assume(wrt)
+    value = _num(f, point)
+    assume(math.isfinite(value) and abs(value) < 1e6)
+    got = sb.grad(f, wrt)
+    fn = sb.compile(f, wrt)
+    arrays = {s.name: point[s] for s in f.free_symbols}
+    _, grads = fn(**arrays)
+    for s, g in zip(wrt, got):
+        want = _num(sp.diff(f, s), point)
+        assume(math.isfinite(want))
+        assert _num(g, point) == pytest.approx(want, rel=1e-9, abs=1e-9), (f, s)
+        assert grads[s.name] == pytest.approx(want, rel=1e-8, abs=1e-8), (f, s)
+        # float64 central differences at two step sizes; a kink between them is rejected
+        fd = []
+        for h in (1e-5, 1e-6):
+            up = {**arrays, s.name: point[s] + h}
+            dn = {**arrays, s.name: point[s] - h}
+            fd.append((fn(**up)[0] - fn(**dn)[0]) / (2 * h))
+        assume(abs(fd[0] - fd[1]) <= 1e-4 * max(1, abs(fd[0])))
+        assert grads[s.name] == pytest.approx(fd[1], rel=1e-5, abs=1e-6), (f, s)
+
+
+# --- random MLPs: gradcheck and every target against the NumPy reference ----------------------
+
+N = sp.Symbol("N")
+ACTS = ["sigmoid", "tanh", "relu", "leaky_relu", "softplus", "elu", "selu", "gelu",
+        "gelu_tanh", "silu", "identity"]
+LOSSES = ["sce", "ce_softmax", "mse", "bce", "bce_logits"]
+
+
+@st.composite
+def mlps(draw):
+    depth = draw(st.integers(1, 3))
+    widths = draw(st.lists(st.integers(1, 4), min_size=depth + 2, max_size=depth + 2))
+    acts = draw(st.lists(st.sampled_from(ACTS), min_size=depth, max_size=depth))
+    loss = draw(st.sampled_from(LOSSES))
+    batch = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**16))
+    return widths, acts, loss, batch, seed
+
+
+def build_mlp(widths, acts, loss):
+    X, T = sp.MatrixSymbol("X", N, widths[0]), sp.MatrixSymbol("T", N, widths[-1])
+    H, params = X, []
+    for i in range(len(widths) - 1):
+        W = sp.MatrixSymbol(f"W{i}", widths[i], widths[i + 1])
+        b = sp.MatrixSymbol(f"b{i}", 1, widths[i + 1])
+        params += [W, b]
+        H = sb.dense(H, W, b)
+        if i < len(acts):
+            H = F.FUNCTIONS[acts[i]](H)
+    f = {"sce": lambda: sb.softmax_cross_entropy(H, T),
+         "ce_softmax": lambda: sb.cross_entropy(sb.softmax(H), T),
+         "mse": lambda: sb.mse(H, T),
+         "bce": lambda: sb.binary_cross_entropy(sb.sigmoid(H), T),
+         "bce_logits": lambda: sb.bce_with_logits(H, T)}[loss]()
+    return f, params, X, T
+
+
+def mlp_arrays(params, X, T, loss, batch, seed):
+    rng = np.random.default_rng(seed)
+    c = int(T.shape[1])
+    arrays = {"X": rng.normal(size=(batch, int(X.shape[1])))}
+    if loss in ("sce", "ce_softmax"):
+        arrays["T"] = np.eye(c)[rng.integers(0, c, batch)]
+    else:
+        arrays["T"] = rng.uniform(size=(batch, c))
+    for p in params:
+        arrays[p.name] = rng.normal(scale=0.8, size=tuple(int(d) for d in p.shape))
+    return arrays
+
+
+def compare_targets(f, params, arrays, targets=TARGETS, dtype=np.float64, rtol=1e-9):
+    """Compile for each target and compare value and gradients with the NumPy reference."""
+    ref_v, ref_g = sb.compile(f, params, target="numpy", dtype=dtype)(**arrays)
+    for target in targets:
+        if target == "numpy":
+            continue
+        try:
+            fn = sb.compile(f, params, target=target, dtype=dtype)
+        except sb.SymbpError as err:
+            need(False, f"target {target} ({err})")
+        v, g = fn(**arrays)
+        assert v == pytest.approx(ref_v, rel=rtol, abs=rtol), target
+        for k in ref_g:
+            np.testing.assert_allclose(g[k], ref_g[k], rtol=rtol, atol=rtol, err_msg=target)
+
+
+@settings(PROFILE, max_examples=MLP_EXAMPLES)
+@given(mlps())
+def test_random_mlp_gradcheck_and_targets(arch):
+    widths, acts, loss, batch, seed = arch
+    f, params, X, T = build_mlp(widths, acts, loss)
+    arrays = mlp_arrays(params, X, T, loss, batch, seed)
+    r = sb.gradcheck(f, params, arrays, eps=1e-6, tol=1e-6)
+    if not r.ok and any(a in ("relu", "leaky_relu", "elu", "selu") for a in acts):
+        # a kink within eps of a pre-activation: retry at another point
+        assume(sb.gradcheck(f, params, mlp_arrays(params, X, T, loss, batch, seed + 1)).ok)
+    else:
+        assert r.ok, f"{arch}\n{r}"
+    compare_targets(f, params, arrays)
