@@ -83,14 +83,16 @@ def test_dag_grad_matches_sympy_diff_and_central_differences(case):
         assume(math.isfinite(want))
         assert _num(g, point) == pytest.approx(want, rel=1e-9, abs=1e-9), (f, s)
         assert grads[s.name] == pytest.approx(want, rel=1e-8, abs=1e-8), (f, s)
-        # float64 central differences at two step sizes; a kink between them is rejected
-        fd = []
-        for h in (1e-5, 1e-6):
-            up = {**arrays, s.name: point[s] + h}
-            dn = {**arrays, s.name: point[s] - h}
-            fd.append((fn(**up)[0] - fn(**dn)[0]) / (2 * h))
-        assume(abs(fd[0] - fd[1]) <= 1e-4 * max(1, abs(fd[0])))
-        assert grads[s.name] == pytest.approx(fd[1], rel=1e-5, abs=1e-6), (f, s)
+        # float64 central differences; a point at or within h of a kink (the one-sided
+        # slopes disagree, e.g. prelu(x0 + x1, x0) at x0 = -x1) is rejected: there the
+        # gradient follows the documented convention, not the average slope
+        h = 1e-6
+        f0 = fn(**arrays)[0]
+        up = fn(**{**arrays, s.name: point[s] + h})[0]
+        dn = fn(**{**arrays, s.name: point[s] - h})[0]
+        fwd, bwd = (up - f0) / h, (f0 - dn) / h
+        assume(abs(fwd - bwd) <= 1e-3 * max(1, abs(fwd)))
+        assert grads[s.name] == pytest.approx((up - dn) / (2 * h), rel=1e-5, abs=1e-6), (f, s)
 
 
 # --- random MLPs: gradcheck and every target against the NumPy reference ----------------------
