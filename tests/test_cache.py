@@ -49,7 +49,8 @@ def test_a_damaged_source_file_is_rewritten(cache_dir):
     assert path.read_text() == SOURCE
 
 
-@pytest.mark.parametrize("damage", [b"", b"\x80\x04garbage", b"not a pickle at all" * 10])
+@pytest.mark.parametrize("damage", [b"", b"\x80\x04garbage", b"not a pickle at all" * 10],
+                         ids=["empty", "bad-pickle", "text"])
 def test_a_damaged_numba_cache_entry_is_rebuilt(cache_dir, damage):
     cache.load(SOURCE)
     path = cache.path_for(SOURCE)
