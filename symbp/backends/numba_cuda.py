@@ -225,9 +225,9 @@ def _log_softmax(Z, Y, R, C):
     """Y = log softmax(Z) row by row, as z - max - log Σ exp(z - max)."""
 ''' + _ROW_PROLOGUE + '''\
     if ok:
-        lse = m + math.log(s)
+        ls = math.log(s)  # (z - m) - log s: m + log s would round to the spacing of m
         for j in range(tx, C, _TILE):
-            Y[i, j] = Z[i, j] - lse
+            Y[i, j] = (Z[i, j] - m) - ls
 ''', "MMii"),
     "_sce_rows": ('''\
 @cuda.jit
