@@ -531,9 +531,11 @@ class _Gen:
             self.emit(f"{y}[_i, _j] = {y}[_i, _j] / _s", 3)
         if isinstance(e, LogSoftmax):
             y = self.buffer(a.name)
-            self.emit("_lse = _m + DT(math.log(_acc_s))", 2)
+            # (z - m) - log s, not z - (m + log s): in float32 m + log s rounds to the
+            # spacing of m (6e-5 at |z| = 1000), an error every entry of the row inherits
+            self.emit("_ls = DT(math.log(_acc_s))", 2)
             self.emit(f"for _j in range({_idx(C)}):", 2)
-            self.emit(f"{y}[_i, _j] = {z}[_i, _j] - _lse", 3)
+            self.emit(f"{y}[_i, _j] = ({z}[_i, _j] - _m) - _ls", 3)
         if isinstance(e, SoftmaxCrossEntropy):
             self.emit(f"{self.ids[a.name]} = DT(_acc_loss / {_idx(R)})")
         if sm is not None:
