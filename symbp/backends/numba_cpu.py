@@ -625,7 +625,10 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
     ids = g.ids
     scalar_out = [o for o in p.outputs if o in ids and not is_matrix(o)
                   and o not in p.inputs]
-    g.emit(f"return ({''.join(ids[o] + ', ' for o in scalar_out)})")
+    if opt is not None and len(scalar_out) == 1:  # a step returns its loss as a float:
+        g.emit(f"return ACC({ids[scalar_out[0]]})")  # no tuple to box and unpack per call
+    else:
+        g.emit(f"return ({''.join(ids[o] + ', ' for o in scalar_out)})")
     outs = [b for b in g.buffers if b in g.outputs] if opt is None else []
     scratch = [b for b in g.buffers if b not in outs]
     params, types = [], []
@@ -636,8 +639,11 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
         else:
             params.append(ids[x])
             types.append(_array_type(dt, 2) if is_matrix(x) else dt)
-    params += [ids[d] for d in p.dims] + ["_ws"]
-    types += ["int64"] * len(p.dims) + [_array_type(dt, 1)]
+    if opt is None:
+        params += [ids[d] for d in p.dims]
+        types += ["int64"] * len(p.dims)
+    params += ["_ws"]
+    types += [_array_type(dt, 1)]
     params += [ids[b] for b in outs]
     types += [_array_type(dt, 2)] * len(outs)
     state = []
@@ -661,14 +667,26 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
         lines.append(f"\n@njit({', '.join(flags)})" + table[h])
     lines.append(f"\n@njit({sig}, {', '.join(kflags)})")
     lines.append(f"def {name}({', '.join(params)}):")
+    if opt is not None:
+        lines += _bind_in_kernel(p, ids, scratch)
     if scratch:
-        lines.append("    # scratch arrays: views into one workspace, kept between calls")
+        # One reshape per column count, then row slices of it: a Numba reshape costs
+        # ~50-80 ns (W3 had 11 of them, a quarter of its kernel), a row slice ~nothing,
+        # and both keep the C layout that np.dot and vectorised loops want.
+        lines.append("    # scratch arrays: row blocks of the workspace, kept between calls")
         lines.append("    _o = 0")
+        widths: dict = {}
         for b in scratch:
-            r, c = b.shape
-            view = f"_ws[_o:_o + {_idx(r * c)}].reshape(({_idx(r)}, {_idx(c)}))"
-            lines.append(f"    {ids[b]} = {view}")
-            lines.append(f"    _o += {_idx(r * c)}")
+            widths.setdefault(_idx(b.shape[1]), []).append(b)
+        for k, (c, group) in enumerate(widths.items()):
+            rows = _idx(sum((sp.sympify(b.shape[0]) for b in group), sp.Integer(0)))
+            lines.append(f"    _w{k} = _ws[_o:_o + ({rows}) * {c}].reshape(({rows}, {c}))")
+            lines.append(f"    _o += ({rows}) * {c}")
+            at = sp.Integer(0)
+            for b in group:
+                end = at + sp.sympify(b.shape[0])
+                lines.append(f"    {ids[b]} = _w{k}[{_idx(at)}:{_idx(end)}]")
+                at = end
     for w in g.scalar_params:  # a scalar parameter arrives as a 1-element view
         lines.append(f"    {ids[w]} = _ref_{ids[w]}[0]")
     if opt is not None:
@@ -678,6 +696,31 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
     layout = {"name": name, "scratch": scratch, "outs": outs, "scalar_out": scalar_out,
               "state": state}
     return source, layout
+
+
+def _bind_in_kernel(p: Program, ids: dict, scratch) -> list[str]:
+    """A step's sizes come from its inputs' shapes, checked in the kernel.
+
+    Python then hands arrays straight in (no shape tuple to build and look up per call:
+    that was half of a W3 step).  A mismatch or a workspace too small raises ValueError
+    before anything is written; the caller then runs the full check (``bind_inputs``),
+    which names the culprit, or grows the workspace."""
+    mats = [x for x in p.inputs if is_matrix(x)]
+    out, checks = [], []
+    for d in p.dims:
+        at = next(((x, k) for x in mats for k in (0, 1) if x.shape[k] == d), None)
+        out.append(f"    {ids[d]} = {ids[at[0]]}.shape[{at[1]}]" if at else f"    {ids[d]} = 0")
+        checks.append(f"{ids[d]} == 0")
+    for x in mats:
+        for k in (0, 1):
+            checks.append(f"{ids[x]}.shape[{k}] != {_idx(x.shape[k])}")
+    need = sum((sp.sympify(b.shape[0]) * sp.sympify(b.shape[1]) for b in scratch), sp.Integer(0))
+    checks.append(f"_ws.size < {_idx(need)}")
+    out.append("    # sizes from the inputs; a mismatch goes back to Python's full check")
+    rows = [" or ".join(checks[k:k + 4]) for k in range(0, len(checks), 4)]
+    out.append(f"    if ({(' or' + chr(10) + '            ').join(rows)}):")
+    out.append('        raise ValueError("symbp: input shapes or workspace")')
+    return out
 
 
 # --- the callables ------------------------------------------------------------------------
@@ -844,7 +887,7 @@ class FusedStep:
         self._spec = [(s.name, s.name in self._wrt, is_matrix(s)) for s in p.inputs]
         self._ws = _Workspace(layout["scratch"], p.dims, self.dtype)
         self._state_keys = [(b, w.name) for b, w in layout["state"]]
-        self._dims: dict = {}  # input shapes -> dims, validated once per shape combination
+        self._wsa = np.empty(0, self.dtype)  # the workspace: grown by _bind when too small
         self._dt = self.dtype.type
         self._names = [(name, is_p) for name, is_p, _ in self._spec]
         self._scalar_params = [is_p and not is_m for _, is_p, is_m in self._spec]
@@ -852,7 +895,8 @@ class FusedStep:
             self._scalar_params = None
         self._hp = hyper_values(optimizer)
         self._threads = blas_threads(target, options)
-        self._last = (None, None)
+        self._blas = "np.dot(" in self.source  # small products are loops: no BLAS at all
+        self._float = opt_returns_float(layout)
 
     @property
     def fn(self):
@@ -862,35 +906,38 @@ class FusedStep:
         st = self.state
         if st is None:
             st = self.state = optim.init_state(self.optimizer, params)
-        try:  # the fast path: shapes seen before (validated once), arrays as they come
+        # The fast path (a W3 step is ~1 µs of kernel, so every Python line counts): arrays
+        # go in as they come; the kernel binds and checks the sizes itself, Numba checks
+        # dtypes and layouts.  Anything they refuse is converted or named below.
+        try:
             xs = [params[n] if p else data[n] for n, p in self._names]
-            dims = self._dims[tuple([x.shape for x in xs])]
             if len(params) + len(data) != len(xs):
                 raise KeyError
-        except (KeyError, AttributeError, TypeError):
-            xs, dims = self._bind(params, data)
+        except (KeyError, TypeError):
+            xs = self._bind(params, data)
         if self._scalar_params:  # a 0-d parameter travels as a 1-element view of itself
             xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
-        st["t"] += 1
-        sv = [st[b][k] for b, k in self._state_keys]
-        if self._scalar_params:
-            sv = [v.reshape(1) if v.ndim == 0 else v for v in sv]
-        if dims != self._last[0]:
-            self._last = (dims, self._ws.get(dims))
-        if BLAS.now != self._threads:
+        t = st["t"] = st["t"] + 1
+        if self._state_keys:
+            sv = [st[b][k] for b, k in self._state_keys]
+            if self._scalar_params:
+                sv = [v.reshape(1) if v.ndim == 0 else v for v in sv]
+        else:
+            sv = ()
+        if self._blas and BLAS.now != self._threads:
             BLAS.use(self._threads)
         try:
-            ret = self.kernel(*xs, *dims, self._last[1], *sv, self._hp, st["t"])
-        except TypeError:  # Numba refused the types: convert data, or name the culprit
+            ret = self.kernel(*xs, self._wsa, *sv, self._hp, t)
+        except (TypeError, ValueError):  # other types or sizes: check, convert, retry
             self._check_params(params)
-            xs, dims = self._bind(params, data, convert_only=True)
+            xs = self._bind(params, data)
             if self._scalar_params:
                 xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
-            ret = self.kernel(*xs, *dims, self._last[1], *sv, self._hp, st["t"])
-        return float(ret[0])
+            ret = self.kernel(*xs, self._wsa, *sv, self._hp, t)
+        return ret if self._float else float(ret[0])
 
-    def _bind(self, params, data, convert_only=False):
-        """Full check and documented conversion; remembers the shapes it validated."""
+    def _bind(self, params, data):
+        """Full check and documented conversion; grows the workspace for these sizes."""
         both = dict(data)
         for k, v in params.items():
             if k in both:
@@ -899,14 +946,10 @@ class FusedStep:
         self._check_params(params)
         args = bind_inputs(self.program, both, self.dtype)
         n = len(self.program.inputs)
-        xs = [params[name] if is_p else a for a, (name, is_p, _) in zip(args[:n], self._spec)]
-        dims = tuple(args[n:])
-        if not convert_only:
-            try:
-                self._dims[tuple([np.shape(x) for x in xs])] = dims
-            except TypeError:
-                pass
-        return xs, dims
+        ws = self._ws.get(tuple(args[n:]))
+        if ws.size > self._wsa.size:  # one workspace, as big as the largest batch seen
+            self._wsa = ws
+        return [params[name] if is_p else a for a, (name, is_p, _) in zip(args[:n], self._spec)]
 
     def _check_params(self, params):
         for name in self._wrt:
@@ -921,6 +964,11 @@ class FusedStep:
                     f"{type(w).__name__} {getattr(w, 'dtype', '')}: convert it once with "
                     f"np.ascontiguousarray(w, dtype=np.{self.dtype})"
                 )
+
+
+def opt_returns_float(layout) -> bool:
+    """Whether a step kernel returns its loss as a bare float (see ``generate``)."""
+    return len(layout["scalar_out"]) == 1
 
 
 def build_step(program: Program, optimizer, dtype=np.float64, target: str = "cpu",
