@@ -116,7 +116,9 @@ class relu(Activation):
         return sp.Max(0, x)
 
     def fdiff(self, argindex=1):
-        return step(self.args[0])
+        # step(relu(x)) == step(x) everywhere (0 at the kink too), and in terms of the
+        # node's own value the reverse pass reads y, not x: x need not be kept in memory
+        return step(self)
 
 
 class leaky_relu(Activation):
