@@ -219,6 +219,38 @@ def test_fused_step_matches_reference(opt, dtype):
     assert "train_step" in step.source
 
 
+def test_step_batch_sizes_and_shapes_checked_in_the_kernel():
+    """The step binds N from its inputs inside the kernel: batches of 8, 3 (smaller) and 20
+    (the workspace grows) all match the reference; a wrong shape anywhere (data rows
+    disagreeing, a parameter transposed) is refused before any parameter moves."""
+    f, params = mlp(["tanh", "relu"], "ce", n_out=3)
+    step = compiled(("step", "sgd", np.float32), lambda: sb.compile_step(
+        f, params, OPTIMIZERS["sgd"], target="cpu", dtype=np.float32, **OPTS))
+    ref = sb.compile_step(f, params, OPTIMIZERS["sgd"], target="numpy", dtype=np.float32)
+    rng = np.random.default_rng(12)
+    names = {p.name for p in params}
+    arrays = arrays_for(step.program.inputs, 8, rng, np.float32)
+    p1 = {k: v.copy() for k, v in arrays.items() if k in names}
+    p2 = {k: v.copy() for k, v in arrays.items() if k in names}
+    step.state = ref.state = None
+    for n in (8, 3, 20, 8):
+        data = {k: v for k, v in arrays_for(step.program.inputs, n, rng, np.float32).items()
+                if k not in names}
+        np.testing.assert_allclose(step(p1, **data), ref(p2, **data), **TOL[np.float32])
+    for k in names:
+        np.testing.assert_allclose(p1[k], p2[k], **TOL[np.float32], err_msg=k)
+    before = {k: v.copy() for k, v in p1.items()}
+    with pytest.raises(ShapeError, match="N = 5"):
+        step(p1, X=data["X"], T=data["T"][:5])
+    with pytest.raises(ShapeError, match="W0"):
+        step({**p1, "W0": np.ascontiguousarray(p1["W0"].T)}, **data)
+    for k in names:
+        np.testing.assert_array_equal(p1[k], before[k], err_msg=k)
+    assert step.state["t"] == 4  # refused calls are not steps
+    assert len(step.kernel.signatures) == 1
+    step.state = None  # the compiled step is shared with the other tests: fresh state
+
+
 def test_fused_step_scalar_program():
     opt = sb.Adam(0.1)
     f = sb.sigmoid(w * x + b) ** 2

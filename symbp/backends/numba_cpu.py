@@ -917,7 +917,7 @@ class FusedStep:
             xs = self._bind(params, data)
         if self._scalar_params:  # a 0-d parameter travels as a 1-element view of itself
             xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
-        t = st["t"] = st["t"] + 1
+        t = st["t"] + 1  # counted once the step ran: a refused call leaves the state alone
         if self._state_keys:
             sv = [st[b][k] for b, k in self._state_keys]
             if self._scalar_params:
@@ -934,6 +934,7 @@ class FusedStep:
             if self._scalar_params:
                 xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
             ret = self.kernel(*xs, self._wsa, *sv, self._hp, t)
+        st["t"] = t
         return ret if self._float else float(ret[0])
 
     def _bind(self, params, data):
