@@ -262,7 +262,12 @@ def _as_array(name, x, dtype):
         raise InputError(f"{name} has dtype {x.dtype}: symbp computes in {dtype} (real numbers)")
     # np.ascontiguousarray promotes a 0-d array to shape (1,), which made every scalar
     # input fail the scalar-shape check: convert 0-d values with astype instead.
-    return x.astype(dtype) if x.ndim == 0 else np.ascontiguousarray(x, dtype=dtype)
+    if x.ndim == 0:
+        return x.astype(dtype)
+    x = np.ascontiguousarray(x, dtype=dtype)
+    # Numba's typed kernels take writeable arrays only: a read-only one (np.load with
+    # mmap_mode="r", a frozen array) raised a raw Numba TypeError on 'cpu' and 'parallel'
+    return x if x.flags.writeable else x.copy()
 
 
 def _bind_dim(name, axis, d, n, dims):
