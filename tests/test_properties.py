@@ -4,8 +4,10 @@ Profiles (chosen with HYPOTHESIS_PROFILE, applied to these tests only):
   ci   (default)  60 DAGs, 30 MLPs, derandomized: the same cases on every run
   long            500 DAGs, 200 MLPs, random: a longer local run
 Backends: every target named in SYMBP_PROPERTY_TARGETS (comma-separated, default
-"numpy") is compared with the NumPy reference on each MLP; add "cpu,parallel,cuda" as the
-backends land (a target that cannot be imported is skipped, or fails in CI via `need`).
+"numpy") is compared with the NumPy reference on each MLP of the main property; a target
+that cannot be imported is skipped, or fails in CI via `need`.  A second property compiles
+each MLP with Numba ('cpu'; 'cpu' and 'parallel' in the long profile) and compares it with
+the reference: few examples, since every example is a new program (~2-4 s to compile).
 """
 
 import math
@@ -27,6 +29,9 @@ settings.register_profile("long", max_examples=500, **_common)
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 MLP_EXAMPLES = {"ci": 30, "long": 200}.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), 20)
 TARGETS = [t for t in os.environ.get("SYMBP_PROPERTY_TARGETS", "numpy").split(",") if t]
+_LONG = os.environ.get("HYPOTHESIS_PROFILE", "ci") == "long"
+NUMBA_EXAMPLES = 40 if _LONG else 5
+NUMBA_TARGETS = ["cpu", "parallel"] if _LONG else ["cpu"]
 
 XS = sp.symbols("x0:3", real=True)
 
@@ -178,3 +183,15 @@ def test_random_mlp_gradcheck_and_targets(arch):
     else:
         assert r.ok, f"{arch}\n{r}"
     compare_targets(f, params, arrays)
+
+
+@settings(PROFILE, max_examples=NUMBA_EXAMPLES)
+@given(mlps(), st.sampled_from([np.float64, np.float32]))
+def test_random_mlp_numba_targets_match_numpy(arch, dtype):
+    """Random MLPs compiled by Numba agree with the NumPy reference in the same dtype."""
+    pytest.importorskip("numba")
+    widths, acts, loss, batch, seed = arch
+    f, params, X, T = build_mlp(widths, acts, loss)
+    arrays = mlp_arrays(params, X, T, loss, batch, seed)
+    rtol = 1e-9 if dtype == np.float64 else 2e-4  # float32: two roundings of a deep net
+    compare_targets(f, params, arrays, targets=NUMBA_TARGETS, dtype=dtype, rtol=rtol)
