@@ -732,7 +732,11 @@ class _Blas:
     One thread by default, on both targets ('parallel' parallelises the loops with
     prange).  On this project's shared 2-core machine two OpenBLAS threads stalled for
     ~30 ms per 784x256 GEMM (threads spinning on each other while another process held a
-    core, 1.4 ms on one thread); NumPy's own matmul showed the same.  ``blas_threads=n``
+    core, 1.4 ms on one thread); NumPy's own matmul showed the same.  Re-measured at load
+    ~2 (other jobs, not ours): one 128x784x256 product 0.5-0.7 ms on one thread, 0.34-0.46
+    best but up to 1.1 ms median on two; the W2 step 1.5-1.7 ms median on one thread,
+    3.1-6.8 ms on two (best 1.3-1.5).  Two threads win only on an idle machine, so one
+    stays the default for every product size.  ``blas_threads=n``
     asks for more where cores are idle.  NumPy's OpenBLAS (the user's matmuls) is left
     alone.  Needs threadpoolctl; without it the library default stays.
     """
