@@ -32,7 +32,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 import numba  # noqa: E402, F401  (fail at import when Numba is missing: target unavailable)
 import numpy as np  # noqa: E402
 import sympy as sp  # noqa: E402
-from sympy.printing.pycode import PythonCodePrinter
 
 from .. import cache, optim
 from ..api import bind_inputs
@@ -50,6 +49,7 @@ from ..matrix import (
 )
 from ..passes import optimize
 from . import Kernel, identifiers
+from .scalar import ScalarPrinter
 
 # --- the table: one stable njit scalar routine per `helper` name ---------------------------
 # Each is written in forms that are fast in njit: libm's tanh costs ~3 exp calls here.
@@ -122,100 +122,46 @@ _MATH = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "erf": "math
          "expm1": "math.expm1", "atan": "math.atan", "asinh": "math.asinh"}
 
 
-class NumbaPrinter(PythonCodePrinter):
-    """Scalar expressions for njit code: typed constants, helpers, no float64 leaks.
+class NumbaPrinter(ScalarPrinter):
+    """Scalar expressions for njit code: typed constants ``DT(...)``, helpers, no float64
+    leaks (the shared rules: ``scalar.ScalarPrinter``).
 
     ``names`` maps SymPy symbols to the text they print as (a local, ``X[_i, _j]``,
     ``DT(N)`` for a size); ``used`` collects the helper names printed.
     """
 
+    helpers = HELPERS
+
     def __init__(self, names: dict):
-        super().__init__({"fully_qualified_modules": True, "allow_unknown_functions": False})
+        super().__init__("DT")
         self.names = names
-        self.used: set[str] = set()
 
     def _print_Symbol(self, e):
         if e in self.names:
             return self.names[e]
         raise SymbpError(f"the Numba printer met an unbound symbol {e}")
 
-    # numbers: always in the target dtype
-    def _const(self, e):
-        return f"DT({float(e)!r})"
-
-    def _print_Integer(self, e):
-        return f"DT({int(e)})"
-
-    def _print_Rational(self, e):
-        return self._const(e)
-
-    def _print_Float(self, e):
-        return self._const(e)
-
-    def _print_NumberSymbol(self, e):
-        return self._const(e.evalf(17))
-
-    _print_Exp1 = _print_Pi = _print_NumberSymbol
+    def _zero_cmp(self):
+        return "0"  # an int literal: x > 0 compares without converting x
 
     def _print_Pow(self, e, rational=False):
-        b, p = e.args
-        if b.is_number:  # sqrt(2), 2**(1/2): a constant
-            return self._const(e.evalf(17))
-        base = self.parenthesize(b, 100)
-        if p.is_Integer and 0 < abs(int(p)) <= 8:  # x**3 -> x*x*x: exact and no pow call
-            prod = "*".join([base] * abs(int(p)))
-            return f"({prod})" if p > 0 else f"(DT(1)/({prod}))"
-        if p == sp.Rational(1, 2):
-            return f"math.sqrt({self._print(b)})"
-        if p == -sp.Rational(1, 2):
-            return f"(DT(1)/math.sqrt({self._print(b)}))"
-        return f"math.pow({self._print(b)}, {self._print(p)})"
+        if e.args[0].is_number:  # sqrt(2), 2**(1/2): a constant
+            return self._num(float(e.evalf(17)))
+        return super()._print_Pow(e, rational)
 
-    def _print_Max(self, e):
-        out = self._print(e.args[0])
-        for a in e.args[1:]:
-            out = f"max({out}, {self._print(a)})"
-        return out
+    # fully parenthesized powers and reciprocals, (DT(1)/(x)): the disk cache keys on
+    # the source text, so the spelling stays what it was before the shared printer
+    def _int_pow(self, base, n):
+        prod = f"({'*'.join([base] * abs(n))})"
+        return prod if n > 0 else self._recip(prod)
 
-    def _print_Min(self, e):
-        out = self._print(e.args[0])
-        for a in e.args[1:]:
-            out = f"min({out}, {self._print(a)})"
-        return out
-
-    def _print_Abs(self, e):
-        return f"abs({self._print(e.args[0])})"
-
-    def _print_Heaviside(self, e):
-        x = self._print(e.args[0])
-        h0 = e.args[1] if len(e.args) > 1 else sp.Rational(1, 2)
-        if h0 == 0:  # step(0) = 0, as relu'(0) = 0
-            return f"(DT(1) if {x} > 0 else DT(0))"
-        return f"(DT(1) if {x} > 0 else ({self._print(h0)} if {x} == 0 else DT(0)))"
-
-    def _print_Piecewise(self, e):
-        out = None
-        for val, cond in reversed(e.args):
-            v = self._print(val)
-            if out is None and cond == sp.true:
-                out = v
-            else:
-                out = f"({v} if {self._print(cond)} else {out if out is not None else 'DT(0)'})"
-        return out
+    def _recip(self, den):
+        return f"({self._typed('1')}/{den})"
 
     def _print_Relational(self, e):
         return f"{self._print(e.lhs)} {e.rel_op} {self._print(e.rhs)}"
 
-    def _print_BooleanTrue(self, e):
-        return "True"
-
-    def _print_BooleanFalse(self, e):
-        return "False"
-
-    def _print_Function(self, e):
-        # SymPy's dispatch skips base classes of a Function subclass: route ours here
-        if isinstance(e, Activation):
-            return self._print_Activation(e)
+    def _print_other(self, e):
         name = type(e).__name__
         if name in _MATH:
             return f"{_MATH[name]}({', '.join(self._print(a) for a in e.args)})"
@@ -224,16 +170,7 @@ class NumbaPrinter(PythonCodePrinter):
         )
 
     def _print_tanh(self, e):
-        return self._helper("tanh", e.args)
-
-    def _print_Activation(self, e: Activation):
-        if e.helper in HELPERS:
-            return self._helper(e.helper, e.args)
-        return self._print(e.expand_formula())
-
-    def _helper(self, name, args):
-        self.used.add(name)
-        return f"_{name}({', '.join(self._print(a) for a in args)})"
+        return self._helper("tanh", e.args)  # the fast, vectorisable _tanh of the table
 
 
 # names the kernel's module uses: a user symbol called `np` or `max` must not shadow them

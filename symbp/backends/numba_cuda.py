@@ -32,15 +32,14 @@ reference backend, so the tests compare two independent printings.
 from __future__ import annotations
 
 import linecache
+import math
 import re
 
 import numpy
 import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
-from sympy.printing.pycode import PythonCodePrinter
 
 from ..errors import SymbpError, UnsupportedError
-from ..functions import Activation
 from ..ir import Program
 from ..matrix import (
     AxisSum,
@@ -53,6 +52,7 @@ from ..matrix import (
 )
 from ..passes import optimize
 from . import Kernel, identifiers
+from .scalar import ScalarPrinter
 
 # Kernel code sees these globals; an IR name spelled like one is renamed (`math` -> `math_v`).
 _RESERVED = {"math", "cuda", "float32", "float64", "int64", "max", "min", "abs", "range",
@@ -301,26 +301,25 @@ def {name}(A, B, Cm, M, N, K):
 # --- the scalar printer -------------------------------------------------------------------
 
 
-class CudaPrinter(PythonCodePrinter):
-    """Scalar expressions as CUDA device code in one dtype.
+class CudaPrinter(ScalarPrinter):
+    """Scalar expressions as CUDA device code in one dtype (the shared rules:
+    ``scalar.ScalarPrinter``).
 
-    Every number prints as ``float32(...)`` (or ``float64``) so nothing promotes; integer
-    powers become products; functions with a ``helper`` call the device helper of that
-    name, others print their ``formula``; ``Max``/``Heaviside``/``Piecewise`` become
-    ``max`` and conditional expressions with typed branches.
+    Every number prints as ``float32(...)`` (or ``float64``) so nothing promotes, and a
+    constant subexpression folds to one such number; integer powers become products;
+    functions with a ``helper`` call the device helper of that name, others print their
+    ``formula``; ``Heaviside``/``Piecewise``/``sign`` become conditional expressions with
+    typed branches.
     """
 
-    def __init__(self, dtype_name: str, used_helpers: set):
-        super().__init__({"fully_qualified_modules": True, "allow_unknown_functions": False})
-        self.dt = dtype_name
-        self.used_helpers = used_helpers
+    helpers = _HELPERS
+    otherwise = "math.nan"
 
-    def _num(self, value: float) -> str:
-        if value < 0:
-            return f"-{self.dt}({-value!r})"
-        if value in (float("inf"), float("-inf")):
-            return f"{self.dt}(math.inf)"
-        return f"{self.dt}({value!r})"
+    def _typed(self, text):
+        # the sign outside the call: x + (-7) prints as x - float32(7)
+        if text.startswith("-"):
+            return "-" + super()._typed(text[1:])
+        return super()._typed(text)
 
     def _print(self, expr, **kwargs):
         # A constant subexpression (sqrt(2), 2*pi) folds to one typed literal.
@@ -329,27 +328,13 @@ class CudaPrinter(PythonCodePrinter):
             return self._num(float(expr.evalf(20)))
         return super()._print(expr, **kwargs)
 
-    def _print_Integer(self, e):
-        return f"-{self.dt}({-int(e)})" if int(e) < 0 else f"{self.dt}({int(e)})"
-
-    def _print_Rational(self, e):
-        return self._num(float(e))
-
-    _print_Half = _print_Rational
-
-    def _print_Float(self, e):
-        return self._num(float(e))
-
-    def _print_NumberSymbol(self, e):
-        return self._num(float(e.evalf(20)))
-
-    _print_Pi = _print_Exp1 = _print_EulerGamma = _print_NumberSymbol
+    _print_Half = ScalarPrinter._print_Rational
 
     def _print_Infinity(self, e):
-        return f"{self.dt}(math.inf)"
+        return self._num(math.inf)
 
     def _print_NegativeInfinity(self, e):
-        return f"-{self.dt}(math.inf)"
+        return self._num(-math.inf)
 
     def _print_Mul(self, e):
         # ½·√2·x prints as one typed constant times x: float32(0.7071067811865476)*x
@@ -362,75 +347,16 @@ class CudaPrinter(PythonCodePrinter):
             return "-" + self.parenthesize(rest, PRECEDENCE["Mul"], strict=True)
         return f"{self._num(c)}*{self.parenthesize(rest, PRECEDENCE['Mul'], strict=True)}"
 
-    def _print_Pow(self, e, rational=False):
-        b, p = e.args
-        if b == sp.E:
-            return f"math.exp({self._print(p)})"
-        base = self.parenthesize(b, 100)  # tight: every base is parenthesized if compound
-        if p.is_Integer and 0 < abs(int(p)) <= 8:
-            # x**3 -> (x*x*x), parenthesized: it may stand in a denominator
-            prod = "*".join([base] * abs(int(p)))
-            prod = prod if abs(int(p)) == 1 else f"({prod})"
-            return prod if p > 0 else f"{self.dt}(1)/{prod}"
-        if p == sp.S.Half:
-            return f"math.sqrt({self._print(b)})"
-        if p == -sp.S.Half:
-            return f"{self.dt}(1)/math.sqrt({self._print(b)})"
-        return f"math.pow({self._print(b)}, {self._print(p)})"
-
-    def _print_Function(self, e):
-        # SymPy's dispatch skips base classes of a Function, so symbp's functions are
-        # recognised here rather than by a _print_Activation method.
-        if not isinstance(e, Activation):
-            return super()._print_Function(e)
-        if e.helper:
-            if e.helper not in _HELPERS:
-                raise UnsupportedError(
-                    f"{type(e).__name__} names the helper {e.helper!r}, which the CUDA backend "
-                    "lacks: add it to _HELPERS in symbp/backends/numba_cuda.py, or set "
-                    "helper = None to print its formula"
-                )
-            self.used_helpers.add(e.helper)
-            return f"_{e.helper}({', '.join(self._print(a) for a in e.args)})"
-        return self._print(e.expand_formula())
-
-    def _print_Max(self, e):
-        out = self._print(e.args[0])
-        for a in e.args[1:]:
-            out = f"max({out}, {self._print(a)})"
-        return out
-
-    def _print_Min(self, e):
-        out = self._print(e.args[0])
-        for a in e.args[1:]:
-            out = f"min({out}, {self._print(a)})"
-        return out
-
-    def _print_Abs(self, e):
-        return f"abs({self._print(e.args[0])})"
-
-    def _print_Heaviside(self, e):
-        x = self._print(e.args[0])
-        h0 = e.args[1] if len(e.args) > 1 else sp.S.Half
-        one, zero = f"{self.dt}(1)", f"{self.dt}(0)"
-        if h0 == 0:  # step(0) = 0: relu'(0) = 0, as in PyTorch
-            return f"({one} if {x} > {zero} else {zero})"
-        if h0 == 1:
-            return f"({one} if {x} >= {zero} else {zero})"
-        return f"({one} if {x} > {zero} else ({self._print(h0)} if {x} == {zero} else {zero}))"
-
-    def _print_Piecewise(self, e):
-        *pairs, (last, cond) = e.args
-        out = self._print(last) if cond == sp.true else f"{self.dt}(math.nan)"
-        if cond != sp.true:
-            pairs.append((last, cond))
-        for value, c in reversed(pairs):
-            out = f"({self._print(value)} if {self._print(c)} else {out})"
-        return out
+    def _missing_helper(self, e):
+        raise UnsupportedError(
+            f"{type(e).__name__} names the helper {e.helper!r}, which the CUDA backend "
+            "lacks: add it to _HELPERS in symbp/backends/numba_cuda.py, or set "
+            "helper = None to print its formula"
+        )
 
     def _print_sign(self, e):
         x = self._print(e.args[0])
-        one, zero = f"{self.dt}(1)", f"{self.dt}(0)"
+        one, zero = self._typed("1"), self._typed("0")
         return f"({one} if {x} > {zero} else (-{one} if {x} < {zero} else {zero}))"
 
 

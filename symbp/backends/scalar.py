@@ -1,0 +1,161 @@
+"""The scalar printer the Numba backends share: one SymPy expression -> one line of njit or
+CUDA device code in a single dtype.
+
+``numba_cpu.NumbaPrinter`` and ``numba_cuda.CudaPrinter`` subclass ``ScalarPrinter`` and
+keep only what differs between the two targets: how a typed constant reads, their table
+of helper routines, and a few heads.  The NumPy reference backend does not use this
+module: the tests compare the Numba backends against an independent printing.
+
+The rules, one per head:
+
+    numbers            typed in the target dtype, ``DT(0.5)`` / ``float32(0.5)``: a bare
+                       ``0.5`` is a float64 and would promote float32 code
+    x**n, |n| <= 8     a product (x*x*x): exact, and no pow call
+    x**(±1/2)          math.sqrt
+    Max, Min           nested max/min
+    Heaviside          a conditional expression with typed branches
+    Piecewise          nested conditional expressions
+    symbp functions    ``_helper(...)`` where the backend's table has the function's
+                       ``helper``, else its ``formula``
+"""
+
+from __future__ import annotations
+
+import math
+
+import sympy as sp
+from sympy.printing.pycode import PythonCodePrinter
+
+from ..functions import Activation
+
+
+class ScalarPrinter(PythonCodePrinter):
+    """Scalar expressions in one dtype, for the Numba backends.
+
+    ``dt`` is the name the code calls to make a constant of the target dtype (``DT``,
+    ``float32``); ``used`` collects the helper names printed (a set the caller may share
+    between printers).  A subclass sets ``helpers`` (its table: helper name -> source)
+    and ``otherwise`` (the value of a Piecewise where no condition holds).
+    """
+
+    helpers: dict = {}
+    otherwise = "0"
+
+    def __init__(self, dt: str, used: set | None = None):
+        super().__init__({"fully_qualified_modules": True, "allow_unknown_functions": False})
+        self.dt = dt
+        self.used: set[str] = set() if used is None else used
+
+    # --- numbers: always in the target dtype ------------------------------------------------
+    def _typed(self, text: str) -> str:
+        """The constant spelled ``text`` (Python syntax) in the target dtype."""
+        return f"{self.dt}({text})"
+
+    def _num(self, value: float) -> str:
+        if math.isfinite(value):
+            return self._typed(repr(value))
+        return self._typed(("-" if value < 0 else "") + f"math.{abs(value)!r}")  # math.inf
+
+    def _print_Integer(self, e):
+        return self._typed(str(int(e)))
+
+    def _print_Rational(self, e):
+        return self._num(float(e))
+
+    def _print_Float(self, e):
+        return self._num(float(e))
+
+    def _print_NumberSymbol(self, e):
+        return self._num(float(e.evalf(20)))
+
+    # SymPy's code printers have their own (float64) rules for these constants
+    _print_Pi = _print_Exp1 = _print_EulerGamma = _print_NumberSymbol
+
+    # --- powers: products and square roots, no pow call where avoidable -------------------
+    def _print_Pow(self, e, rational=False):
+        b, p = e.args
+        if b == sp.E:  # an unevaluated e**x
+            return f"math.exp({self._print(p)})"
+        if p.is_Integer and 0 < abs(int(p)) <= 8:  # x**3 -> x*x*x: exact and no pow call
+            return self._int_pow(self.parenthesize(b, 100), int(p))
+        if p == sp.S.Half:
+            return f"math.sqrt({self._print(b)})"
+        if p == -sp.S.Half:
+            return self._recip(f"math.sqrt({self._print(b)})")
+        return f"math.pow({self._print(b)}, {self._print(p)})"
+
+    def _int_pow(self, base: str, n: int) -> str:
+        """base**n for a small integer n, base printed (and parenthesized if compound)."""
+        prod = "*".join([base] * abs(n))
+        prod = prod if abs(n) == 1 else f"({prod})"  # it may stand in a denominator
+        return prod if n > 0 else self._recip(prod)
+
+    def _recip(self, den: str) -> str:
+        """1/den with a typed 1."""
+        return f"{self._typed('1')}/{den}"
+
+    # --- piecewise heads: max/min and conditional expressions ------------------------------
+    def _print_Max(self, e):
+        out = self._print(e.args[0])
+        for a in e.args[1:]:
+            out = f"max({out}, {self._print(a)})"
+        return out
+
+    def _print_Min(self, e):
+        out = self._print(e.args[0])
+        for a in e.args[1:]:
+            out = f"min({out}, {self._print(a)})"
+        return out
+
+    def _print_Abs(self, e):
+        return f"abs({self._print(e.args[0])})"
+
+    def _zero_cmp(self) -> str:
+        """The zero a step compares its argument with."""
+        return self._typed("0")
+
+    def _print_Heaviside(self, e):
+        x = self._print(e.args[0])
+        h0 = e.args[1] if len(e.args) > 1 else sp.S.Half
+        one, zero, z = self._typed("1"), self._typed("0"), self._zero_cmp()
+        if h0 == 0:  # step(0) = 0: relu'(0) = 0, as in PyTorch
+            return f"({one} if {x} > {z} else {zero})"
+        if h0 == 1:
+            return f"({one} if {x} >= {z} else {zero})"
+        return f"({one} if {x} > {z} else ({self._print(h0)} if {x} == {z} else {zero}))"
+
+    def _print_Piecewise(self, e):
+        # (v1 if c1 else (v2 if c2 else ...)); without a final True condition: `otherwise`
+        *pairs, (last, cond) = e.args
+        if cond == sp.true:
+            out = self._print(last)
+        else:
+            out = self._typed(self.otherwise)
+            pairs.append((last, cond))
+        for value, c in reversed(pairs):
+            out = f"({self._print(value)} if {self._print(c)} else {out})"
+        return out
+
+    # --- functions: symbp's through the helper table, others through SymPy's rules ---------
+    def _print_Function(self, e):
+        # SymPy's dispatch skips base classes of a Function subclass, so symbp's functions
+        # are recognised here rather than by a _print_Activation method.
+        if not isinstance(e, Activation):
+            return self._print_other(e)
+        if e.helper in self.helpers:
+            return self._helper(e.helper, e.args)
+        if e.helper:
+            return self._missing_helper(e)
+        return self._print(e.expand_formula())
+
+    def _print_other(self, e):
+        """A function that is not symbp's: SymPy's Python rule (math.erf, ...)."""
+        return super()._print_Function(e)
+
+    def _missing_helper(self, e):
+        """A function whose helper this backend lacks: its formula computes the same."""
+        return self._print(e.expand_formula())
+
+    def _helper(self, name: str, args) -> str:
+        self.used.add(name)
+        return f"_{name}({', '.join(self._print(a) for a in args)})"
