@@ -117,11 +117,6 @@ def _tanh(x):
 ''',
 }
 
-_MATH = {"exp": "math.exp", "log": "math.log", "sqrt": "math.sqrt", "erf": "math.erf",
-         "sin": "math.sin", "cos": "math.cos", "erfc": "math.erfc", "log1p": "math.log1p",
-         "expm1": "math.expm1", "atan": "math.atan", "asinh": "math.asinh"}
-
-
 class NumbaPrinter(ScalarPrinter):
     """Scalar expressions for njit code: typed constants ``DT(...)``, helpers, no float64
     leaks (the shared rules: ``scalar.ScalarPrinter``).
@@ -162,9 +157,8 @@ class NumbaPrinter(ScalarPrinter):
         return f"{self._print(e.lhs)} {e.rel_op} {self._print(e.rhs)}"
 
     def _print_other(self, e):
+        # SymPy's printer already spells math.exp, math.erf, ...: what reaches here is unknown
         name = type(e).__name__
-        if name in _MATH:
-            return f"{_MATH[name]}({', '.join(self._print(a) for a in e.args)})"
         raise SymbpError(
             f"the Numba backends cannot print {e}: give {name} a `helper` or a `formula`"
         )

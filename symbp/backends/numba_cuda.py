@@ -32,7 +32,6 @@ reference backend, so the tests compare two independent printings.
 from __future__ import annotations
 
 import linecache
-import math
 import re
 
 import numpy
@@ -330,12 +329,6 @@ class CudaPrinter(ScalarPrinter):
 
     _print_Half = ScalarPrinter._print_Rational
 
-    def _print_Infinity(self, e):
-        return self._num(math.inf)
-
-    def _print_NegativeInfinity(self, e):
-        return self._num(-math.inf)
-
     def _print_Mul(self, e):
         # ½·√2·x prints as one typed constant times x: float32(0.7071067811865476)*x
         nums = [a for a in e.args if a.is_number]
@@ -354,10 +347,6 @@ class CudaPrinter(ScalarPrinter):
             "helper = None to print its formula"
         )
 
-    def _print_sign(self, e):
-        x = self._print(e.args[0])
-        one, zero = self._typed("1"), self._typed("0")
-        return f"({one} if {x} > {zero} else (-{one} if {x} < {zero} else {zero}))"
 
 
 # --- the generator ------------------------------------------------------------------------

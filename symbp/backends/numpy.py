@@ -99,7 +99,8 @@ def _line(a, ids, pr) -> str:
     if isinstance(e, sp.Transpose):
         return f"numpy.ascontiguousarray({op(e.arg)}.T)"
     if isinstance(e, Elementwise):
-        body = e.lam.expr.xreplace({v: sp.Symbol(op(x)) for v, x in zip(e.lam.variables, e.operands)})
+        names = {v: sp.Symbol(op(x)) for v, x in zip(e.lam.variables, e.operands)}
+        body = e.lam.expr.xreplace(names)
         return f"_full({pr.doprint(body)}, {_shape(pr, e.shape)})"
     if isinstance(e, AxisSum):
         return f"numpy.sum({op(e.args[0])}, axis={e.axis}, keepdims=True)"

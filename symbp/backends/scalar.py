@@ -51,6 +51,18 @@ class ScalarPrinter(PythonCodePrinter):
         """The constant spelled ``text`` (Python syntax) in the target dtype."""
         return f"{self.dt}({text})"
 
+    def _print_Infinity(self, e):
+        return self._num(math.inf)
+
+    def _print_NegativeInfinity(self, e):
+        return self._num(-math.inf)
+
+    def _print_sign(self, e):
+        # sign' appears when differentiating Abs; SymPy's own rule prints a float64 0.0
+        x = self._print(e.args[0])
+        one, zero = self._typed("1"), self._typed("0")
+        return f"({one} if {x} > {zero} else (-{one} if {x} < {zero} else {zero}))"
+
     def _num(self, value: float) -> str:
         if math.isfinite(value):
             return self._typed(repr(value))
