@@ -197,7 +197,7 @@ def compile_step(f, params, optimizer, target: str = "numpy", dtype=np.float64, 
     """
     mod = backend(target)
     if hasattr(mod, "build_step"):
-        dtype = np.dtype(dtype)
+        dtype = _float_dtype(dtype)
         return mod.build_step(gradient_program(f, params), optimizer, dtype=dtype,
                               target=target, **options)
     return Step(compile(f, params, target=target, dtype=dtype, **options), optimizer)
