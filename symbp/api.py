@@ -79,8 +79,8 @@ def grad(f, wrt):
 
 
 @dataclass
-class Compiled:
-    """A compiled loss-and-gradient function: ``value, grads = fn(**arrays)``."""
+class Forward:
+    """A compiled forward program: ``fn(**arrays)`` returns the expression's value."""
 
     program: Program
     target: str
@@ -92,15 +92,22 @@ class Compiled:
         return self.kernel.source
 
     @property
-    def wrt(self) -> tuple:
-        return self.program.wrt
-
-    @property
     def input_names(self) -> list[str]:
         return [s.name for s in self.program.inputs]
 
     def bind(self, arrays: dict) -> list:
         return bind_inputs(self.program, arrays, self.dtype)
+
+    def __call__(self, **arrays):
+        return self.kernel.fn(*self.bind(arrays))[0]
+
+
+class Compiled(Forward):
+    """A compiled loss-and-gradient function: ``value, grads = fn(**arrays)``."""
+
+    @property
+    def wrt(self) -> tuple:
+        return self.program.wrt
 
     def __call__(self, **arrays):
         out = self.kernel.fn(*self.bind(arrays))
@@ -109,10 +116,7 @@ class Compiled:
 
 
 def _shaped(g, w, dtype):
-    if is_matrix(w):
-        g = np.asarray(g, dtype=dtype)
-        return g
-    return dtype.type(g)
+    return np.asarray(g, dtype=dtype) if is_matrix(w) else dtype.type(g)
 
 
 def compile(f, wrt, target: str = "numpy", dtype=np.float64, **options) -> Compiled:
@@ -135,23 +139,6 @@ def _float_dtype(dtype) -> np.dtype:
     if d not in (np.float32, np.float64):
         raise SymbpError(f"dtype must be float32 or float64, not {dtype!r}")
     return d
-
-
-@dataclass
-class Forward:
-    """A compiled forward program: ``fn(**arrays)`` returns the expression's value."""
-
-    program: Program
-    target: str
-    dtype: np.dtype
-    kernel: object
-
-    @property
-    def source(self) -> str:
-        return self.kernel.source
-
-    def __call__(self, **arrays):
-        return self.kernel.fn(*bind_inputs(self.program, arrays, self.dtype))[0]
 
 
 def compile_forward(expr, target: str = "numpy", dtype=np.float64, **options) -> Forward:
