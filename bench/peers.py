@@ -113,12 +113,13 @@ def symbp_expr(name):
     return L, params
 
 
-def run_symbp(name, target, repeats):
+def run_symbp(name, target, repeats, **options):
     import symbp as sb
 
     L, params = symbp_expr(name)
     w = WORKLOADS[name]
-    step = sb.compile_step(L, params, sb.SGD(w["lr"]), target=target, dtype=np.float32)
+    step = sb.compile_step(L, params, sb.SGD(w["lr"]), target=target, dtype=np.float32,
+                           **options)
     P = init(name)
     bs = batches(name)
     first = step(P, X=bs[0][0], T=bs[0][1])
@@ -234,6 +235,8 @@ def run_jax(name, repeats):
 
 
 def worker(fw, name, repeats):
+    if fw == "symbp-cpu-blas2":  # opt-in: two BLAS threads, for an otherwise idle machine
+        return run_symbp(name, "cpu", repeats, blas_threads=2)
     if fw.startswith("symbp-"):
         return run_symbp(name, fw.split("-")[1], repeats)
     return {"numpy": run_numpy, "torch-eager": run_torch, "jax-jit": run_jax}[fw](name, repeats)
