@@ -3,7 +3,7 @@
 A checkpoint is written atomically: to a temporary file in the same directory, flushed
 and fsync'ed, then moved over the old one with ``os.replace`` (atomic on POSIX and
 Windows).  A process killed mid-write therefore leaves the previous checkpoint intact;
-at worst a stray ``.<name>.*.tmp`` file remains beside it.
+at worst a stray ``.<name>.*.tmp`` file remains beside it, removed by the next save.
 
 Loading trusts nothing: the file must be a complete zip of ``.npy`` members with numeric
 or text dtypes (``allow_pickle=False``: an object array is refused, its pickle never
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,20 @@ def save(path, arrays: dict, meta: dict | None = None) -> Path:
             pass
         raise
     _fsync_dir(path.parent)
+    _remove_stale(path)
     return path
+
+
+def _remove_stale(path: Path, age: float = 60.0) -> None:
+    # Temp files of this checkpoint left by a writer that was killed; young ones may still
+    # belong to a concurrent writer, so only those older than `age` seconds go.
+    now = time.time()
+    for f in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if now - f.stat().st_mtime > age:
+                f.unlink()
+        except OSError:
+            pass
 
 
 def _fsync_dir(d: Path) -> None:

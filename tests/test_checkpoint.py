@@ -208,3 +208,16 @@ def test_process_killed_mid_write_leaves_a_loadable_checkpoint(tmp_path):
         assert np.all(c.arrays["W"] == float(k))
     leftovers = [f for f in os.listdir(tmp_path) if f != "run.npz"]
     assert all(f.startswith(".run.npz.") and f.endswith(".tmp") for f in leftovers)
+
+
+def test_next_save_removes_temp_files_left_by_a_killed_writer(tmp_path):
+    path = tmp_path / "m.npz"
+    ckpt.save(path, {"w": np.ones(3)})
+    stale, fresh = tmp_path / ".m.npz.dead.tmp", tmp_path / ".m.npz.busy.tmp"
+    stale.write_bytes(b"half a zip")
+    fresh.write_bytes(b"another writer, still going")
+    os.utime(stale, (time.time() - 600, time.time() - 600))
+    ckpt.save(path, {"w": np.zeros(3)})
+    assert not stale.exists()  # left by a dead writer: gone
+    assert fresh.exists()  # young: may belong to a concurrent writer, kept
+    assert (ckpt.load(path).arrays["w"] == 0).all()
