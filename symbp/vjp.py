@@ -29,6 +29,7 @@ from .matrix import (
 )
 
 _G, _Y, _S, _T, _N = sp.symbols("_g _y _s _t _n", real=True)
+OWN = _Y  # the node's own value in a map's local derivative: σ' = OWN (1 − OWN)
 
 
 def tr(M):

@@ -39,7 +39,7 @@ from ..matrix import (
     is_matrix,
     placeholders,
 )
-from ..vjp import _Y, broadcast, local_factor, vjp
+from ..vjp import OWN, broadcast, local_factor, vjp
 from . import tex as T
 
 
@@ -536,8 +536,8 @@ def _vjp(e, G, acc: dict, b: _Builder, own=None):
             d = d * scale
             body = m.lam.expr
             if b.symbolic_sigma and own is not None and body.is_Function and d != 1 \
-                    and len(m.operands) == 1:
-                return _Y, (_Y,), (_activation_derivative(body, m, own, d, _Y, b),)
+                    and len(m.operands) == 1:  # Ḡ ⊙ σ′(Z), σ′(Z) a named factor
+                return OWN, (OWN,), (_activation_derivative(body, m, own, d, OWN, b),)
             return local_factor(m, d, own)
     # softmax(Z) reads better than exp(log_softmax(Z)): no own value for LogSoftmax
     y = None if isinstance(e, LogSoftmax) else own
