@@ -5,7 +5,8 @@ send it, ``v̄_i = Σ_j v̄_j ∂v_j/∂v_i`` (Werbos' ordered derivative ∂⁺
 that depend on a ``wrt`` input get adjoints, so the cost is a constant factor of the
 forward program: O(V + E).
 
-Vocabulary in the rules: ``y`` the node's value, ``g`` its adjoint (incoming gradient).
+The rules, one per head, live in symbp/vjp.py (the printed derivations use the same
+table); here each nested head of a rule's contribution becomes one assignment.
 """
 
 from __future__ import annotations
@@ -14,35 +15,20 @@ import sympy as sp
 
 from .errors import SymbpError
 from .ir import Assign, Program, _names_in, is_constant, make_map, verify
-from .matrix import (
-    AxisSum,
-    Elementwise,
-    LogSoftmax,
-    Softmax,
-    SoftmaxCrossEntropy,
-    Total,
-    is_matrix,
-    placeholders,
-)
-
-
-def _tr(op):
-    """Transpose of a product operand, dropping double transposes."""
-    return op.arg if isinstance(op, sp.Transpose) else sp.Transpose(op)
-
-
-def _base(op):
-    return op.arg if isinstance(op, sp.Transpose) else op
+from .matrix import AxisSum, Elementwise, LogSoftmax, Softmax, Total, is_matrix, placeholders
+from .vjp import broadcast, vjp
 
 
 class _Reverse:
-    def __init__(self, p: Program):
+    def __init__(self, p: Program, dep: set):
         self.p = p
+        self.dep = dep
         self.body: list[Assign] = list(p.body)
         self.reserved = {str(n) for n in p.inputs + p.dims} | {str(a.name) for a in p.body}
         self.count = 0
         self.contrib: dict = {}
         self.adjoint: dict = {}
+        self.grads: set = set()  # names of adjoint values (the rest of the helpers are aux)
 
     def fresh(self, shape=None):
         while True:
@@ -82,132 +68,48 @@ class _Reverse:
         self.adjoint[name] = g
         return g
 
-    def scalar_arg(self, x, of):
-        """A size such as N as a map argument: a constant, a name, or emitted."""
-        x = sp.sympify(x)
-        if is_constant(x) or isinstance(x, sp.Symbol):
-            return x
-        return self.emit(x, of, role="aux")
+    def wants(self, x) -> bool:
+        if isinstance(x, (sp.Symbol, sp.MatrixSymbol)):
+            return x in self.dep
+        return any(n in self.dep for n in _names_in(x))
 
-    def reduce_to(self, value, shape, of):
-        """Sum a broadcast adjoint back down to the argument's shape (None = scalar)."""
-        full = value.shape
-        if shape is None:
-            return self.emit(Total(value), of)
-        if shape[0] == 1 and full[0] != 1:
-            value = self.emit(AxisSum(value, 0), of)
-        if shape[1] == 1 and full[1] != 1:
-            value = self.emit(AxisSum(value, 1), of)
-        return value
+    def rule(self, a: Assign, g):
+        """Send the adjoint ``g`` of assignment ``a`` to what it reads (the shared table)."""
+        for x, c in vjp(a.expr, a.name, g, self.wants):
+            self.route(x, c)
 
-    # --- rules, one per head -------------------------------------------------------------
-    def rule(self, a: Assign, g, dep):
-        y, e = a.name, a.expr
-        if isinstance(e, sp.MatMul):
-            A, B = e.args
-            G = g
-            if _base(A) in dep:  # C = A B  =>  Ā += Ḡ Bᵀ
-                vjp = sp.MatMul(B, _tr(G)) if isinstance(A, sp.Transpose) else sp.MatMul(G, _tr(B))
-                self.send(_base(A), self.emit(vjp, _base(A)))
-            if _base(B) in dep:  # B̄ += Aᵀ Ḡ
-                vjp = sp.MatMul(_tr(G), A) if isinstance(B, sp.Transpose) else sp.MatMul(_tr(A), G)
-                self.send(_base(B), self.emit(vjp, _base(B)))
-        elif isinstance(e, sp.Transpose):
-            self.send(e.arg, self.emit(sp.Transpose(g), e.arg))
-        elif isinstance(e, Elementwise):
-            self.map_rule(a, g, dep)
-        elif isinstance(e, AxisSum):  # broadcast the row/column adjoint back
-            x = e.args[0]
-            self.send(x, self.emit(make_map(sp.Lambda(placeholders(1), placeholders(1)[0]),
-                                            x.shape, [g]), x))
-        elif isinstance(e, Total):  # every entry gets g
-            x = e.args[0]
-            self.send(x, self.emit(make_map(sp.Lambda(placeholders(1), placeholders(1)[0]),
-                                            x.shape, [g]), x))
-        elif isinstance(e, Softmax):  # z̄ = y ⊙ (ḡ − rowsum(ḡ ⊙ y))
-            z = e.args[0]
-            gv, yv, sv = placeholders(3)
-            gy = self.emit(make_map(sp.Lambda((gv, yv), gv * yv), y.shape, [g, y]), z)
-            s = self.emit(AxisSum(gy, 1), z)
-            self.send(z, self.emit(make_map(sp.Lambda((gv, yv, sv), yv * (gv - sv)),
-                                            y.shape, [g, y, s]), z))
-        elif isinstance(e, LogSoftmax):  # z̄ = ḡ − softmax(z) ⊙ rowsum(ḡ)
-            z = e.args[0]
-            gv, yv, sv = placeholders(3)
-            s = self.emit(AxisSum(g, 1), z)
-            self.send(z, self.emit(make_map(sp.Lambda((gv, yv, sv), gv - sp.exp(yv) * sv),
-                                            y.shape, [g, y, s]), z))
-        elif isinstance(e, SoftmaxCrossEntropy):
-            Z, T = e.args
-            n = self.scalar_arg(Z.shape[0], Z)
-            sv, tv, gv, nv = placeholders(4)
-            if Z in dep:  # Z̄ = g (Y − T)/N: softmax followed by cross-entropy
-                Y = self.emit(Softmax(Z), Z, role="aux")
-                self.send(Z, self.emit(make_map(sp.Lambda((sv, tv, gv, nv), gv * (sv - tv) / nv),
-                                                Z.shape, [Y, T, g, n]), Z))
-            if T in dep:  # T̄ = −g Z/N
-                self.send(T, self.emit(make_map(sp.Lambda((sv, gv, nv), -gv * sv / nv),
-                                                Z.shape, [Z, g, n]), T))
+    def route(self, x, c):
+        """A name takes contribution ``c`` (its heads assigned); a transpose passes it on."""
+        if isinstance(x, (sp.Symbol, sp.MatrixSymbol)):
+            if is_matrix(x) and not is_matrix(c):
+                c = broadcast(c, x.shape)
+            self.send(x, self.assign(c, x))
         else:
-            self.scalar_rule(a, g, dep)
+            for y, cy in vjp(x, None, c, self.wants):
+                self.route(y, cy)
 
-    def scalar_rule(self, a: Assign, g, dep):
-        y, e = a.name, a.expr
-        for x in _names_in(e):
-            if x not in dep:
-                continue
-            d = _linear_partial(e, x)
-            if d is None:
-                d = sp.diff(e, x)
-            if isinstance(e, (sp.Function, sp.Pow)):
-                d = d.xreplace({e: y})  # reuse the node's own value: tanh' = 1 - y**2
-            if d != 0:
-                self.send(x, self.emit(g * d, x))
+    def assign(self, e, of, nested=False):
+        """``e`` as a name or constant: each head in it one assignment, innermost first.
 
-    def map_rule(self, a: Assign, g, dep):
-        y, e = a.name, a.expr
-        lam, args = e.lam, e.operands
-        body = lam.expr
-        yv = sp.Symbol("_y", real=True)
-        gv = sp.Symbol("_g", real=True)
-        for v, x in zip(lam.variables, args):
-            if x not in dep:
-                continue
-            d = sp.diff(body, v)
-            if body.is_Function or body.is_Pow:
-                d = d.xreplace({body: yv})
-            if d == 0:
-                continue
-            shape = tuple(x.shape) if is_matrix(x) else None
-            if d == 1:
-                vjp = g
-            else:
-                vs = (gv, *lam.variables, yv)
-                vjp = self.emit(make_map(sp.Lambda(vs, gv * d), e.shape, [g, *args, y]), x)
-            if shape is None or tuple(shape) != tuple(e.shape):
-                vjp = self.reduce_to(vjp, shape, x)
-            self.send(x, vjp)
-
-
-def _linear_partial(e, x):
-    """∂e/∂x read off a sum or product in which ``x`` is one plain argument, else None.
-
-    Sums and products are most heads of a network (z = Σ w·h + b); sympy.diff on them
-    costs ~1 ms each through its assumption system, which made the reverse pass of a
-    depth-8 tanh net miss its 0.2 s target (bench/swell.py)."""
-    if e.is_Add and e.args.count(x) == 1 and all(
-        a == x or not a.has(x) for a in e.args
-    ):
-        return sp.Integer(1)  # ∂(x + r)/∂x = 1
-    if e.is_Mul and e.args.count(x) == 1 and all(a == x or not a.has(x) for a in e.args):
-        return sp.Mul(*[a for a in e.args if a != x])  # ∂(x·r)/∂x = r
-    if e.is_Pow and e.base == x and not e.exp.has(x):
-        return e.exp * x ** (e.exp - 1)  # ∂xⁿ/∂x = n xⁿ⁻¹
-    if isinstance(e, sp.Function) and e.args.count(x) == 1 and all(
-        a == x or not a.has(x) for a in e.args
-    ):
-        return e.fdiff(e.args.index(x) + 1)  # the function's own derivative row
-    return None
+        A product keeps its transposed operands (``g2*W2.T``); a nested helper that reads
+        no adjoint (softmax(Z) for cross-entropy, a size) is an aux value."""
+        if isinstance(e, (sp.Symbol, sp.MatrixSymbol)) or is_constant(e):
+            return e
+        if isinstance(e, sp.MatMul):
+            args = [sp.Transpose(self.assign(a.arg, of, True)) if isinstance(a, sp.Transpose)
+                    else self.assign(a, of, True) for a in e.args]
+            e = sp.MatMul(*args) if args != list(e.args) else e
+        elif isinstance(e, Elementwise):
+            ops = [self.assign(o, of, True) for o in e.operands]
+            e = Elementwise(e.lam, e.shape, *ops) if ops != list(e.operands) else e
+        elif isinstance(e, (AxisSum, Total, Softmax, LogSoftmax, sp.Transpose)):
+            x = self.assign(e.args[0], of, True)
+            e = e.func(x, *e.args[1:]) if x != e.args[0] else e
+        adj = not nested or any(n in self.grads for n in _names_in(e))
+        name = self.emit(e, of, role="adjoint" if adj else "aux")
+        if adj:
+            self.grads.add(name)
+        return name
 
 
 def grad(p: Program, wrt) -> Program:
@@ -248,12 +150,14 @@ def grad(p: Program, wrt) -> Program:
     for a in p.body:
         if any(n in dep for n in _names_in(a.expr)):
             dep.add(a.name)
-    r = _Reverse(p)
+    r = _Reverse(p, dep)
     if loss in dep:
         r.send(loss, sp.Integer(1))
     for a in reversed(p.body):
         if a.name in dep and a.name in r.contrib:
-            r.rule(a, r.total(a.name), dep)
+            g = r.total(a.name)
+            r.grads.add(g)
+            r.rule(a, g)
     grads = tuple(r.total(w) for w in wrt)
     out = Program(p.inputs, p.dims, tuple(r.body), (loss, *grads), wrt,
                   meta={"adjoint": dict(r.adjoint), "forward": len(p.body)})

@@ -31,7 +31,6 @@ from ..api import _wrt_tuple, gradient_program
 from ..errors import SymbpError
 from ..ir import Program, _names_in, is_constant, make_map
 from ..matrix import (
-    AxisSum,
     Elementwise,
     LogSoftmax,
     Softmax,
@@ -40,6 +39,7 @@ from ..matrix import (
     is_matrix,
     placeholders,
 )
+from ..vjp import OWN, broadcast, local_factor, vjp
 from . import tex as T
 
 
@@ -474,16 +474,8 @@ class _Builder:
     def local(self, s, up):
         """(leaf, term) pairs: what the named value ``s`` sends to each value it reads."""
         e = self.group[s]
-        if not self.matrix:
-            out = []
-            leaves = [x for x in _names_in(e) if x in self.dep]
-            for x in leaves:
-                d = sp.diff(e, x)
-                if isinstance(e, (sp.Function, sp.Pow)):
-                    d = d.xreplace({e: s})  # in terms of the node's own value: σ' = y(1 − y)
-                if d != 0:
-                    out.append((x, (up, d)))
-            return out
+        if not self.matrix:  # (upstream, local) pairs: σ' in the node's own value, y(1 − y)
+            return [(x, (up, d)) for x, d in vjp(e, s, sp.Integer(1), self.dep.__contains__)]
         acc: dict = {}
         _vjp(e, up, acc, self, own=s)
         return [(x, t) for x, ts in acc.items() for t in ts]
@@ -521,114 +513,37 @@ def _sum_terms(terms, target):
 # --- the matrix chain rule, on display formulas -----------------------------------------------
 
 
-def _tr(M):
-    if isinstance(M, sp.Transpose):
-        return M.arg
-    if isinstance(M, sp.MatMul):
-        return sp.MatMul(*[_tr(a) for a in reversed(M.args)])
-    return sp.Transpose(M)
-
-
 def _depends(e, b: _Builder) -> bool:
     return any(x in b.dep for x in _names_in(e))
 
 
-def _broadcast(G, shape):
-    """A scalar upstream spread over a matrix of ``shape``: every entry gets G."""
-    if is_matrix(G):
-        return G
-    return make_map(sp.Lambda(placeholders(1), placeholders(1)[0]), shape, [G])
-
-
 def _vjp(e, G, acc: dict, b: _Builder, own=None):
-    """Send upstream ``G`` through display formula ``e`` down to its named leaves."""
+    """Send upstream ``G`` through display formula ``e`` down to its named leaves, by the
+    rules of symbp/vjp.py; the display refinements are the ``local`` factor below."""
     if isinstance(e, (sp.Symbol, sp.MatrixSymbol)):
         if e in b.dep:
-            acc.setdefault(e, []).append(_broadcast(G, e.shape) if is_matrix(e) else G)
+            acc.setdefault(e, []).append(broadcast(G, e.shape) if is_matrix(e) else G)
         return
     if not _depends(e, b):
         return
-    if isinstance(e, sp.MatMul):  # C = A B:  Ā = Ḡ Bᵀ,  B̄ = Aᵀ Ḡ
-        A, B = e.args[0], sp.MatMul(*e.args[1:]) if len(e.args) > 2 else e.args[1]
-        G = _broadcast(G, e.shape)
-        _vjp(A, sp.MatMul(G, _tr(B)), acc, b)
-        _vjp(B, sp.MatMul(_tr(A), G), acc, b)
-    elif isinstance(e, sp.Transpose):
-        _vjp(e.arg, _tr(_broadcast(G, e.shape)), acc, b)
-    elif isinstance(e, Elementwise):
-        _vjp_map(e, G, acc, b, own)
-    elif isinstance(e, AxisSum):  # every entry of the summed axis gets the same Ḡ
-        x = e.args[0]
-        _vjp(x, make_map(sp.Lambda(placeholders(1), placeholders(1)[0]), x.shape, [G]), acc, b)
-    elif isinstance(e, Total):
-        _vjp(e.args[0], G, acc, b)
-    elif isinstance(e, SoftmaxCrossEntropy):  # Z̄ = Ḡ (Y − T)/N: softmax then cross-entropy
-        Z, Tt = e.args
-        Y = b.softmax_names.get(Z, Softmax(Z))
-        n = Z.shape[0]
-        gv, yv, tv = placeholders(3)
-        _vjp(Z, make_map(sp.Lambda((gv, yv, tv), gv * (yv - tv) / n), Z.shape, [G, Y, Tt]),
-             acc, b)
-        if _depends(Tt, b):
-            _vjp(Tt, make_map(sp.Lambda((gv, yv), -gv * yv / n), Z.shape, [G, Z]), acc, b)
-    elif isinstance(e, Softmax):  # Z̄ = Y ⊙ (Ḡ − (Ḡ ⊙ Y)𝟏)
-        gv, yv, sv = placeholders(3)
-        Y = own if own is not None else e
-        s = AxisSum(make_map(sp.Lambda((gv, yv), gv * yv), e.shape, [G, Y]), 1)
-        _vjp(e.args[0], make_map(sp.Lambda((gv, yv, sv), yv * (gv - sv)), e.shape, [G, Y, s]),
-             acc, b)
-    elif isinstance(e, LogSoftmax):  # Z̄ = Ḡ − softmax(Z) ⊙ (Ḡ𝟏)
-        gv, yv, sv = placeholders(3)
-        _vjp(e.args[0], make_map(sp.Lambda((gv, yv, sv), gv - yv * sv), e.shape,
-                                 [G, Softmax(e.args[0]), AxisSum(G, 1)]), acc, b)
-    elif not is_matrix(e):  # scalar arithmetic over Totals: ordinary partial derivatives
-        for x in set(e.args):
-            if not isinstance(x, sp.Basic) or is_constant(x) or not _depends(x, b):
-                continue
-            D = sp.Dummy("d", real=True)
-            d = sp.diff(e.xreplace({x: D}), D).xreplace({D: x})
-            if own is not None and isinstance(e, (sp.Function, sp.Pow)):
-                d = d.xreplace({e: own})
-            if d != 0:
-                _vjp(x, G * d, acc, b)
-    else:
-        raise SymbpError(f"derive: no display rule for the matrix head {type(e).__name__} in {e}")
+    local = None
+    if isinstance(e, Elementwise):
+        scale = sp.Integer(1)
+        if not is_matrix(G) and not (set(_names_in(G)) - b.dims):
+            scale, G = G, sp.Integer(1)  # a size such as 1/(NC) joins the formula
 
-
-def _vjp_map(e: Elementwise, G, acc, b: _Builder, own):
-    body, vs, args = e.lam.expr, e.lam.variables, e.operands
-    yv, gv = sp.Dummy("y", real=True), sp.Dummy("g", real=True)
-    for v, x in zip(vs, args):
-        if not _depends(x, b):
-            continue
-        d = sp.factor_terms(sp.diff(body, v))  # 2(y − t), not 2y − 2t
-        if own is not None and (body.is_Function or body.is_Pow):
-            d = d.xreplace({body: yv})  # in terms of the node's own value: H ⊙ (1 − H)
-        if d == 0:
-            continue
-        if not is_matrix(G) and not (_names_in(G) and set(_names_in(G)) - b.dims):
-            d, G1 = d * G, sp.Integer(1)  # a size such as 1/(NC) joins the formula
-        else:
-            G1 = G
-        if d == 1:
-            C = G1
-        elif b.symbolic_sigma and own is not None and body.is_Function and len(args) == 1:
-            D = _activation_derivative(body, e, own, d, yv, b)
-            C = make_map(sp.Lambda((gv, yv), gv * yv), e.shape, [G1, D])
-        else:
-            C = make_map(sp.Lambda((gv, *vs, yv), gv * d), e.shape,
-                         [G1, *args, own if own is not None else e])
-        if is_matrix(C) and tuple(C.shape) != tuple(e.shape):
-            C = _broadcast(C, e.shape)
-        shape = tuple(x.shape) if is_matrix(x) else None
-        if shape is None:
-            C = Total(_broadcast(C, e.shape))
-        else:
-            if shape[0] == 1 and e.shape[0] != 1:
-                C = AxisSum(_broadcast(C, e.shape), 0)
-            if shape[1] == 1 and e.shape[1] != 1:
-                C = AxisSum(C, 1)
-        _vjp(x, C, acc, b)
+        def local(m, d):
+            d = d * scale
+            body = m.lam.expr
+            if b.symbolic_sigma and own is not None and body.is_Function and d != 1 \
+                    and len(m.operands) == 1:  # Ḡ ⊙ σ′(Z), σ′(Z) a named factor
+                return OWN, (OWN,), (_activation_derivative(body, m, own, d, OWN, b),)
+            return local_factor(m, d, own)
+    # softmax(Z) reads better than exp(log_softmax(Z)): no own value for LogSoftmax
+    y = None if isinstance(e, LogSoftmax) else own
+    soft = {Softmax(Z): Y for Z, Y in b.softmax_names.items()}
+    for x, c in vjp(e, y, G, lambda x: _depends(x, b), local):
+        _vjp(x, c.xreplace(soft) if soft else c, acc, b)
 
 
 def _activation_derivative(body, e, own, d, yv, b: _Builder):
