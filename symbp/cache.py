@@ -38,7 +38,11 @@ def digest(source: str) -> str:
 
 
 def path_for(source: str) -> Path:
-    return cache_dir() / f"gen_{digest(source)}.py"
+    return _path(cache_dir(), digest(source))
+
+
+def _path(d: Path, key: str) -> Path:
+    return d / f"gen_{key}.py"
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -93,7 +97,7 @@ def load(source: str) -> ModuleType:
             f"cannot create the symbp cache directory {d} ({err}): set SYMBP_CACHE_DIR "
             "to a writeable directory"
         ) from err
-    path = d / f"gen_{key}.py"
+    path = _path(d, key)
     name = f"symbp_gen_{key[:20]}"
     _ensure_file(path, source)
     try:

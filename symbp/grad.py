@@ -21,7 +21,6 @@ from .vjp import broadcast, vjp
 
 class _Reverse:
     def __init__(self, p: Program, dep: set):
-        self.p = p
         self.dep = dep
         self.body: list[Assign] = list(p.body)
         self.reserved = {str(n) for n in p.inputs + p.dims} | {str(a.name) for a in p.body}

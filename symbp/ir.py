@@ -68,9 +68,6 @@ class Program:
     wrt: tuple[Name, ...] = ()
     meta: dict = field(default_factory=dict, compare=False)
 
-    def shape_of(self, name) -> tuple | None:
-        return tuple(name.shape) if is_matrix(name) else None
-
     def __str__(self) -> str:
         lines = [f"inputs  {', '.join(map(str, self.inputs))}   dims {self.dims}"]
         for a in self.body:

@@ -823,7 +823,6 @@ class FusedStep:
         self._ws = _Workspace(layout["scratch"], p.dims, self.dtype)
         self._state_keys = [(b, w.name) for b, w in layout["state"]]
         self._wsa = np.empty(0, self.dtype)  # the workspace: grown by _bind when too small
-        self._dt = self.dtype.type
         self._names = [(name, is_p) for name, is_p, _ in self._spec]
         self._scalar_params = [is_p and not is_m for _, is_p, is_m in self._spec]
         if not any(self._scalar_params):
