@@ -217,6 +217,30 @@ def test_fused_step_matches_reference(opt, dtype):
         for k in names:
             np.testing.assert_allclose(step.state[buf][k], ref.state[buf][k], **TOL[dtype])
     assert "train_step" in step.source
+    # SGD and momentum add W1's gradient product straight into W1 (or its velocity)
+    fused = "added into the update by BLAS" in step.source
+    assert fused == (opt in ("sgd", "momentum"))
+
+
+@pytest.mark.parametrize("opt", ["sgd", "momentum"])
+def test_fused_update_never_reads_an_updated_parameter(opt):
+    """L = mse(A*B, T): A's gradient product reads B and B's reads A, so adding either into
+    its parameter would let the other product see the new value.  Both stay stored
+    gradients; the steps match the reference."""
+    A, B = sp.MatrixSymbol("A", 6, 5), sp.MatrixSymbol("B", 5, 4)
+    T = sp.MatrixSymbol("T", 6, 4)
+    f = sb.mse(A * B, T)
+    step = sb.compile_step(f, [A, B], OPTIMIZERS[opt], target="cpu", dtype=np.float64)
+    ref = sb.compile_step(f, [A, B], OPTIMIZERS[opt], target="numpy", dtype=np.float64)
+    assert "added into the update" not in step.source and "_gemm(" in step.source
+    rng = np.random.default_rng(4)
+    p1 = {"A": rng.standard_normal((6, 5)), "B": rng.standard_normal((5, 4))}
+    p2 = {k: v.copy() for k, v in p1.items()}
+    t = rng.standard_normal((6, 4))
+    for _ in range(3):
+        np.testing.assert_allclose(step(p1, T=t), ref(p2, T=t), **TOL[np.float64])
+    for k in p1:
+        np.testing.assert_allclose(p1[k], p2[k], **TOL[np.float64], err_msg=k)
 
 
 def test_step_batch_sizes_and_shapes_checked_in_the_kernel():
@@ -310,7 +334,11 @@ def test_float32_code_stays_float32():
                                                  cache=False))
     kern = fn.kernel.fn.kernel
     (sig,) = kern.signatures
-    assert all(getattr(t, "dtype", t) in (numba.float32, numba.int64) for t in sig)
+    # float32 arrays and int64 sizes; float64 only for the accumulators' array _f64
+    f64 = kern.py_func.__code__.co_varnames.index("_f64")
+    assert sig[f64] == numba.float64[::1]
+    assert all(getattr(t, "dtype", t) in (numba.float32, numba.int64)
+               for k, t in enumerate(sig) if k != f64)
     assert not float64_lines(fn)
     # every literal in the kernels is typed: DT(…) or ACC(…), or an index
     sfn = compiled(("scalar", np.float32), lambda: sb.compile(
@@ -359,3 +387,38 @@ def test_unknown_option_is_named():
         sb.compile(sb.sigmoid(w * x), [w], target="cpu", fastmath=True)
     with pytest.raises(sb.SymbpError, match="blas_threads"):
         sb.compile(sb.sigmoid(w * x), [w], target="cpu", blas_threads=0)
+
+
+# --- the BLAS product the kernels call ----------------------------------------------------
+
+
+def test_gemm_every_layout_alpha_beta_and_empty_sizes():
+    """symbp.backends.blas.gemm: C = alpha A@B + beta C for C and F (transposed) operands,
+    both dtypes, empty sizes; a size mismatch is a ValueError, not a wrong answer."""
+    from numba import njit
+
+    from symbp.backends.blas import gemm
+
+    kernels = {
+        "nn": njit(lambda a, b, c, al, be: gemm(a, b, c, al, be)),
+        "tn": njit(lambda a, b, c, al, be: gemm(a.T, b, c, al, be)),
+        "nt": njit(lambda a, b, c, al, be: gemm(a, b.T, c, al, be)),
+        "tt": njit(lambda a, b, c, al, be: gemm(a.T, b.T, c, al, be)),
+    }
+    rng = np.random.default_rng(0)
+    for dt in (np.float32, np.float64):
+        for m, k, n in [(3, 4, 5), (33, 70, 17), (0, 3, 4), (3, 0, 4), (1, 1, 1)]:
+            A = rng.standard_normal((m, k)).astype(dt)
+            B = rng.standard_normal((k, n)).astype(dt)
+            C0 = rng.standard_normal((m, n)).astype(dt)
+            want = -0.5 * (A.astype(np.float64) @ B) + 2.0 * C0
+            for form, f in kernels.items():
+                a = np.ascontiguousarray(A.T) if form[0] == "t" else A
+                b = np.ascontiguousarray(B.T) if form[1] == "t" else B
+                C = C0.copy()
+                f(a, b, C, -0.5, 2.0)
+                np.testing.assert_allclose(C, want, **TOL[dt], err_msg=f"{form} {m}x{k}x{n}")
+    with pytest.raises(ValueError, match="sizes"):
+        kernels["nn"](np.zeros((2, 3)), np.zeros((4, 5)), np.zeros((2, 5)), 1.0, 0.0)
+    with pytest.raises(ValueError, match="sizes"):
+        kernels["nn"](np.zeros((2, 3)), np.zeros((3, 5)), np.zeros((2, 4)), 1.0, 0.0)

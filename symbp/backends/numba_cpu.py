@@ -4,7 +4,8 @@ A Program becomes one Python module of readable source (``fn.source``), imported
 content-hashed file so Numba caches the machine code on disk (``symbp.cache``).  The
 lowering, one rule per head:
 
-    MatMul         np.dot(A, B, out): BLAS, operands such as X.T transposed for free
+    MatMul         _gemm(A, B, out, 1, 0) (symbp.backends.blas): BLAS, operands such as
+                   X.T transposed for free
     Elementwise    one loop nest; maps read only by sums (Total, AxisSum) are never
                    stored, their sums accumulate (in float64) in the same loop
     AxisSum/Total  float64 accumulator loops
@@ -49,6 +50,7 @@ from ..matrix import (
 )
 from ..passes import optimize
 from . import Kernel, identifiers
+from .blas import VERSION as GEMM_VERSION
 from .scalar import ScalarPrinter
 
 # --- the table: one stable njit scalar routine per `helper` name ---------------------------
@@ -100,7 +102,8 @@ HELPERS_F32 = {
     "tanh": '''
 def _tanh(x):
     # Eigen's float tanh: p(x)/q(x) on [-7.9, 7.9]; x itself below 4e-4
-    x = max(min(x, DT(7.90531110763549805)), DT(-7.90531110763549805))
+    x = DT(7.90531110763549805) if x > DT(7.90531110763549805) else x  # NaN stays NaN
+    x = DT(-7.90531110763549805) if x < DT(-7.90531110763549805) else x
     x2 = x * x
     p = DT(-2.76076847742355e-16)
     p = p * x2 + DT(2.00018790482477e-13)
@@ -168,8 +171,8 @@ class NumbaPrinter(ScalarPrinter):
 
 
 # names the kernel's module uses: a user symbol called `np` or `max` must not shadow them
-_RESERVED = {"math", "np", "njit", "prange", "DT", "ACC", "range", "max", "min", "abs",
-             "float", "int", "True", "False", "None"}
+_RESERVED = {"math", "np", "njit", "prange", "DT", "ACC", "_gemm", "_f64", "range", "max", "min",
+             "abs", "float", "int", "True", "False", "None"}
 
 
 def _safe(ids: dict) -> dict:
@@ -228,6 +231,10 @@ class _Gen:
         self.done: set = set()
         self.buffers: list = []  # matrix names the kernel writes: passed in preallocated
         self.scalar_params = [w for w in p.wrt if not is_matrix(w)] if update else []
+        # the float64 array _f64: a step's optimizer constants, then the fixed accumulators
+        self.f64_base = len(hyper_values(update)) if update is not None else 0
+        self.acc64: list[int] = []
+        self.into = self.fusable_updates(update)  # gradient name -> parameter
 
     # --- printing helpers -----------------------------------------------------------------
     def printer(self, extra=None) -> NumbaPrinter:
@@ -257,6 +264,20 @@ class _Gen:
             self.buffers.append(name)
         return self.ids[name]
 
+    def acc_vector(self, acc, n):
+        """A zeroed float64 accumulator of length n: a slice of the kernel's float64 array
+        ``_f64`` where n is fixed (np.zeros costs an allocation per call and ~0.3 s of
+        compile time), a fresh array where n is a size such as N."""
+        n = sp.sympify(n)
+        if not n.is_Integer:
+            self.emit(f"{acc} = np.zeros({_idx(n)}, ACC)")
+            return
+        at = self.f64_base + sum(self.acc64)
+        self.acc64.append(int(n))
+        self.emit(f"{acc} = _f64[{at}:{at + int(n)}]")
+        self.emit(f"for _j in range({int(n)}):")
+        self.emit(f"{acc}[_j] = ACC(0.0)", 2)
+
     def loop(self, var, n, work, depth, serial=False):
         """A loop header: prange over rows in 'parallel' where the work pays."""
         par = self.parallel and not serial and work >= PAR_MIN_WORK
@@ -270,7 +291,7 @@ class _Gen:
     # --- the walk ---------------------------------------------------------------------
     def run(self):
         for a in self.p.body:
-            if a.name in self.done:
+            if a.name in self.done or a.name in self.into:
                 continue
             e = a.expr
             if isinstance(e, sp.MatMul):
@@ -302,12 +323,8 @@ class _Gen:
         C = self.buffer(a.name)
         m, k = A.shape
         n = B.shape[1]
-        fixed = 1
-        for d in (m, k, n):
-            d = sp.sympify(d)
-            fixed *= int(d) if d.is_Integer else 1
-        if fixed > SMALL_PRODUCT:
-            self.emit(f"np.dot({self.operand(A)}, {self.operand(B)}, {C})")
+        if self.blas_product(A, B):
+            self.emit(f"_gemm({self.operand(A)}, {self.operand(B)}, {C}, DT(1), DT(0))")
             return
 
         def at(x, i, j):
@@ -320,6 +337,16 @@ class _Gen:
         self.emit(f"for _k in range({_idx(k)}):", 3)
         self.emit(f"_acc += {at(A, '_i', '_k')} * {at(B, '_k', '_j')}", 4)
         self.emit(f"{C}[_i, _j] = DT(_acc)", 3)
+
+    @staticmethod
+    def blas_product(A, B) -> bool:
+        """A product worth a BLAS call (~1 µs): its fixed sizes multiply to more than
+        SMALL_PRODUCT (a size such as N counts as 1)."""
+        fixed = 1
+        for d in (*A.shape, B.shape[1]):
+            d = sp.sympify(d)
+            fixed *= int(d) if d.is_Integer else 1
+        return fixed > SMALL_PRODUCT
 
     def transpose(self, a):
         self.head(a)
@@ -358,7 +385,7 @@ class _Gen:
         totals = [s for s in sums if isinstance(s.expr, Total)]
         acc = {s.name: f"_acc_{self.ids[s.name]}" for s in sums}
         for s in axis0:
-            self.emit(f"{acc[s.name]} = np.zeros({_idx(C)}, ACC)")
+            self.acc_vector(acc[s.name], C)
         for s in totals:
             self.emit(f"{acc[s.name]} = ACC(0.0)")
         work = self.est(R) * self.est(C) * max(_cost(body), 1)
@@ -402,7 +429,7 @@ class _Gen:
             self.emit(f"{self.ids[a.name]} = DT({acc})")
         elif a.expr.axis == 0:
             y = self.buffer(a.name)
-            self.emit(f"{acc} = np.zeros({_idx(C)}, ACC)")
+            self.acc_vector(acc, C)
             self.emit(f"for _i in range({_idx(R)}):")
             self.emit(f"for _j in range({_idx(C)}):", 2)
             self.emit(f"{acc}[_j] += {x}[_i, _j]", 3)
@@ -438,7 +465,8 @@ class _Gen:
         self.emit(self.loop("_i", R, work, 1))
         self.emit(f"_m = {z}[_i, 0]", 2)
         self.emit(f"for _j in range(1, {_idx(C)}):", 2)
-        self.emit(f"_m = max(_m, {z}[_i, _j])", 3)
+        self.emit(f"if {z}[_i, _j] > _m:", 3)  # not max(): ~0.05 s less compile time
+        self.emit(f"_m = {z}[_i, _j]", 4)
         self.emit("_acc_s = ACC(0.0)", 2)
         y = None
         if isinstance(e, Softmax):
@@ -473,10 +501,44 @@ class _Gen:
             self.done.add(sm.name)
 
     # --- the optimizer update, fused after the gradient ------------------------------------
+    def fusable_updates(self, opt) -> dict:
+        """Gradients that are one BLAS product read by nothing else: an SGD or momentum
+        step adds the product straight into the parameter (or its velocity) with gemm's
+        alpha and beta, so the gradient is never stored and read back.  Only where the
+        product reads no parameter: the updates then cannot see each other's writes."""
+        if not isinstance(opt, (optim.SGD, optim.Momentum)):
+            return {}
+        defs = {a.name: a.expr for a in self.p.body}
+        params = set(self.p.wrt)
+        grads = self.p.outputs[1:]
+        out = {}
+        for w, g in zip(self.p.wrt, grads):
+            e = defs.get(g)
+            if not (is_matrix(w) and isinstance(e, sp.MatMul) and len(e.args) == 2
+                    and self.blas_product(*e.args)) or g in self.users or grads.count(g) > 1:
+                continue
+            if any((x.arg if isinstance(x, sp.Transpose) else x) in params for x in e.args):
+                continue
+            out[g] = w
+        return out
+
     def step(self, opt):
         self.emit("# the optimizer update: every read of the parameters is above this line")
         for w, g in zip(self.p.wrt, self.p.outputs[1:]):
             wi = self.ids[w]
+            if g in self.into:  # w -= lr * A @ B, or m = beta m + A @ B, in the product
+                A, B = (self.operand(x) for x in next(
+                    a.expr for a in self.p.body if a.name == g).args)
+                self.emit(f"# {g} = {A}*{B}, added into the update by BLAS   [MatMul]")
+                if isinstance(opt, optim.SGD):
+                    self.emit(f"_gemm({A}, {B}, {wi}, -_lr, DT(1))")
+                    continue
+                self.emit(f"_gemm({A}, {B}, _m_{wi}, DT(1), _beta)")
+                r, c = w.shape
+                self.emit(self.loop("_i", r, self.est(r) * self.est(c) * 2, 1))
+                self.emit(f"for _j in range({_idx(c)}):", 2)
+                self.emit(f"{wi}[_i, _j] -= _lr * _m_{wi}[_i, _j]", 3)
+                continue
             if is_matrix(w):
                 r, c = w.shape
                 gi = self.operand(g) if g in self.ids else None
@@ -514,14 +576,14 @@ def hyper_values(opt) -> np.ndarray:
     raise SymbpError(f"unknown optimizer {opt!r}: use SGD, Momentum or Adam")
 
 
-# the update's constants inside the kernel, read from the float64 array _hp
+# the update's constants inside the kernel, read from the float64 array _f64
 _HYPER = {
-    optim.SGD: ["_lr = DT(_hp[0])"],
-    optim.Momentum: ["_lr = DT(_hp[0])", "_beta = DT(_hp[1])"],
-    optim.Adam: ["_lr = DT(_hp[0])", "_beta1 = DT(_hp[1])", "_omb1 = DT(1.0 - _hp[1])",
-                 "_beta2 = DT(_hp[2])", "_omb2 = DT(1.0 - _hp[2])", "_eps = DT(_hp[3])",
-                 "_bc1 = DT(1.0 - math.pow(_hp[1], _t))  # bias corrections of step _t",
-                 "_bc2 = DT(1.0 - math.pow(_hp[2], _t))"],
+    optim.SGD: ["_lr = DT(_f64[0])"],
+    optim.Momentum: ["_lr = DT(_f64[0])", "_beta = DT(_f64[1])"],
+    optim.Adam: ["_lr = DT(_f64[0])", "_beta1 = DT(_f64[1])", "_omb1 = DT(1.0 - _f64[1])",
+                 "_beta2 = DT(_f64[2])", "_omb2 = DT(1.0 - _f64[2])", "_eps = DT(_f64[3])",
+                 "_bc1 = DT(1.0 - math.pow(_f64[1], _t))  # bias corrections of step _t",
+                 "_bc2 = DT(1.0 - math.pow(_f64[2], _t))"],
 }
 
 
@@ -531,6 +593,8 @@ import math
 
 import numpy as np
 from numba import njit, prange  # noqa: F401
+
+from symbp.backends.blas import gemm as _gemm  # noqa: F401  (symbp gemm v{gemm})
 
 DT = np.{dtype}  # every constant is typed: a bare 0.5 would turn {dtype} code into float64
 ACC = np.float64  # sums accumulate in float64
@@ -545,9 +609,10 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
     """The module source and the kernel's calling convention for Program ``p``.
 
     Arguments: inputs, sizes, the workspace ``_ws`` (every scratch array is a view into
-    it: one argument instead of one per array, since each costs ~0.3 µs per call), fresh
-    output arrays (a gradient function), then for a step the optimizer state, its
-    constants ``_hp`` and the step number ``_t``."""
+    it: one argument instead of one per array, since each costs ~0.3 µs per call), the
+    float64 accumulators ``_f64`` if any, fresh output arrays (a gradient function); a
+    step takes the optimizer state, then ``_f64`` (the optimizer's constants followed by
+    the accumulators) and the step number ``_t``."""
     dt = np.dtype(dtype).name
     g = _Gen(p, dtype, target, update=opt)
     g.run()
@@ -575,6 +640,9 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
         types += ["int64"] * len(p.dims)
     params += ["_ws"]
     types += [_array_type(dt, 1)]
+    if opt is None and g.acc64:
+        params += ["_f64"]
+        types += ["float64[::1]"]
     params += [ids[b] for b in outs]
     types += [_array_type(dt, 2)] * len(outs)
     state = []
@@ -584,15 +652,18 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
                 state.append((buf, w))
                 params.append(f"_{buf}_{ids[w]}")
                 types.append(_array_type(dt, 2 if is_matrix(w) else 1))
-        params += ["_hp", "_t"]
+        params += ["_f64", "_t"]
         types += ["float64[::1]", "int64"]
     name = "train_step" if opt is not None else ("loss_and_grad" if p.wrt else "forward")
     flags = ['error_model="numpy"', f"cache={bool(cache_)}"]
     if boundscheck:
         flags.append("boundscheck=True")
-    kflags = flags + (["parallel=True"] if target == "parallel" else [])
+    # parallel=True only where a loop is a prange: it costs ~0.7 s of compile time, and
+    # Numba warns about a parallel kernel with nothing to parallelise
+    par = target == "parallel" and any("in prange(" in ln for ln in g.lines)
+    kflags = flags + (["parallel=True"] if par else [])
     sig = f'"({", ".join(types)},)"'
-    lines = [_HEADER.format(target=target, dtype=dt)]
+    lines = [_HEADER.format(target=target, dtype=dt, gemm=GEMM_VERSION)]
     table = {**HELPERS, **(HELPERS_F32 if dt == "float32" else {})}
     for h in sorted(g.used):
         lines.append(f"\n@njit({', '.join(flags)})" + table[h])
@@ -603,7 +674,7 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
     if scratch:
         # One reshape per column count, then row slices of it: a Numba reshape costs
         # ~50-80 ns (W3 had 11 of them, a quarter of its kernel), a row slice ~nothing,
-        # and both keep the C layout that np.dot and vectorised loops want.
+        # and both keep the C layout that BLAS and vectorised loops want.
         lines.append("    # scratch arrays: row blocks of the workspace, kept between calls")
         lines.append("    _o = 0")
         widths: dict = {}
@@ -625,7 +696,7 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
     lines += g.lines
     source = "\n".join(lines) + "\n"
     layout = {"name": name, "scratch": scratch, "outs": outs, "scalar_out": scalar_out,
-              "state": state}
+              "state": state, "f64": g.f64_base + sum(g.acc64)}
     return source, layout
 
 
@@ -658,7 +729,7 @@ def _bind_in_kernel(p: Program, ids: dict, scratch) -> list[str]:
 
 
 class _Blas:
-    """The thread count of the OpenBLAS that njit's np.dot calls (SciPy's copy).
+    """The thread count of the OpenBLAS the kernels call (SciPy's copy, as njit's np.dot).
 
     One thread by default, on both targets ('parallel' parallelises the loops with
     prange).  On this project's shared 2-core machine two OpenBLAS threads stalled for
@@ -780,11 +851,13 @@ def build(program: Program, dtype=np.float64, target: str = "cpu", **options) ->
 
     threads = blas_threads(target, options)
 
+    f64 = (np.zeros(layout["f64"]),) if layout["f64"] else ()
+
     def fn(*args):
         BLAS.use(threads)
         dims = tuple(int(d) for d in args[n_in:n_in + n_dims])
         outs = [np.empty(f(dims), dt) for f in out_shapes]
-        ret = kern(*args[:n_in], *dims, ws.get(dims), *outs)
+        ret = kern(*args[:n_in], *dims, ws.get(dims), *f64, *outs)
         result = []
         for kind, i, shape in plan:
             if kind == "ret":
@@ -827,9 +900,12 @@ class FusedStep:
         self._scalar_params = [is_p and not is_m for _, is_p, is_m in self._spec]
         if not any(self._scalar_params):
             self._scalar_params = None
-        self._hp = hyper_values(optimizer)
+        # float64 words: the optimizer's constants, then the kernel's accumulators
+        self._f64 = np.zeros(layout["f64"])
+        hp = hyper_values(optimizer)
+        self._f64[:len(hp)] = hp
         self._threads = blas_threads(target, options)
-        self._blas = "np.dot(" in self.source  # small products are loops: no BLAS at all
+        self._blas = "_gemm(" in self.source  # small products are loops: no BLAS at all
         self._float = opt_returns_float(layout)
 
     @property
@@ -861,13 +937,13 @@ class FusedStep:
         if self._blas and BLAS.now != self._threads:
             BLAS.use(self._threads)
         try:
-            ret = self.kernel(*xs, self._wsa, *sv, self._hp, t)
+            ret = self.kernel(*xs, self._wsa, *sv, self._f64, t)
         except (TypeError, ValueError):  # other types or sizes: check, convert, retry
             self._check_params(params)
             xs = self._bind(params, data)
             if self._scalar_params:
                 xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
-            ret = self.kernel(*xs, self._wsa, *sv, self._hp, t)
+            ret = self.kernel(*xs, self._wsa, *sv, self._f64, t)
         st["t"] = t
         return ret if self._float else float(ret[0])
 
