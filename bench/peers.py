@@ -4,11 +4,13 @@
     python bench/peers.py --only W3 --repeats 7
 
 Same data, same initialisation, float32 everywhere.  Each (framework, workload) runs in
-its own fresh process, so thread pools (OpenBLAS, OpenMP, XLA, PyTorch) never share one:
-it reports the median ms/step over several repeats, and the ratio symbp/peer from this
-one run.  Then cold compile time of the W1 step (fresh process, empty cache) and start
-from the disk cache (fresh process, warm cache).  Peers (torch, jax) are optional:
-install them locally, they are not symbp dependencies.
+its own fresh process, so thread pools (OpenBLAS, OpenMP, XLA, PyTorch) never share one,
+``--rounds`` times, round-robin over the frameworks (this machine's speed drifts by tens
+of percent within minutes: a peer measured a minute later is not measured on the same
+machine); it reports the median ms/step over all rounds and repeats, and the ratio
+symbp/peer from this one run.  Then cold compile time of the W1 step (fresh process,
+empty cache) and start from the disk cache (fresh process, warm cache).  Peers (torch,
+jax) are optional: install them locally, they are not symbp dependencies.
 """
 
 from __future__ import annotations
@@ -278,6 +280,9 @@ def main():
     ap.add_argument("--only", default="W1,W2,W3")
     ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="fresh processes per (framework, workload), taken round-robin so a "
+                         "machine whose speed drifts slows every framework alike")
     ap.add_argument("--worker", nargs=2, metavar=("FRAMEWORK", "WORKLOAD"))
     args = ap.parse_args()
     if args.worker:
@@ -286,19 +291,28 @@ def main():
         return
     load = os.getloadavg()[0]
     names = args.only.split(",")
-    res: dict = {}
-    for name in names:
-        for fw in args.frameworks.split(","):
-            r = subprocess.run([sys.executable, __file__, "--worker", fw, name, "--repeats",
-                                str(args.repeats)], capture_output=True, text=True)
-            if r.returncode != 0:
-                last = (r.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"  {name} {fw}: skipped ({last[:100]})", file=sys.stderr)
-                continue
-            out = json.loads(r.stdout.strip().splitlines()[-1])
-            res[name, fw] = (float(np.median(out["per"])), out["first"])
+    runs: dict = {}
+    skipped: set = set()
+    for _ in range(args.rounds):
+        for name in names:
+            for fw in args.frameworks.split(","):
+                if (name, fw) in skipped:
+                    continue
+                r = subprocess.run([sys.executable, __file__, "--worker", fw, name,
+                                    "--repeats", str(args.repeats)], capture_output=True,
+                                   text=True)
+                if r.returncode != 0:
+                    last = (r.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"  {name} {fw}: skipped ({last[:100]})", file=sys.stderr)
+                    skipped.add((name, fw))
+                    continue
+                out = json.loads(r.stdout.strip().splitlines()[-1])
+                per, _ = runs.setdefault((name, fw), ([], out["first"]))
+                per.extend(out["per"])
+    res = {k: (float(np.median(per)), first) for k, (per, first) in runs.items()}
     print(f"machine: {os.cpu_count()} CPUs, load average at start {load:.1f}, "
-          f"at end {os.getloadavg()[0]:.1f}; median of {args.repeats} repeats\n")
+          f"at end {os.getloadavg()[0]:.1f}; median of {args.rounds} rounds x "
+          f"{args.repeats} repeats\n")
     fws = [f for f in args.frameworks.split(",") if any((n, f) in res for n in names)]
     print("| workload | " + " | ".join(f"{f} ms/step" for f in fws) + " |")
     print("|---|" + "---|" * len(fws))
@@ -319,12 +333,17 @@ def main():
     for n in names:
         print(f"- {n}: " + ", ".join(f"{f} {res[n, f][1]:.6f}" for f in fws if (n, f) in res))
     if "W1" in names:
-        print("\nW1 step compile, fresh processes (s): imports, compile_step, process total\n")
+        print("\nW1 step compile, fresh processes (s, median of the rounds): imports, "
+              "compile_step, process total\n")
         print("| target | cold: imports | cold: compile | cold: total | cached: imports "
               "| cached: compile | cached: total |")
         print("|---|---|---|---|---|---|---|")
-        for target in ("cpu", "parallel"):
-            (i0, c0, t0), (i1, c1, t1) = compile_times(target)
+        times: dict = {}
+        for _ in range(args.rounds):  # medians over rounds, cpu and parallel alternating
+            for target in ("cpu", "parallel"):
+                times.setdefault(target, []).append(compile_times(target))
+        for target, ts in times.items():
+            (i0, c0, t0), (i1, c1, t1) = np.median(np.array(ts), axis=0)
             print(f"| {target} | {i0:.2f} | {c0:.2f} | {t0:.2f} | {i1:.2f} | {c1:.2f} "
                   f"| {t1:.2f} |")
 
