@@ -387,6 +387,69 @@ def test_unknown_option_is_named():
         sb.compile(sb.sigmoid(w * x), [w], target="cpu", fastmath=True)
     with pytest.raises(sb.SymbpError, match="blas_threads"):
         sb.compile(sb.sigmoid(w * x), [w], target="cpu", blas_threads=0)
+    with pytest.raises(sb.SymbpError, match="blas_threads"):
+        sb.compile(sb.sigmoid(w * x), [w], target="cpu", blas_threads="many")
+
+
+# --- blas_threads="auto": the step measures 1 thread against all cores --------------------
+
+
+def test_thread_tuner_keeps_more_threads_only_when_clearly_faster():
+    from symbp.backends.numba_cpu import _ThreadTuner
+
+    now = [0.0]
+    tuner = _ThreadTuner(2, clock=lambda: now[0])
+
+    def trial(cost):  # run one trial with per-thread-count step times; return the picks
+        picks = []
+        while True:
+            n, timed = tuner.next()
+            picks.append(n)
+            tuner.record(cost[n] if timed else None)
+            if not tuner.plan:
+                return picks
+
+    picks = trial({1: 1.5e-3, 2: 1.0e-3})
+    # alternating blocks, 1 first, each block's first step untimed
+    assert picks == [1] * 4 + [2] * 4 + [1] * 4 + [2] * 4
+    assert tuner.best == 2
+    assert tuner.next() == (2, False)  # settled until the period is over
+    now[0] += tuner.PERIOD + 1
+    trial({1: 1.0e-3, 2: 0.95e-3})  # 5 % faster is not worth disturbing the machine
+    assert tuner.best == 1
+    now[0] += tuner.PERIOD + 1
+    trial({1: 1.0e-3, 2: 3.0e-3})  # another process took a core: two threads stall
+    assert tuner.best == 1
+
+
+def test_auto_blas_threads_step_matches_reference():
+    """A step with BLAS products (the default "auto") tries 1 and all cores while it
+    trains and matches the reference step throughout; 'parallel' keeps one BLAS thread."""
+    from symbp.backends.numba_cpu import _cores
+
+    f, params = mlp(["relu"], "ce", n_in=20, hidden=32, n_out=4)
+    step = sb.compile_step(f, params, sb.SGD(0.1), target="cpu", dtype=np.float64)
+    ref = sb.compile_step(f, params, sb.SGD(0.1), target="numpy", dtype=np.float64)
+    assert "_gemm(" in step.source
+    rng = np.random.default_rng(6)
+    arrays = arrays_for(step.program.inputs, 64, rng, np.float64)
+    names = {p.name for p in params}
+    p1 = {k: v.copy() for k, v in arrays.items() if k in names}
+    p2 = {k: v.copy() for k, v in arrays.items() if k in names}
+    data = {k: v for k, v in arrays.items() if k not in names}
+    for _ in range(24):
+        np.testing.assert_allclose(step(p1, **data), ref(p2, **data), **TOL[np.float64])
+    for k in names:
+        np.testing.assert_allclose(p1[k], p2[k], **TOL[np.float64], err_msg=k)
+    if _cores() > 1:
+        assert step._tuner is not None and not step._tuner.plan  # the trial has finished
+        assert step.blas_threads in (1, _cores())
+        assert all(len(v) == 6 for v in step._tuner.times.values())
+    fixed = sb.compile_step(f, params, sb.SGD(0.1), target="cpu", dtype=np.float64,
+                            blas_threads=1)
+    assert fixed.blas_threads == 1 and fixed._tuner is None
+    par = sb.compile_step(f, params, sb.SGD(0.1), target="parallel", dtype=np.float64)
+    assert par.blas_threads == 1 and par._tuner is None
 
 
 # --- the BLAS product the kernels call ----------------------------------------------------

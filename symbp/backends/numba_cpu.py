@@ -24,6 +24,7 @@ first).
 from __future__ import annotations
 
 import os
+import time
 
 # OpenMP threads that spin while they wait steal both cores from BLAS on a busy 2-core
 # machine (a parallel W1 step took 2-30 ms instead of 0.3): let idle threads sleep.  Set
@@ -731,16 +732,16 @@ def _bind_in_kernel(p: Program, ids: dict, scratch) -> list[str]:
 class _Blas:
     """The thread count of the OpenBLAS the kernels call (SciPy's copy, as njit's np.dot).
 
-    One thread by default, on both targets ('parallel' parallelises the loops with
-    prange).  On this project's shared 2-core machine two OpenBLAS threads stalled for
-    ~30 ms per 784x256 GEMM (threads spinning on each other while another process held a
-    core, 1.4 ms on one thread); NumPy's own matmul showed the same.  Re-measured at load
-    ~2 (other jobs, not ours): one 128x784x256 product 0.5-0.7 ms on one thread, 0.34-0.46
-    best but up to 1.1 ms median on two; the W2 step 1.5-1.7 ms median on one thread,
-    3.1-6.8 ms on two (best 1.3-1.5).  Two threads win only on an idle machine, so one
-    stays the default for every product size.  ``blas_threads=n``
-    asks for more where cores are idle.  NumPy's OpenBLAS (the user's matmuls) is left
-    alone.  Needs threadpoolctl; without it the library default stays.
+    Whether a second thread pays depends on the moment, not the program: on this
+    project's 2-core machine the W2 step (two 128x784x256 products) took 1.0-1.1 ms on
+    two threads against 1.45-1.5 ms on one while the machine was otherwise idle, and
+    3.9 ms against 2.1 ms while one other busy process ran (a GEMM split in two waits
+    for its slower half; an earlier shared session saw 3.1-6.8 ms against 1.5-1.7).  So
+    a fused step on 'cpu' measures it (``_ThreadTuner``, ``blas_threads="auto"``, the
+    default); a fixed ``blas_threads=n`` is kept as given.  'parallel' keeps one BLAS
+    thread: its prange loops own the cores, and two pools would fight.  NumPy's
+    OpenBLAS (the user's matmuls) is left alone.  Needs threadpoolctl; without it the
+    library default stays.
     """
 
     def __init__(self):
@@ -768,11 +769,71 @@ class _Blas:
 BLAS = _Blas()
 
 
-def blas_threads(target: str, options: dict) -> int:
-    n = options.get("blas_threads", 1)
-    if not (isinstance(n, int) and n >= 1):
-        raise SymbpError(f"blas_threads must be a positive int, not {n!r}")
+def blas_threads(target: str, options: dict, step: bool = False):
+    """The BLAS thread count to use: an int, or "auto" (a fused step on 'cpu' with more
+    than one core: measured while it runs).  Plain kernels and 'parallel' use 1 for
+    "auto"."""
+    n = options.get("blas_threads", "auto")
+    if n == "auto":
+        return "auto" if step and target == "cpu" and _cores() > 1 else 1
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        raise SymbpError(f'blas_threads must be a positive int or "auto", not {n!r}')
     return n
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class _ThreadTuner:
+    """``blas_threads="auto"``: time the step on 1 and on all cores, keep the faster.
+
+    A trial runs blocks of ``BLOCK`` steps per candidate, alternating (1, n, 1, n: a
+    machine whose speed drifts meets both alike), and drops each block's first step (it
+    wakes or parks the BLAS threads).  More threads are kept only when their median is
+    at least ``GAIN`` faster: one thread disturbs the rest of the machine least.  The
+    trial is repeated every ``PERIOD`` seconds, since other processes come and go.  A
+    trial costs ~4 BLOCKs of steps on the slower setting: 16 steps every 30 s.
+    """
+
+    BLOCK, ROUNDS, GAIN, PERIOD = 4, 2, 0.9, 30.0
+
+    def __init__(self, n: int, clock=None):
+        import time
+
+        self.clock = clock or time.monotonic
+        self.cands = (1, n)
+        self.best = 1
+        self.retrial_at = 0.0
+        self.plan: list = []
+        self.times: dict = {}
+
+    def next(self) -> tuple[int, bool]:
+        """Threads for the next step, and whether to time it."""
+        if not self.plan:
+            if self.clock() < self.retrial_at:
+                return self.best, False
+            self.plan = [(c, k > 0) for _ in range(self.ROUNDS) for c in self.cands
+                         for k in range(self.BLOCK)]
+            self.times = {c: [] for c in self.cands}
+        return self.plan[0][0], self.plan[0][1]
+
+    def record(self, seconds: float | None) -> None:
+        """After a step: its time (None when it was not timed or did not run)."""
+        if not self.plan:
+            return
+        c, timed = self.plan.pop(0)
+        if timed and seconds is not None:
+            self.times[c].append(seconds)
+        if not self.plan:
+            med = {c: float(np.median(v)) for c, v in self.times.items() if v}
+            many = self.cands[1]
+            self.best = many if (1 in med and many in med
+                                 and med[many] < self.GAIN * med[1]) else 1
+            self.retrial_at = self.clock() + self.PERIOD
 
 
 def _shape_fn(shape, dims):
@@ -814,7 +875,7 @@ def _compile(p, dtype, target, opt, options):
         raise SymbpError(
             f"unknown option(s) {', '.join(sorted(unknown))} for target {target!r}: "
             "the Numba backends take boundscheck=True/False, cache=True/False and "
-            "blas_threads=n"
+            'blas_threads=n or "auto"'
         )
     blas_threads(target, options)  # refuse a bad value before compiling
     p = optimize(p)
@@ -829,7 +890,7 @@ def build(program: Program, dtype=np.float64, target: str = "cpu", **options) ->
 
     Options: ``boundscheck=True`` (IndexError instead of silent out-of-bounds reads, for
     tests), ``cache=False`` (do not keep machine code on disk), ``blas_threads=n`` (threads
-    of the matrix products, default 1: see ``_Blas``).  Scratch arrays are kept
+    of the matrix products; "auto", the default, is 1 here: see ``_Blas``).  Scratch arrays are kept
     per batch size; returned arrays are fresh for every call.
     """
     dt = np.dtype(dtype)
@@ -883,6 +944,7 @@ class FusedStep:
     Forward, backward and the optimizer update run in one Numba call; ``params`` (arrays
     of the step's dtype, C-contiguous; scalar parameters as 0-d arrays) are updated in
     place; ``state`` holds the optimizer buffers like ``symbp.optim.init_state``.
+    ``blas_threads`` is the BLAS thread count in use (see ``_Blas``).
     """
 
     def __init__(self, program: Program, optimizer, dtype, target, options):
@@ -904,13 +966,22 @@ class FusedStep:
         self._f64 = np.zeros(layout["f64"])
         hp = hyper_values(optimizer)
         self._f64[:len(hp)] = hp
-        self._threads = blas_threads(target, options)
+        self._threads = blas_threads(target, options, step=True)
         self._blas = "_gemm(" in self.source  # small products are loops: no BLAS at all
+        self._tuner = _ThreadTuner(_cores()) if self._blas and self._threads == "auto" \
+            else None
+        if self._threads == "auto":
+            self._threads = 1
         self._float = opt_returns_float(layout)
 
     @property
     def fn(self):
         return self
+
+    @property
+    def blas_threads(self) -> int:
+        """The BLAS threads the step uses now (``blas_threads="auto"`` picks as it runs)."""
+        return self._tuner.best if self._tuner is not None else self._threads
 
     def __call__(self, params: dict, **data) -> float:
         st = self.state
@@ -934,16 +1005,22 @@ class FusedStep:
                 sv = [v.reshape(1) if v.ndim == 0 else v for v in sv]
         else:
             sv = ()
-        if self._blas and BLAS.now != self._threads:
-            BLAS.use(self._threads)
+        tuner = self._tuner
+        n, timed = tuner.next() if tuner is not None else (self._threads, False)
+        if self._blas and BLAS.now != n:
+            BLAS.use(n)
+        t0 = time.perf_counter() if timed else 0.0
         try:
             ret = self.kernel(*xs, self._wsa, *sv, self._f64, t)
         except (TypeError, ValueError):  # other types or sizes: check, convert, retry
+            timed = False
             self._check_params(params)
             xs = self._bind(params, data)
             if self._scalar_params:
                 xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
             ret = self.kernel(*xs, self._wsa, *sv, self._f64, t)
+        if tuner is not None:
+            tuner.record(time.perf_counter() - t0 if timed else None)
         st["t"] = t
         return ret if self._float else float(ret[0])
 
