@@ -1006,10 +1006,15 @@ class FusedStep:
         else:
             sv = ()
         tuner = self._tuner
-        n, timed = tuner.next() if tuner is not None else (self._threads, False)
-        if self._blas and BLAS.now != n:
-            BLAS.use(n)
-        t0 = time.perf_counter() if timed else 0.0
+        if tuner is None:
+            timed = False
+            if self._blas and BLAS.now != self._threads:
+                BLAS.use(self._threads)
+        else:
+            n, timed = tuner.next()
+            if BLAS.now != n:
+                BLAS.use(n)
+            t0 = time.perf_counter() if timed else 0.0
         try:
             ret = self.kernel(*xs, self._wsa, *sv, self._f64, t)
         except (TypeError, ValueError):  # other types or sizes: check, convert, retry
