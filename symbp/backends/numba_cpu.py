@@ -195,19 +195,32 @@ def _idx(d) -> str:
     return str(sp.sympify(d))
 
 
-def _cost(expr) -> int:
-    """Rough per-entry cost of a map body: a transcendental ~10, arithmetic ~1."""
+# piecewise-linear heads: a compare and a select, as cheap as arithmetic in a vector loop
+_CHEAP = {"relu", "leaky_relu", "prelu", "Heaviside", "Abs", "Max", "Min", "sign"}
+
+
+def _cost(expr, dtype=np.float64) -> int:
+    """Rough per-entry cost of a map body, in units of one vectorised arithmetic op
+    (~0.25 ns here): arithmetic and piecewise-linear heads 1, a transcendental 20 (a libm
+    exp in a loop is ~5 ns per entry), float32 tanh 4 (a rational function that
+    vectorises: ~0.9 ns per entry)."""
+    f32 = np.dtype(dtype) == np.float32
     n = 0
     for node in sp.preorder_traversal(expr):
         if isinstance(node, (sp.Function, Activation)):
-            n += 10
+            name = type(node).__name__
+            n += 1 if name in _CHEAP else 4 if (f32 and name == "tanh") else 20
         elif isinstance(node, (sp.Add, sp.Mul, sp.Pow)):
             n += 1
     return n
 
 
-# prange pays for itself above about this much work per loop (2 cores, OpenMP barriers)
-PAR_MIN_WORK = 20_000
+# prange pays above about this much work per loop (in _cost units).  Measured here, 2
+# cores: an OpenMP fork/join costs ~20 µs; a relu map of 131k entries ran 20 µs serial
+# and 32 µs in prange, of 524k entries 206 µs against 96; an exp map broke even at 8k
+# entries (46 against 44 µs), a float32 tanh map at ~50k (65k: 60 against 51 µs).  So
+# about 75 µs of serial work.
+PAR_MIN_WORK = 300_000
 # products whose fixed sizes multiply to at most this are loops, not BLAS calls
 SMALL_PRODUCT = 16
 
@@ -389,7 +402,7 @@ class _Gen:
             self.acc_vector(acc[s.name], C)
         for s in totals:
             self.emit(f"{acc[s.name]} = ACC(0.0)")
-        work = self.est(R) * self.est(C) * max(_cost(body), 1)
+        work = self.est(R) * self.est(C) * max(_cost(body, self.dt), 1)
         # prange over rows would race on the column sums: keep those loops serial
         self.emit(self.loop("_i", R, work, 1, serial=bool(axis0)))
         for s in axis1:
@@ -460,7 +473,7 @@ class _Gen:
         self.head(a)
         if sm is not None:
             self.head(sm)
-        work = self.est(R) * self.est(C) * 12
+        work = self.est(R) * self.est(C) * 25  # an exp and a division per entry
         if isinstance(e, SoftmaxCrossEntropy):
             self.emit("_acc_loss = ACC(0.0)")
         self.emit(self.loop("_i", R, work, 1))
@@ -737,9 +750,9 @@ class _Blas:
     two threads against 1.45-1.5 ms on one while the machine was otherwise idle, and
     3.9 ms against 2.1 ms while one other busy process ran (a GEMM split in two waits
     for its slower half; an earlier shared session saw 3.1-6.8 ms against 1.5-1.7).  So
-    a fused step on 'cpu' measures it (``_ThreadTuner``, ``blas_threads="auto"``, the
-    default); a fixed ``blas_threads=n`` is kept as given.  'parallel' keeps one BLAS
-    thread: its prange loops own the cores, and two pools would fight.  NumPy's
+    a fused step measures it (``_ThreadTuner``, ``blas_threads="auto"``, the default); a
+    fixed ``blas_threads=n`` is kept as given.  A 'parallel' kernel with prange loops
+    keeps one BLAS thread: its loops own the cores, and two pools would fight.  NumPy's
     OpenBLAS (the user's matmuls) is left alone.  Needs threadpoolctl; without it the
     library default stays.
     """
@@ -769,13 +782,13 @@ class _Blas:
 BLAS = _Blas()
 
 
-def blas_threads(target: str, options: dict, step: bool = False):
-    """The BLAS thread count to use: an int, or "auto" (a fused step on 'cpu' with more
-    than one core: measured while it runs).  Plain kernels and 'parallel' use 1 for
-    "auto"."""
+def blas_threads(target: str, options: dict, step: bool = False, prange: bool = False):
+    """The BLAS thread count to use: an int, or "auto" (a fused step with more than one
+    core and no prange loop: measured while it runs).  Plain kernels and kernels with
+    prange loops use 1 for "auto"."""
     n = options.get("blas_threads", "auto")
     if n == "auto":
-        return "auto" if step and target == "cpu" and _cores() > 1 else 1
+        return "auto" if step and not prange and _cores() > 1 else 1
     if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
         raise SymbpError(f'blas_threads must be a positive int or "auto", not {n!r}')
     return n
@@ -966,7 +979,8 @@ class FusedStep:
         self._f64 = np.zeros(layout["f64"])
         hp = hyper_values(optimizer)
         self._f64[:len(hp)] = hp
-        self._threads = blas_threads(target, options, step=True)
+        self._threads = blas_threads(target, options, step=True,
+                                     prange="in prange(" in self.source)
         self._blas = "_gemm(" in self.source  # small products are loops: no BLAS at all
         self._tuner = _ThreadTuner(_cores()) if self._blas and self._threads == "auto" \
             else None
