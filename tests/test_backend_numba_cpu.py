@@ -197,6 +197,16 @@ def test_stable_for_large_inputs():
 
 # --- fused training steps vs the reference step -------------------------------------------
 
+
+def params_and_data(program, params, rows, rng, dtype):
+    """Random inputs: the parameter names, two equal copies of the parameters (one for the
+    compiled step, one for the reference) and the data."""
+    arrays = arrays_for(program.inputs, rows, rng, dtype)
+    names = {p.name for p in params}
+    p1 = {k: v.copy() for k, v in arrays.items() if k in names}
+    p2 = {k: v.copy() for k, v in arrays.items() if k in names}
+    return names, p1, p2, {k: v for k, v in arrays.items() if k not in names}
+
 OPTIMIZERS = {"sgd": sb.SGD(0.1), "momentum": sb.Momentum(0.05, 0.9), "adam": sb.Adam(0.01)}
 
 
@@ -208,11 +218,7 @@ def test_fused_step_matches_reference(opt, dtype):
         f, params, OPTIMIZERS[opt], target="cpu", dtype=dtype, **OPTS))
     ref = sb.compile_step(f, params, OPTIMIZERS[opt], target="numpy", dtype=dtype)
     rng = np.random.default_rng(11)
-    arrays = arrays_for(step.program.inputs, 8, rng, dtype)
-    names = {p.name for p in params}
-    p1 = {k: v.copy() for k, v in arrays.items() if k in names}
-    p2 = {k: v.copy() for k, v in arrays.items() if k in names}
-    data = {k: v for k, v in arrays.items() if k not in names}
+    names, p1, p2, data = params_and_data(step.program, params, 8, rng, dtype)
     for _ in range(4):
         l1, l2 = step(p1, **data), ref(p2, **data)
         np.testing.assert_allclose(l1, l2, **TOL[dtype])
@@ -301,11 +307,7 @@ def test_parallel_step_matches_reference():
     assert "in prange(" in step.source  # the tanh map is wide enough for threads
     ref = sb.compile_step(f, params, opt, target="numpy", dtype=np.float32)
     rng = np.random.default_rng(2)
-    arrays = arrays_for(step.program.inputs, 40, rng, np.float32)
-    names = {p.name for p in params}
-    p1 = {k: v.copy() for k, v in arrays.items() if k in names}
-    p2 = {k: v.copy() for k, v in arrays.items() if k in names}
-    data = {k: v for k, v in arrays.items() if k not in names}
+    names, p1, p2, data = params_and_data(step.program, params, 40, rng, np.float32)
     for _ in range(3):
         np.testing.assert_allclose(step(p1, **data), ref(p2, **data), rtol=1e-5)
     for k in names:
@@ -440,11 +442,7 @@ def test_auto_blas_threads_step_matches_reference():
     ref = sb.compile_step(f, params, sb.SGD(0.1), target="numpy", dtype=np.float64)
     assert "_gemm(" in step.source
     rng = np.random.default_rng(6)
-    arrays = arrays_for(step.program.inputs, 64, rng, np.float64)
-    names = {p.name for p in params}
-    p1 = {k: v.copy() for k, v in arrays.items() if k in names}
-    p2 = {k: v.copy() for k, v in arrays.items() if k in names}
-    data = {k: v for k, v in arrays.items() if k not in names}
+    names, p1, p2, data = params_and_data(step.program, params, 64, rng, np.float64)
     for _ in range(24):
         np.testing.assert_allclose(step(p1, **data), ref(p2, **data), **TOL[np.float64])
     for k in names:
