@@ -433,8 +433,9 @@ def test_thread_tuner_keeps_more_threads_only_when_clearly_faster():
 
 def test_auto_blas_threads_step_matches_reference():
     """A step with BLAS products (the default "auto") tries 1 and all cores while it
-    trains and matches the reference step throughout; a 'parallel' kernel with prange
-    loops keeps one BLAS thread, one without is tuned like 'cpu'."""
+    trains and matches the reference step throughout, so does a loss-and-gradient
+    function; a 'parallel' kernel with prange loops keeps one BLAS thread, one without is
+    tuned like 'cpu'."""
     from symbp.backends.numba_cpu import _cores
 
     f, params = mlp(["relu"], "ce", n_in=20, hidden=32, n_out=4)
@@ -451,6 +452,12 @@ def test_auto_blas_threads_step_matches_reference():
         assert step._tuner is not None and not step._tuner.plan  # the trial has finished
         assert step.blas_threads in (1, _cores())
         assert all(len(v) == 6 for v in step._tuner.times.values())
+    grad = sb.compile(f, params, target="cpu", dtype=np.float64)  # a loss-and-gradient call
+    gref = sb.compile(f, params, target="numpy", dtype=np.float64)
+    for _ in range(24):
+        check_same(grad, gref, {**p1, **data}, np.float64)
+    tuner = grad.kernel.fn.tuner
+    assert (tuner is not None and not tuner.plan) == (_cores() > 1)
     fixed = sb.compile_step(f, params, sb.SGD(0.1), target="cpu", dtype=np.float64,
                             blas_threads=1)
     assert fixed.blas_threads == 1 and fixed._tuner is None

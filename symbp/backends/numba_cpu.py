@@ -750,11 +750,11 @@ class _Blas:
     two threads against 1.45-1.5 ms on one while the machine was otherwise idle, and
     3.9 ms against 2.1 ms while one other busy process ran (a GEMM split in two waits
     for its slower half; an earlier shared session saw 3.1-6.8 ms against 1.5-1.7).  So
-    a fused step measures it (``_ThreadTuner``, ``blas_threads="auto"``, the default); a
-    fixed ``blas_threads=n`` is kept as given.  A 'parallel' kernel with prange loops
-    keeps one BLAS thread: its loops own the cores, and two pools would fight.  NumPy's
-    OpenBLAS (the user's matmuls) is left alone.  Needs threadpoolctl; without it the
-    library default stays.
+    a compiled function measures it while it is called (``_ThreadTuner``,
+    ``blas_threads="auto"``, the default); a fixed ``blas_threads=n`` is kept as given.
+    A 'parallel' kernel with prange loops keeps one BLAS thread: its loops own the cores,
+    and two pools would fight.  NumPy's OpenBLAS (the user's matmuls) is left alone.
+    Needs threadpoolctl; without it the library default stays.
     """
 
     def __init__(self):
@@ -782,13 +782,13 @@ class _Blas:
 BLAS = _Blas()
 
 
-def blas_threads(target: str, options: dict, step: bool = False, prange: bool = False):
-    """The BLAS thread count to use: an int, or "auto" (a fused step with more than one
-    core and no prange loop: measured while it runs).  Plain kernels and kernels with
-    prange loops use 1 for "auto"."""
+def blas_threads(target: str, options: dict, prange: bool = False):
+    """The BLAS thread count to use: an int, or "auto" (more than one core and no prange
+    loop in the kernel: measured while it runs, ``_ThreadTuner``).  A kernel with prange
+    loops uses 1 for "auto"."""
     n = options.get("blas_threads", "auto")
     if n == "auto":
-        return "auto" if step and not prange and _cores() > 1 else 1
+        return "auto" if not prange and _cores() > 1 else 1
     if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
         raise SymbpError(f'blas_threads must be a positive int or "auto", not {n!r}')
     return n
@@ -903,7 +903,8 @@ def build(program: Program, dtype=np.float64, target: str = "cpu", **options) ->
 
     Options: ``boundscheck=True`` (IndexError instead of silent out-of-bounds reads, for
     tests), ``cache=False`` (do not keep machine code on disk), ``blas_threads=n`` (threads
-    of the matrix products; "auto", the default, is 1 here: see ``_Blas``).  Scratch arrays are kept
+    of the matrix products; "auto", the default, measures 1 against all cores while the
+    function is called: see ``_Blas``).  Scratch arrays are kept
     per batch size; returned arrays are fresh for every call.
     """
     dt = np.dtype(dtype)
@@ -923,15 +924,26 @@ def build(program: Program, dtype=np.float64, target: str = "cpu", **options) ->
             shape = _shape_fn(o.shape, p.dims) if is_matrix(o) else None
             plan.append(("const", float(o) if not is_matrix(o) else 0.0, shape))
 
-    threads = blas_threads(target, options)
+    threads = blas_threads(target, options, prange="in prange(" in source)
+    tuner = _ThreadTuner(_cores()) if threads == "auto" and "_gemm(" in source else None
+    if threads == "auto":
+        threads = 1
 
     f64 = (np.zeros(layout["f64"]),) if layout["f64"] else ()
 
     def fn(*args):
-        BLAS.use(threads)
+        if tuner is None:
+            BLAS.use(threads)
+            timed = False
+        else:
+            n, timed = tuner.next()
+            BLAS.use(n)
+            t0 = time.perf_counter() if timed else 0.0
         dims = tuple(int(d) for d in args[n_in:n_in + n_dims])
         outs = [np.empty(f(dims), dt) for f in out_shapes]
         ret = kern(*args[:n_in], *dims, ws.get(dims), *f64, *outs)
+        if tuner is not None:
+            tuner.record(time.perf_counter() - t0 if timed else None)
         result = []
         for kind, i, shape in plan:
             if kind == "ret":
@@ -948,6 +960,7 @@ def build(program: Program, dtype=np.float64, target: str = "cpu", **options) ->
 
     fn.source = source
     fn.kernel = kern
+    fn.tuner = tuner
     return Kernel(fn=fn, source=source)
 
 
@@ -979,8 +992,7 @@ class FusedStep:
         self._f64 = np.zeros(layout["f64"])
         hp = hyper_values(optimizer)
         self._f64[:len(hp)] = hp
-        self._threads = blas_threads(target, options, step=True,
-                                     prange="in prange(" in self.source)
+        self._threads = blas_threads(target, options, prange="in prange(" in self.source)
         self._blas = "_gemm(" in self.source  # small products are loops: no BLAS at all
         self._tuner = _ThreadTuner(_cores()) if self._blas and self._threads == "auto" \
             else None
