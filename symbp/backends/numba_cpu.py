@@ -802,21 +802,19 @@ def _cores() -> int:
 
 
 class _ThreadTuner:
-    """``blas_threads="auto"``: time the step on 1 and on all cores, keep the faster.
+    """``blas_threads="auto"``: time the calls on 1 and on all cores, keep the faster.
 
-    A trial runs blocks of ``BLOCK`` steps per candidate, alternating (1, n, 1, n: a
-    machine whose speed drifts meets both alike), and drops each block's first step (it
-    wakes or parks the BLAS threads).  More threads are kept only when their median is
-    at least ``GAIN`` faster: one thread disturbs the rest of the machine least.  The
-    trial is repeated every ``PERIOD`` seconds, since other processes come and go.  A
-    trial costs ~4 BLOCKs of steps on the slower setting: 16 steps every 30 s.
+    A trial runs blocks of ``BLOCK`` calls (training steps) per candidate, alternating
+    (1, n, 1, n: a machine whose speed drifts meets both alike), and drops each block's
+    first call (it wakes or parks the BLAS threads).  More threads are kept only when
+    their median is at least ``GAIN`` faster: one thread disturbs the rest of the machine
+    least.  The trial is repeated every ``PERIOD`` seconds, since other processes come
+    and go; it costs 8 calls on the slower setting every 30 s.
     """
 
     BLOCK, ROUNDS, GAIN, PERIOD = 4, 2, 0.9, 30.0
 
     def __init__(self, n: int, clock=None):
-        import time
-
         self.clock = clock or time.monotonic
         self.cands = (1, n)
         self.best = 1
