@@ -832,6 +832,16 @@ class _ThreadTuner:
             self.times = {c: [] for c in self.cands}
         return self.plan[0][0], self.plan[0][1]
 
+    def start(self) -> float | None:
+        """Before a call: set the BLAS threads for it; its start time if it is timed."""
+        n, timed = self.next()
+        BLAS.use(n)
+        return time.perf_counter() if timed else None
+
+    def stop(self, t0: float | None) -> None:
+        """After a call started with ``start`` (``t0`` None: it is not to be counted)."""
+        self.record(None if t0 is None else time.perf_counter() - t0)
+
     def record(self, seconds: float | None) -> None:
         """After a step: its time (None when it was not timed or did not run)."""
         if not self.plan:
@@ -932,16 +942,13 @@ def build(program: Program, dtype=np.float64, target: str = "cpu", **options) ->
     def fn(*args):
         if tuner is None:
             BLAS.use(threads)
-            timed = False
         else:
-            n, timed = tuner.next()
-            BLAS.use(n)
-            t0 = time.perf_counter() if timed else 0.0
+            t0 = tuner.start()
         dims = tuple(int(d) for d in args[n_in:n_in + n_dims])
         outs = [np.empty(f(dims), dt) for f in out_shapes]
         ret = kern(*args[:n_in], *dims, ws.get(dims), *f64, *outs)
         if tuner is not None:
-            tuner.record(time.perf_counter() - t0 if timed else None)
+            tuner.stop(t0)
         result = []
         for kind, i, shape in plan:
             if kind == "ret":
@@ -1031,25 +1038,21 @@ class FusedStep:
             sv = ()
         tuner = self._tuner
         if tuner is None:
-            timed = False
             if self._blas and BLAS.now != self._threads:
                 BLAS.use(self._threads)
         else:
-            n, timed = tuner.next()
-            if BLAS.now != n:
-                BLAS.use(n)
-            t0 = time.perf_counter() if timed else 0.0
+            t0 = tuner.start()
         try:
             ret = self.kernel(*xs, self._wsa, *sv, self._f64, t)
         except (TypeError, ValueError):  # other types or sizes: check, convert, retry
-            timed = False
+            t0 = None  # binding and converting are not the step's time
             self._check_params(params)
             xs = self._bind(params, data)
             if self._scalar_params:
                 xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
             ret = self.kernel(*xs, self._wsa, *sv, self._f64, t)
         if tuner is not None:
-            tuner.record(time.perf_counter() - t0 if timed else None)
+            tuner.stop(t0)
         st["t"] = t
         return ret if self._float else float(ret[0])
 
