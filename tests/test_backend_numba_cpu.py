@@ -207,6 +207,7 @@ def params_and_data(program, params, rows, rng, dtype):
     p2 = {k: v.copy() for k, v in arrays.items() if k in names}
     return names, p1, p2, {k: v for k, v in arrays.items() if k not in names}
 
+
 OPTIMIZERS = {"sgd": sb.SGD(0.1), "momentum": sb.Momentum(0.05, 0.9), "adam": sb.Adam(0.01)}
 
 
