@@ -23,20 +23,12 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-COMPILE = '''
-import sys, time
-sys.path.insert(0, {bench!r})
-import numpy as np, symbp as sb
-from peers import symbp_expr
-L, params = symbp_expr("W1")
-t = time.perf_counter()
-sb.compile_step(L, params, sb.SGD(0.1), target="cpu", dtype=np.float32)
-print(time.perf_counter() - t)
-'''
+sys.path.insert(0, HERE)
+from peers import compile_times  # noqa: E402  (the same measurement as peers.py's table)
 
 
-def run(tree: str, args: list[str], env: dict | None = None) -> str:
-    env = {**os.environ, **(env or {}), "PYTHONPATH": tree}
+def run(tree: str, args: list[str]) -> str:
+    env = {**os.environ, "PYTHONPATH": tree}
     r = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
                        cwd=tempfile.gettempdir())
     if r.returncode != 0:
@@ -47,10 +39,7 @@ def run(tree: str, args: list[str], env: dict | None = None) -> str:
 def measure(tree: str, what: str) -> dict:
     bench = os.path.join(tree, "bench")
     if what == "compile":
-        code = COMPILE.format(bench=bench)
-        with tempfile.TemporaryDirectory() as d:
-            cold = float(run(tree, ["-c", code], {"SYMBP_CACHE_DIR": d}))
-            cached = float(run(tree, ["-c", code], {"SYMBP_CACHE_DIR": d}))
+        (_, cold, _), (_, cached, _) = compile_times("cpu", tree)
         return {"compile cold (s)": cold, "compile cached (s)": cached}
     out = json.loads(run(tree, [os.path.join(bench, "peers.py"), "--worker", "symbp-cpu",
                                 what, "--repeats", "5"]))

@@ -258,17 +258,22 @@ print(t1 - t0, t2 - t1)
 '''
 
 
-def compile_times(target):
-    """(imports, cold compile) in a fresh process with an empty cache, then from the cache."""
+def compile_times(target, tree=None):
+    """(imports, compile_step, process total) in a fresh process with an empty cache, then
+    again from the cache.  ``tree``: another checkout to measure (its symbp and bench)."""
     with tempfile.TemporaryDirectory() as d:
         env = {**os.environ, "SYMBP_CACHE_DIR": d}
-        code = COMPILE_SCRIPT.format(bench=os.path.dirname(os.path.abspath(__file__)),
-                                     target=target)
+        bench = os.path.dirname(os.path.abspath(__file__))
+        if tree is not None:
+            env["PYTHONPATH"] = tree
+            bench = os.path.join(tree, "bench")
+        code = COMPILE_SCRIPT.format(bench=bench, target=target)
         out = []
         for _ in range(2):
             t = time.perf_counter()
+            # cwd elsewhere: `-c` puts the working directory before PYTHONPATH on sys.path
             r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                               text=True, check=True)
+                               text=True, check=True, cwd=d)
             total = time.perf_counter() - t
             imp, comp = map(float, r.stdout.split())
             out.append((imp, comp, total))

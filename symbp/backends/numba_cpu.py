@@ -248,7 +248,7 @@ class _Gen:
         # the float64 array _f64: a step's optimizer constants, then the fixed accumulators
         self.f64_base = len(hyper_values(update)) if update is not None else 0
         self.acc64: list[int] = []
-        self.into = self.fusable_updates(update)  # gradient name -> parameter
+        self.into = self.fusable_updates(update)  # gradient name -> its MatMul
 
     # --- printing helpers -----------------------------------------------------------------
     def printer(self, extra=None) -> NumbaPrinter:
@@ -533,7 +533,7 @@ class _Gen:
                 continue
             if any((x.arg if isinstance(x, sp.Transpose) else x) in params for x in e.args):
                 continue
-            out[g] = w
+            out[g] = e
         return out
 
     def step(self, opt):
@@ -541,8 +541,7 @@ class _Gen:
         for w, g in zip(self.p.wrt, self.p.outputs[1:]):
             wi = self.ids[w]
             if g in self.into:  # w -= lr * A @ B, or m = beta m + A @ B, in the product
-                A, B = (self.operand(x) for x in next(
-                    a.expr for a in self.p.body if a.name == g).args)
+                A, B = (self.operand(x) for x in self.into[g].args)
                 self.emit(f"# {g} = {A}*{B}, added into the update by BLAS   [MatMul]")
                 if isinstance(opt, optim.SGD):
                     self.emit(f"_gemm({A}, {B}, {wi}, -_lr, DT(1))")
