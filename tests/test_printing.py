@@ -154,9 +154,20 @@ def test_numbers_agree_with_compile_and_central_differences(derived, name):
 def test_printed_rows_evaluate_to_the_program_values(derived, name):
     # the printed upstream × local formulas are an independent chain rule (display rules):
     # re-evaluated with the numbers, each must give what the gradient Program computed
-    *_, d = derived[name]
+    f, wrt, _, d = derived[name]
     assert d.check() < 1e-9
-    assert len(d.backward) + len(d.gradients) > 0
+    # one gradient row per wrt, in order, and every row carries the number it was checked on
+    assert [r.prog for r in d.gradients] == list(wrt)
+    assert all(r.value is not None for r in d.forward)
+    assert all(r.grad is not None for r in d.backward + d.gradients)
+    # check() really compares: a row with a nonzero value made 3× too big is reported
+    row = next(r for r in d.backward + d.gradients if np.any(np.asarray(r.grad) != 0))
+    saved, row.expr = row.expr, 3 * row.expr
+    try:
+        with pytest.raises(SymbpError, match="derivation row"):
+            d.check()
+    finally:
+        row.expr = saved
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if n in ("neuron", "chain", "shared",

@@ -217,14 +217,15 @@ class Derivation:
         raise KeyError(w)
 
     def check(self, rtol: float = 1e-9, atol: float = 1e-12) -> float:
-        """Evaluate every printed backward formula with the derivation's numbers and
-        compare it with the gradient Program's value; returns the largest error."""
+        """Evaluate every printed formula, forward and backward, with the derivation's
+        numbers and compare it with the gradient Program's value; returns the largest error."""
         if self.at is None:
             raise SymbpError("check() needs numbers: derive(f, wrt, at={...})")
         worst = 0.0
-        for r in self.backward + self.gradients:
+        # a forward row is checked against its own value, a backward row against its adjoint
+        for r in self.forward + self.backward + self.gradients:
             got = evaluate(r.expr, self.values, self.program.dims, self.at_dims)
-            want = np.asarray(r.grad, dtype=float)
+            want = np.asarray(r.value if r.kind == "forward" else r.grad, dtype=float)
             got = np.broadcast_to(np.asarray(got, dtype=float), want.shape)
             err = float(np.max(np.abs(got - want), initial=0.0))
             scale = max(float(np.max(np.abs(want), initial=0.0)), 1.0)
