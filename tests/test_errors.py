@@ -2,6 +2,7 @@
 SymPy/NumPy traceback; plus the documented conversions and zero gradients."""
 
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import sympy as sp
 import symbp as sb
 from symbp.errors import InputError, ShapeError, SymbpError, UnsupportedError
 
+SYMBP_DIR = Path(sb.__file__).resolve().parent
 x, y = sp.symbols("x y", real=True)
 N = sp.Symbol("N")
 X, T = sp.MatrixSymbol("X", N, 3), sp.MatrixSymbol("T", N, 2)
@@ -76,8 +78,10 @@ def test_bad_input_is_a_clear_symbp_error(thunk, cls, words):
     msg = str(info.value)
     for w in words:
         assert w in msg, f"{w!r} not in {msg!r}"
-    # raised by symbp itself, not bubbled up from deep inside SymPy / NumPy
-    assert info.value.__traceback__ is not None
+    # raised by symbp itself, not bubbled up from deep inside SymPy / NumPy: the innermost
+    # frame (the raise) is in symbp's own source
+    raised_in = Path(info.traceback[-1].path).resolve()
+    assert raised_in.is_relative_to(SYMBP_DIR), f"raised in {raised_in}, not in symbp"
     assert type(info.value).__module__ == "symbp.errors"
 
 

@@ -42,7 +42,22 @@ def test_fdiff_matches_diff_of_formula(name, e):
 def test_value_matches_formula_and_prints(name, e):
     sub = {x: 0.31, a: 0.17, t: 0.3}
     assert abs(float(e.subs(sub).evalf()) - float(_formula(e).subs(sub).evalf())) < 1e-12
-    assert sp.latex(e)  # every row typesets
+    # every row typesets as its operator name applied to its arguments, also under a power
+    assert sp.latex(e) == LATEX[name]
+    assert sp.latex(e**2) == LATEX[name] + "^{2}"
+
+
+_OP = r"\operatorname"
+LATEX = {
+    "sigmoid": r"\sigma\left(x\right)", "relu": _OP + r"{ReLU}\left(x\right)",
+    "leaky_relu": _OP + r"{LeakyReLU}\left(x, \frac{1}{100}\right)",
+    "leaky_relu_a": _OP + r"{LeakyReLU}\left(x, a\right)",
+    "prelu": _OP + r"{PReLU}\left(x, a\right)", "softplus": _OP + r"{softplus}\left(x\right)",
+    "elu": _OP + r"{ELU}\left(x, 1\right)", "elu_a": _OP + r"{ELU}\left(x, a\right)",
+    "selu": _OP + r"{SELU}\left(x\right)", "gelu": _OP + r"{GELU}\left(x\right)",
+    "gelu_tanh": _OP + r"{GELU}_{\tanh}\left(x\right)", "silu": _OP + r"{SiLU}\left(x\right)",
+    "bce": _OP + r"{BCE}\left(x, t\right)",
+}
 
 
 # kink conventions, as documented in symbp/functions.py (PyTorch's choices)

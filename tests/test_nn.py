@@ -38,17 +38,25 @@ def test_mlp_matches_numpy_by_hand():
     assert m.data_names == ["X", "T"]
 
 
-@pytest.mark.parametrize("loss,link,metric", [
-    ("bce", lambda Z: scipy.special.expit(Z), "threshold"),
-    ("mse", lambda Z: Z, None),
+def _bce(P, T):
+    return -np.mean(T * np.log(P) + (1 - T) * np.log(1 - P))
+
+
+@pytest.mark.parametrize("loss,link,metric,reference", [
+    ("bce", lambda Z: scipy.special.expit(Z), "threshold", _bce),
+    ("mse", lambda Z: Z, None, lambda Y, T: np.mean((Y - T) ** 2)),
 ])
-def test_other_losses(loss, link, metric):
+def test_other_losses(loss, link, metric, reference):
     m = nn.mlp([3, 4, 2], activations="sigmoid", loss=loss, seed=1)
     X, y = data(m)
     P = m.params
     Z = scipy.special.expit(X @ P["W1"] + P["b1"]) @ P["W2"] + P["b2"]
     np.testing.assert_allclose(sb.compile_forward(m.prediction)(**P, X=X), link(Z), rtol=1e-12)
     assert m.metric == metric
+    # the loss: PyTorch's mean over all N×C entries (a sum, or a mean over rows, is wrong)
+    T = m.targets(y)
+    value, _ = sb.compile(m.loss, m.wrt)(**P, X=X, T=T)
+    assert value == pytest.approx(reference(link(Z), T), rel=1e-12)
 
 
 @pytest.mark.parametrize("act,init", [("tanh", "glorot"), ("sigmoid", "glorot"),
