@@ -3,11 +3,11 @@
 Profiles (chosen with HYPOTHESIS_PROFILE, applied to these tests only):
   ci   (default)  60 DAGs, 30 MLPs, derandomized: the same cases on every run
   long            500 DAGs, 200 MLPs, random: a longer local run
-Backends: every target named in SYMBP_PROPERTY_TARGETS (comma-separated, default
-"numpy") is compared with the NumPy reference on each MLP of the main property; a target
-that cannot be imported is skipped, or fails in CI via `need`.  A second property compiles
-each MLP with Numba ('cpu'; 'cpu' and 'parallel' in the long profile) and compares it with
-the reference: few examples, since every example is a new program (~2-4 s to compile).
+Backends: a second MLP property compiles each network for every target named in
+SYMBP_PROPERTY_TARGETS (comma-separated, default "cpu,parallel") and compares it with the
+NumPy reference: few examples (4; 40 in the long profile), since every example is a new
+program (~2-4 s to compile per target).  A target that cannot be imported is skipped, or
+fails in CI via `need`.
 """
 
 import math
@@ -28,10 +28,10 @@ settings.register_profile("ci", max_examples=60, derandomize=True, **_common)
 settings.register_profile("long", max_examples=500, **_common)
 PROFILE = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 MLP_EXAMPLES = {"ci": 30, "long": 200}.get(os.environ.get("HYPOTHESIS_PROFILE", "ci"), 20)
-TARGETS = [t for t in os.environ.get("SYMBP_PROPERTY_TARGETS", "numpy").split(",") if t]
+TARGETS = [t for t in os.environ.get("SYMBP_PROPERTY_TARGETS", "cpu,parallel").split(",")
+           if t and t != "numpy"]
 _LONG = os.environ.get("HYPOTHESIS_PROFILE", "ci") == "long"
-NUMBA_EXAMPLES = 40 if _LONG else 5
-NUMBA_TARGETS = ["cpu", "parallel"] if _LONG else ["cpu"]
+NUMBA_EXAMPLES = 40 if _LONG else 4
 
 XS = sp.symbols("x0:3", real=True)
 
@@ -105,6 +105,8 @@ def test_dag_grad_matches_sympy_diff_and_central_differences(case):
 N = sp.Symbol("N")
 ACTS = ["sigmoid", "tanh", "relu", "leaky_relu", "softplus", "elu", "selu", "gelu",
         "gelu_tanh", "silu", "identity"]
+# activations whose slope jumps at 0 (elu's α = 1 makes it C¹, but keep a margin there too)
+KINKED = {"relu", "leaky_relu", "elu", "selu"}
 LOSSES = ["sce", "ce_softmax", "mse", "bce", "bce_logits"]
 
 
@@ -120,21 +122,24 @@ def mlps(draw):
 
 
 def build_mlp(widths, acts, loss):
+    """The loss, its parameters, X, T and the pre-activations that enter a kinked function."""
     X, T = sp.MatrixSymbol("X", N, widths[0]), sp.MatrixSymbol("T", N, widths[-1])
-    H, params = X, []
+    H, params, kinks = X, [], []
     for i in range(len(widths) - 1):
         W = sp.MatrixSymbol(f"W{i}", widths[i], widths[i + 1])
         b = sp.MatrixSymbol(f"b{i}", 1, widths[i + 1])
         params += [W, b]
         H = sb.dense(H, W, b)
         if i < len(acts):
+            if acts[i] in KINKED:
+                kinks.append(H)
             H = F.FUNCTIONS[acts[i]](H)
     f = {"sce": lambda: sb.softmax_cross_entropy(H, T),
          "ce_softmax": lambda: sb.cross_entropy(sb.softmax(H), T),
          "mse": lambda: sb.mse(H, T),
          "bce": lambda: sb.binary_cross_entropy(sb.sigmoid(H), T),
          "bce_logits": lambda: sb.bce_with_logits(H, T)}[loss]()
-    return f, params, X, T
+    return f, params, X, T, kinks
 
 
 def mlp_arrays(params, X, T, loss, batch, seed):
@@ -150,12 +155,32 @@ def mlp_arrays(params, X, T, loss, batch, seed):
     return arrays
 
 
+KINK_MARGIN = 1e-2  # ≫ eps·|∂z/∂θ| for the largest step (1e-4) and these small weights
+
+
+def smooth_point(params, X, T, loss, batch, seed, kinks):
+    """Arrays whose kinked pre-activations are all at least KINK_MARGIN from 0.
+
+    Central differences straddling a kink measure the average of two slopes, not the
+    gradient; so the point moves (deterministically: the next seed) rather than the
+    check being dropped.  Seeds are tried in order; ~5 % of points get moved."""
+    for k in range(100):
+        arrays = mlp_arrays(params, X, T, loss, batch, seed + k)
+        near = False
+        for Z in kinks:
+            fwd = sb.compile_forward(Z)
+            z = fwd(**{s.name: arrays[s.name] for s in fwd.program.inputs})
+            near = near or np.min(np.abs(z)) < KINK_MARGIN
+        if not near:
+            return arrays
+    raise AssertionError(f"no point away from the kinks in 100 seeds from {seed}")
+
+
 def compare_targets(f, params, arrays, targets=TARGETS, dtype=np.float64, rtol=1e-9):
     """Compile for each target and compare value and gradients with the NumPy reference."""
+    assert targets, "no target to compare with the NumPy reference"
     ref_v, ref_g = sb.compile(f, params, target="numpy", dtype=dtype)(**arrays)
     for target in targets:
-        if target == "numpy":
-            continue
         try:
             fn = sb.compile(f, params, target=target, dtype=dtype)
         except sb.SymbpError as err:
@@ -168,10 +193,11 @@ def compare_targets(f, params, arrays, targets=TARGETS, dtype=np.float64, rtol=1
 
 @settings(PROFILE, max_examples=MLP_EXAMPLES)
 @given(mlps())
-def test_random_mlp_gradcheck_and_targets(arch):
+def test_random_mlp_gradcheck(arch):
+    """The reference gradient equals central differences, at a point away from any kink."""
     widths, acts, loss, batch, seed = arch
-    f, params, X, T = build_mlp(widths, acts, loss)
-    arrays = mlp_arrays(params, X, T, loss, batch, seed)
+    f, params, X, T, kinks = build_mlp(widths, acts, loss)
+    arrays = smooth_point(params, X, T, loss, batch, seed, kinks)
     r = sb.gradcheck(f, params, arrays, eps=1e-6, tol=1e-6)
     for eps in (1e-5, 1e-4):
         if r.ok:
@@ -180,21 +206,16 @@ def test_random_mlp_gradcheck_and_targets(arch):
         # loss (width-1 sigmoid stacks) needs a larger step (long runs: W0 ~1e-5, L ~2;
         # [1, 1, 1, 2] sigmoid-silu: W0 = -8.7e-7, L = 2, equal to differences at 1e-3)
         r = sb.gradcheck(f, params, arrays, eps=eps, tol=1e-6)
-    if not r.ok and any(a in ("relu", "leaky_relu", "elu", "selu") for a in acts):
-        # a kink within eps of a pre-activation: retry at another point
-        assume(sb.gradcheck(f, params, mlp_arrays(params, X, T, loss, batch, seed + 1)).ok)
-    else:
-        assert r.ok, f"{arch}\n{r}"
-    compare_targets(f, params, arrays)
+    assert r.ok, f"{arch}\n{r}"
 
 
 @settings(PROFILE, max_examples=NUMBA_EXAMPLES)
 @given(mlps(), st.sampled_from([np.float64, np.float32]))
-def test_random_mlp_numba_targets_match_numpy(arch, dtype):
-    """Random MLPs compiled by Numba agree with the NumPy reference in the same dtype."""
+def test_random_mlp_targets_match_numpy(arch, dtype):
+    """Random MLPs compiled for each target agree with the NumPy reference in the same dtype."""
     pytest.importorskip("numba")
     widths, acts, loss, batch, seed = arch
-    f, params, X, T = build_mlp(widths, acts, loss)
+    f, params, X, T, _ = build_mlp(widths, acts, loss)
     arrays = mlp_arrays(params, X, T, loss, batch, seed)
     rtol = 1e-9 if dtype == np.float64 else 2e-4  # float32: two roundings of a deep net
-    compare_targets(f, params, arrays, targets=NUMBA_TARGETS, dtype=dtype, rtol=rtol)
+    compare_targets(f, params, arrays, dtype=dtype, rtol=rtol)
