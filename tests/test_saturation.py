@@ -1,4 +1,5 @@
-"""Saturated predictions keep their gradient: binary cross-entropy of σ(z) at z = −20.
+"""Saturated inputs keep their gradient: binary cross-entropy of σ(z) at z = −20, and
+softmax / softmax cross-entropy at logits of ±1000.
 
 bce's derivative is (p − t)/max(p(1 − p), ε) with PyTorch's ε = 1e-12; composed with
 σ'(z) = p(1 − p) it gives p − t, so a confidently wrong prediction (z = −20, target 1,
@@ -38,3 +39,20 @@ def test_matrix_bce_of_sigmoid_at_saturation(target):
     _, g = fn(Z=z0, T=t)
     # mean over the N entries: each slope is (σ(z) − t)/N
     np.testing.assert_allclose(g["Z"], (scipy.special.expit(z0) - t) / len(z0), rtol=1e-9)
+
+
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_softmax_ce_at_large_logits(target):
+    # exp(1000) overflows: softmax and its cross-entropy shift each row by its max first
+    if target != "numpy":
+        pytest.importorskip("numba")
+    Z, T = sp.MatrixSymbol("Z", N, 3), sp.MatrixSymbol("T", N, 3)
+    z0 = np.array([[1000.0, 0.0, -1000.0], [800.0, 810.0, 0.0], [-1000.0, -999.0, -1001.0]])
+    t = np.eye(3)[[1, 1, 0]]
+    value, g = sb.compile(sb.softmax_cross_entropy(Z, T), [Z], target=target)(Z=z0, T=t)
+    want = np.mean(scipy.special.logsumexp(z0, axis=1) - np.sum(t * z0, axis=1))
+    assert value == pytest.approx(want, rel=1e-12)
+    np.testing.assert_allclose(g["Z"], (scipy.special.softmax(z0, axis=1) - t) / 3,
+                               rtol=1e-12, atol=1e-300)
+    Y = sb.compile_forward(sb.softmax(Z), target=target)(Z=z0)
+    np.testing.assert_allclose(Y, scipy.special.softmax(z0, axis=1), rtol=1e-12, atol=1e-300)
