@@ -51,7 +51,6 @@ from ..matrix import (
 )
 from ..passes import optimize
 from . import Kernel, identifiers
-from .blas import VERSION as GEMM_VERSION
 from .scalar import ScalarPrinter
 
 # --- the table: one stable njit scalar routine per `helper` name ---------------------------
@@ -607,7 +606,7 @@ import math
 import numpy as np
 from numba import njit, prange  # noqa: F401
 
-from symbp.backends.blas import gemm as _gemm  # noqa: F401  (symbp gemm v{gemm})
+from symbp.backends.blas import gemm as _gemm  # noqa: F401  (hashed into the cache key)
 
 DT = np.{dtype}  # every constant is typed: a bare 0.5 would turn {dtype} code into float64
 ACC = np.float64  # sums accumulate in float64
@@ -676,7 +675,7 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
     par = target == "parallel" and any("in prange(" in ln for ln in g.lines)
     kflags = flags + (["parallel=True"] if par else [])
     sig = f'"({", ".join(types)},)"'
-    lines = [_HEADER.format(target=target, dtype=dt, gemm=GEMM_VERSION)]
+    lines = [_HEADER.format(target=target, dtype=dt)]
     table = {**HELPERS, **(HELPERS_F32 if dt == "float32" else {})}
     for h in sorted(g.used):
         lines.append(f"\n@njit({', '.join(flags)})" + table[h])
