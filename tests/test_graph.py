@@ -80,7 +80,7 @@ def test_matrix_graph_shows_shapes_and_values(rng):
 
 @pytest.mark.parametrize("name", ["neuron", "shared"])
 def test_graphviz_renders_svg_and_png(tmp_path, name):
-    need(shutil.which("dot") is not None, "Graphviz (dot)")
+    need(shutil.which("dot") is not None, "graphviz")
     f, at = SCALAR[name]
     dot = to_dot(f, at=at)
     svg = render(dot, tmp_path / "g.svg")
@@ -101,6 +101,6 @@ def test_bad_output_suffix(tmp_path):
 
 
 def test_dot_errors_are_reported(tmp_path):
-    need(shutil.which("dot") is not None, "Graphviz (dot)")
+    need(shutil.which("dot") is not None, "graphviz")
     with pytest.raises(SymbpError, match="dot failed"):
         render("digraph { a -> }", tmp_path / "g.svg")

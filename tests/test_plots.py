@@ -3,13 +3,14 @@
 import numpy as np
 import pytest
 import sympy as sp
+from conftest import have, need
 
 import symbp as sb
 from symbp.errors import SymbpError
 from symbp.functions import FUNCTIONS
 from symbp.printing.plots import activation_curves, history_columns, plot_activation, plot_history
 
-pytest.importorskip("matplotlib")
+need(have("matplotlib"), "matplotlib")
 
 PLOTTABLE = sorted(n for n in FUNCTIONS if n != "rrelu")  # rrelu's slope is random
 
@@ -78,7 +79,8 @@ def test_plot_history_shapes(tmp_path, name):
 
 
 def test_history_object_from_train(tmp_path):
-    train = pytest.importorskip("symbp.train")
+    from symbp import train
+
     h = train.History(epoch=[1, 2, 3], loss=[1.0, 0.5, 0.25], accuracy=[None, None, None],
                       time=[0.1, 0.1, 0.1])
     assert history_columns(h)["loss"] == [1.0, 0.5, 0.25]

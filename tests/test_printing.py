@@ -110,8 +110,8 @@ def _numbers(f, wrt, rng):
 def katex_errors(formulas):
     """KaTeX's verdict on each formula: None when it renders."""
     node = shutil.which("node")
-    need(node is not None and (KATEX_DIR / "node_modules" / "katex").exists(),
-         "KaTeX (node + `cd tools/katex && npm install`)")
+    need(node is not None and (KATEX_DIR / "node_modules" / "katex").exists(), "katex",
+         "no node" if node is None else f"no {KATEX_DIR / 'node_modules' / 'katex'}")
     r = subprocess.run([node, str(KATEX_DIR / "check.js")], input=json.dumps(formulas),
                        capture_output=True, text=True, timeout=60, check=True)
     return json.loads(r.stdout)
