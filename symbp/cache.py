@@ -44,11 +44,6 @@ def cache_dir() -> Path:
     return Path(d) if d else Path.home() / ".cache" / "symbp"
 
 
-# `from symbp.x import y` / `import symbp.x` at the start of a line of generated source
-_IMPORT = re.compile(r"^[ \t]*(?:from[ \t]+(symbp(?:\.\w+)*)[ \t]+import[ \t]+([\w ,\t]+)"
-                     r"|import[ \t]+(symbp(?:\.\w+)*))", re.M)
-
-
 def _module_file(name: str) -> Path | None:
     try:
         spec = importlib.util.find_spec(name)
@@ -57,37 +52,44 @@ def _module_file(name: str) -> Path | None:
     return Path(spec.origin) if spec is not None and spec.has_location else None
 
 
-@functools.cache
-def _symbp_imports(name: str) -> tuple[str, ...]:
-    """The symbp modules that module ``name``'s own code imports (absolute or relative)."""
-    path = _module_file(name)
-    tree = ast.parse(path.read_bytes(), str(path))
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+def _symbp_imports(nodes, package: str) -> list[str]:
+    """The symbp modules these statements import, absolute or relative to ``package``."""
     found = []
-    for node in ast.walk(tree):
+    for node in nodes:
         if isinstance(node, ast.Import):
             found += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            try:
+                base = importlib.util.resolve_name("." * node.level + (node.module or ""),
+                                                   package)
+            except ImportError:  # a relative import outside any package
+                continue
+            # `from symbp.backends import blas` imports the module symbp.backends.blas
             found += [base] + [f"{base}.{a.name}" for a in node.names]
-    return tuple(n for n in found if n.split(".")[0] == "symbp" and _module_file(n))
+    return [n for n in found if n.split(".")[0] == "symbp" and _module_file(n)]
+
+
+@functools.cache
+def _imports_of_module(name: str) -> tuple[str, ...]:
+    path = _module_file(name)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    # imports inside functions count too (blas.py imports in its typing function)
+    return tuple(_symbp_imports(ast.walk(ast.parse(path.read_bytes(), str(path))), package))
 
 
 def dependencies(source: str) -> list[str]:
     """Every symbp module ``source`` imports, and the symbp modules those import."""
-    todo = []
-    for m in _IMPORT.finditer(source):
-        if m[3]:
-            todo.append(m[3])
-        else:  # `from symbp.backends import blas` imports a module too
-            todo += [m[1]] + [f"{m[1]}.{n.split()[0]}" for n in m[2].split(",") if n.strip()]
+    try:
+        # generated code imports at the top: walking every loop of a kernel costs ~10 ms
+        todo = _symbp_imports(ast.parse(source).body, "")
+    except SyntaxError:  # it cannot compile either: load() reports it with its file
+        todo = []
     seen: set[str] = set()
     while todo:
         name = todo.pop()
-        if name in seen or _module_file(name) is None:
-            continue
-        seen.add(name)
-        todo += _symbp_imports(name)
+        if name not in seen:
+            seen.add(name)
+            todo += _imports_of_module(name)
     return sorted(seen)
 
 

@@ -140,8 +140,9 @@ def test_dependencies_follow_symbp_imports_of_symbp_modules():
     assert {"symbp.backends.numba_cpu", "symbp.backends.scalar", "symbp.cache",
             "symbp.errors"} <= set(deps)
     assert all(d.split(".")[0] == "symbp" for d in deps)
-    deps = cache.dependencies("from symbp.backends import blas as b, identifiers\n")
+    deps = cache.dependencies("from symbp.backends import (\n    blas as b,\n    identifiers,\n)\n")
     assert {"symbp.backends", "symbp.backends.blas"} <= set(deps)
+    assert "symbp.backends.identifiers" not in deps  # a function, not a module
 
 
 def test_the_key_changes_with_a_helper_module(monkeypatch):
