@@ -52,19 +52,12 @@ from ..matrix import (
 from ..passes import optimize
 from . import Kernel, identifiers
 from .blas import VERSION as GEMM_VERSION
-from .scalar import ScalarPrinter
+from .scalar import ScalarPrinter, helpers
 
 # --- the table: one stable njit scalar routine per `helper` name ---------------------------
-# Each is written in forms that are fast in njit: libm's tanh costs ~3 exp calls here.
-HELPERS = {
-    "sigmoid": '''
-def _sigmoid(x):
-    # 1/(1 + e^-x) for x >= 0, e^x/(1 + e^x) below: exp never overflows
-    if x >= 0:
-        return DT(1) / (DT(1) + math.exp(-x))
-    e = math.exp(x)
-    return e / (DT(1) + e)
-''',
+# The routines both Numba backends share (scalar.HELPERS), plus the CPU's own tanh: libm's
+# tanh costs ~3 exp calls here.
+HELPERS = helpers("", "DT", {
     "tanh": '''
 def _tanh(x):
     # tanh|x| = (1 - e)/(1 + e), e = exp(-2|x|): one exp; expm1 near 0 keeps relative precision
@@ -77,24 +70,7 @@ def _tanh(x):
         r = (DT(1) - e) / (DT(1) + e)
     return r if x >= 0 else -r
 ''',
-    "relu": '''
-def _relu(x):
-    return x if x > 0 else DT(0) * x
-''',
-    "leaky_relu": '''
-def _leaky_relu(x, a):
-    return x if x > 0 else a * x
-''',
-    "softplus": '''
-def _softplus(x):
-    # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): finite for every x
-    return (x if x > 0 else DT(0)) + math.log1p(math.exp(-abs(x)))
-''',
-    "elu": '''
-def _elu(x, a):
-    return x if x > 0 else a * math.expm1(x)
-''',
-}
+})
 
 # float32 overrides.  tanh: Eigen's rational approximation (clamped to ±7.9, odd degree-13
 # numerator over degree-6 denominator, within 4e-7 relative of tanh in float32): no call

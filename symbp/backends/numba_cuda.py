@@ -51,47 +51,15 @@ from ..matrix import (
 )
 from ..passes import optimize
 from . import Kernel, identifiers
-from .scalar import ScalarPrinter
+from .scalar import ScalarPrinter, helpers
 
 # Kernel code sees these globals; an IR name spelled like one is renamed (`math` -> `math_v`).
 _RESERVED = {"math", "cuda", "float32", "float64", "int64", "max", "min", "abs", "range",
              "int", "float", "numpy", "symbp_cuda"}
 
 # --- the table: device helpers, keyed by each function's `helper` name ------------------
-
-_HELPERS = {
-    # σ(x) without overflow: e^{-|x|} ≤ 1 on both branches
-    "sigmoid": """\
-@cuda.jit(device=True)
-def _sigmoid(x):
-    if x >= _DT(0):
-        return _DT(1) / (_DT(1) + math.exp(-x))
-    e = math.exp(x)
-    return e / (_DT(1) + e)
-""",
-    "relu": """\
-@cuda.jit(device=True)
-def _relu(x):
-    return x if x > _DT(0) else _DT(0)
-""",
-    "leaky_relu": """\
-@cuda.jit(device=True)
-def _leaky_relu(x, a):
-    return x if x > _DT(0) else a * x
-""",
-    # log(1 + e^x) = max(x, 0) + log1p(e^{-|x|}): no overflow, exact for large |x|
-    "softplus": """\
-@cuda.jit(device=True)
-def _softplus(x):
-    return max(x, _DT(0)) + math.log1p(math.exp(-abs(x)))
-""",
-    # expm1 keeps α(e^x − 1) accurate near 0
-    "elu": """\
-@cuda.jit(device=True)
-def _elu(x, a):
-    return x if x > _DT(0) else a * math.expm1(x)
-""",
-}
+# The routines both Numba backends share (scalar.HELPERS), as device functions.
+_HELPERS = helpers("@cuda.jit(device=True)", "_DT")
 
 # Tree reductions over threadIdx.x within one row of a TILE×TILE block (used by the row
 # kernels); every thread of the block must call them (they synchronise).
@@ -111,6 +79,7 @@ def _row_sum(sh, v, ty, tx):
     return r
 
 
+# A NaN this max drops still reaches every output of its row: Σ exp(z − max) reads it.
 @cuda.jit(device=True)
 def _row_max(sh, v, ty, tx):
     sh[ty, tx] = v
@@ -318,7 +287,6 @@ class CudaPrinter(ScalarPrinter):
     """
 
     helpers = _HELPERS
-    otherwise = "math.nan"
 
     def _typed(self, text):
         # the sign outside the call: x + (-7) prints as x - float32(7)

@@ -68,7 +68,12 @@ class NumpyPrinter(SciPyPrinter):
             return f"_{e.helper}({', '.join(self._print(a) for a in e.args)})"
         return self._print(e.expand_formula())
 
-    def _print_Max(self, e):
+    def _print_Heaviside(self, e):
+        # numpy.heaviside keeps NaN (SymPy's own rule, a select on x <= 0, maps NaN to 1)
+        h0 = e.args[1] if len(e.args) > 1 else sp.S.Half
+        return f"numpy.heaviside({self._print(e.args[0])}, {self._print(h0)})"
+
+    def _print_Max(self, e):  # numpy.maximum and numpy.minimum propagate NaN
         out = self._print(e.args[0])
         for a in e.args[1:]:
             out = f"numpy.maximum({out}, {self._print(a)})"
