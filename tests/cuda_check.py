@@ -91,6 +91,14 @@ def _transposes():
     return f, [W, V, X, c]
 
 
+def _sce_soft_targets():
+    # targets exp(Q): positive rows that do not sum to 1, so the exact cross-entropy, its
+    # row sums T𝟏 and ∂/∂T = −log softmax(Z)/N are all checked (Q is random normal)
+    X, Q = sp.MatrixSymbol("X", N, 4), sp.MatrixSymbol("Q", N, 3)
+    W = sp.MatrixSymbol("W", 4, 3)
+    return sb.cross_entropy(sb.softmax(X * W), sb.exp(Q)), [W, Q]
+
+
 def _scalar():
     # x**3 / y**2 once printed as x*x*x/y*y: integer powers in denominators
     x, y = sp.symbols("x y", real=True)
@@ -104,6 +112,7 @@ BOTH, F32 = ("float32", "float64"), ("float32",)
 CASES = {
     "scalar": (_scalar, None, BOTH),
     "mlp_tanh_sce": (_mlp_sce, 7, BOTH),
+    "sce_soft_targets": (_sce_soft_targets, 6, BOTH),
     "mlp2_relu_sigmoid_mse": (_mlp2_mse, 9, BOTH),
     "mlp_activations_logsoftmax": (_mlp_activations, 6, BOTH),
     "softmax_mse_prelu": (_softmax_mse_prelu, 5, F32),

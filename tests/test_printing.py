@@ -232,13 +232,15 @@ def test_matrix_derivation_and_delta_rule():
     f, wrt = _mlp_sce()
     text = derive(f, wrt).text()
     for line in ("Z₁ = X W₁ + 𝟏b₁", "H₁ = σ(Z₁)", "Z₂ = H₁ W₂ + 𝟏b₂", "Y = softmax(Z₂)",
-                 "Δ₂ = (Y − T)/N", "∂⁺L/∂H₁ = Δ₂ W₂ᵀ", "Δ₁ = ∂⁺L/∂H₁ ⊙ H₁ ⊙ (1 − H₁)"):
+                 "Δ₂ = (Y ⊙ (T𝟏)𝟏ᵀ − T)/N", "∂⁺L/∂H₁ = Δ₂ W₂ᵀ", "Δ₁ = ∂⁺L/∂H₁ ⊙ H₁ ⊙ (1 − H₁)"):
         assert line in text, (line, text)
     F = matrix_formulas(f, wrt)
     ft = F.text()
-    for line in ("Δ₂ = (Y − T)/N", "Δ₁ = (Δ₂ W₂ᵀ) ⊙ σ′(Z₁)", "σ′(Z₁) = H₁ ⊙ (1 − H₁)",
+    # T𝟏 (the targets' row sums) stays: (Y − T)/N holds only where every row sums to 1
+    for line in ("Δ₂ = (Y ⊙ (T𝟏)𝟏ᵀ − T)/N", "Δ₁ = (Δ₂ W₂ᵀ) ⊙ σ′(Z₁)", "σ′(Z₁) = H₁ ⊙ (1 − H₁)",
                  "∂L/∂W₁ = Xᵀ Δ₁", "∂L/∂b₁ = 𝟏ᵀΔ₁", "∂L/∂W₂ = H₁ᵀ Δ₂", "∂L/∂b₂ = 𝟏ᵀΔ₂",
-                 "∂L/∂W₁[k,l] = Σₙ X[n,k]·Δ₁[n,l]", "∂L/∂b₂[l] = Σₙ Δ₂[n,l]"):
+                 "∂L/∂W₁[k,l] = Σₙ X[n,k]·Δ₁[n,l]", "∂L/∂b₂[l] = Σₙ Δ₂[n,l]",
+                 "Δ₂[n,l] = (Y[n,l]·Σₘ T[n,m] − T[n,l])/N"):
         assert line in ft, (line, ft)
     shapes = {F.names.text(r.lhs): r.shape for r in F.rows}
     assert shapes["∂L/∂W₁"] == (3, 4) and shapes["Δ₂"] == (N, 2)
