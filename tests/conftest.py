@@ -25,6 +25,7 @@ TOOLS = {
     "numba": "Numba (a dependency of symbp: pip install -e .)",
     "matplotlib": "matplotlib (pip install 'symbp[plot]')",
     "scikit-learn": "scikit-learn (pip install 'symbp[demo]')",
+    "pytorch": "PyTorch, an independent reference (pip install torch)",
 }
 REQUIRED = {t.strip() for t in os.environ.get("SYMBP_REQUIRE", "").split(",") if t.strip()}
 

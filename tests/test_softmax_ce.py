@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import sympy as sp
+from conftest import have, need
 
 import symbp as sb
 from symbp.matrix import SoftmaxCrossEntropy
@@ -131,8 +132,8 @@ def test_large_logits_stay_finite_and_exact(target):
 
 
 def test_matches_pytorch_with_probability_targets():
-    torch = pytest.importorskip("torch", reason="PyTorch is not installed: no comparison "
-                                "with torch.nn.functional.cross_entropy")
+    need(have("torch"), "pytorch", "no comparison with torch.nn.functional.cross_entropy")
+    import torch
     Xv, Wv, Tv = data(["one-hot", "soft", "label-smoothed", "masked", "unnormalised"])
     Zv = Xv @ Wv
     v, g = compiled("numpy", "head")(Z=Zv, T=Tv)
