@@ -38,8 +38,7 @@ from .derive import format_value, run_program
 _INSTALL = (
     "Graphviz's `dot` program is not installed, so the graph cannot be rendered. Install "
     "Graphviz (Debian/Ubuntu: `sudo apt-get install graphviz`; macOS: `brew install "
-    "graphviz`; conda: `conda install -c conda-forge graphviz`), or save the DOT source "
-    "with `to_dot(...)` and render it elsewhere"
+    "graphviz`; conda: `conda install -c conda-forge graphviz`), or {without_dot}"
 )
 
 
@@ -179,10 +178,13 @@ def _esc(s: str) -> str:
     return html.escape(s, quote=True)
 
 
-def render(dot_source: str, path) -> Path:
+def render(dot_source: str, path, *,
+           without_dot: str = "save the DOT source with `to_dot(...)` and render it "
+                              "elsewhere") -> Path:
     """Render DOT source to ``path`` (.svg, .png or .pdf) with Graphviz's ``dot``.
 
-    Raises ``SymbpError`` saying how to install Graphviz when ``dot`` is missing.
+    Raises ``SymbpError`` saying how to install Graphviz when ``dot`` is missing, and what
+    to do without it (``without_dot``: the command line says ``-o graph.dot``).
     """
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
@@ -190,7 +192,7 @@ def render(dot_source: str, path) -> Path:
         raise SymbpError(f"render: {path} must end in .svg, .png or .pdf, not {path.suffix!r}")
     dot = shutil.which("dot")
     if dot is None:
-        raise SymbpError(_INSTALL)
+        raise SymbpError(_INSTALL.format(without_dot=without_dot))
     try:
         r = subprocess.run([dot, f"-T{fmt}", "-o", str(path)], input=dot_source.encode(),
                            capture_output=True, timeout=60, check=False)
