@@ -189,6 +189,7 @@ def _problem(args) -> tuple:
 
     _take_expression(args)
     f, symbols = parse_expr(args.expr)
+    args.symbols = list(symbols.values())  # in the order written: the graph's input column
     names = ", ".join(symbols) or "none"
     if args.wrt is None:
         wrt = list(symbols.values())
@@ -241,7 +242,7 @@ def cmd_graph(args) -> int:
     from .printing.graph import render, to_dot
 
     with _deadline(args.timeout):
-        dot = to_dot(f, at=at, wrt=wrt)
+        dot = to_dot(f, at=at, wrt=wrt, order=args.symbols)
     if path is None:
         _write(dot)
     elif ext in (".dot", ".gv"):

@@ -531,3 +531,12 @@ def test_missing_graphviz_names_the_command_line_way(monkeypatch, capsys, tmp_pa
     err = capsys.readouterr().err
     assert "apt-get install graphviz" in err and "-o graph.dot" in err, err
     assert "to_dot" not in err
+
+
+def test_graph_inputs_in_the_order_written(capsys):
+    import re
+
+    assert cli.main(["graph", "z + y*x", "--wrt", "x"]) == 0
+    dot = capsys.readouterr().out
+    names = re.findall(r'in\d+ \[shape=plaintext, label=["<](\w+)', dot)
+    assert names == ["z", "y", "x"], dot
