@@ -169,3 +169,17 @@ def test_fan_out_shows_the_summed_gradient():
     sums = re.findall(r'xlabel=<<font color="red">Σ = ([^<]+)</font>>', dot)
     want = float(sp.diff(g.subs(inner, z), z).subs(z, sp.sin(0.4)))  # ∂(s² + s)/∂s
     assert [float(v) for v in sums] == pytest.approx([want], rel=1e-9), dot
+
+
+def test_singular_point_edges_show_infinities_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dot = to_dot(sp.log(x) * y, at={"x": 0.0, "y": 1.0})
+    ids = dict(re.findall(r'(in\d+) \[shape=plaintext, label=["<](\w+)', dot))
+    inv = {v: k for k, v in ids.items()}
+    # ∂(y log x)/∂x = y/x → +∞ at 0 (IEEE, as the gradient program), ∂/∂y = log 0 = −∞
+    assert dot.count("∞") >= 2
+    assert re.search(rf'{inv["x"]} -> op\d+ \[label=<x = 0<br/><font color="red">∞</font>',
+                     dot), dot

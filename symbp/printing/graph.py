@@ -96,9 +96,15 @@ def _op_label(e) -> str:
 def _share(user, v, g_user, values):
     """The gradient a scalar edge v → user carries: ∂⁺L/∂user · ∂user/∂v, a number."""
     d = sp.diff(user.expr, v)
-    sub = {k: sp.Float(float(x)) for k, x in values.items()
-           if isinstance(k, sp.Symbol) and np.ndim(x) == 0}
-    return float(g_user) * real_number(sp.N(d.xreplace(sub)))
+    args = sorted(d.free_symbols, key=str)
+    try:  # in IEEE floats, as the gradient program: d/dx log x at 0 is ∞, not SymPy's zoo
+        local = sp.lambdify(args, d, modules="numpy")
+        with np.errstate(all="ignore"):
+            return float(np.float64(g_user) * local(*(np.float64(values[a]) for a in args)))
+    except (ImportError, NameError, TypeError, AttributeError):  # a head NumPy cannot print
+        sub = {k: sp.Float(float(x)) for k, x in values.items()
+               if isinstance(k, sp.Symbol) and np.ndim(x) == 0}
+        return float(g_user) * real_number(sp.N(d.xreplace(sub)))
 
 
 def to_dot(f, at=None, wrt=None, *, loss: str = "L", digits: int = 4, order=None) -> str:
