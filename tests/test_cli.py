@@ -488,7 +488,7 @@ def test_softmax_cross_entropy_from_the_command_line(capsys):
     out = capsys.readouterr().out
     y = np.exp(z) / np.exp(z).sum()  # the chapter's result: ∂L/∂zᵢ = yᵢ − tᵢ
     for i, g in enumerate(y - np.array(t), 1):
-        line = next(l for l in out.splitlines() if l.strip().startswith(f"∂L/∂z{'₀₁₂₃'[i]}"))
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(f"∂L/∂z{'₀₁₂₃'[i]}"))
         assert line.split("= ")[-1].replace("−", "-") == f"{g:.4g}", (line, g)
 
 

@@ -166,7 +166,8 @@ def test_fan_out_shows_the_summed_gradient():
     inner = sp.sin(z)
     g = inner * inner + inner
     dot = to_dot(g, at={"z": 0.4}, digits=15)
-    sums = re.findall(r'xlabel=<<font color="red">Σ = ([^<]+)</font>>', dot)
+    sums = re.findall(r'op\d+ \[shape=.*label=<\w+<br/><font color="red">Σ = ([^<]+)'
+                      r"</font>>", dot)
     want = float(sp.diff(g.subs(inner, z), z).subs(z, sp.sin(0.4)))  # ∂(s² + s)/∂s
     assert [float(v) for v in sums] == pytest.approx([want], rel=1e-9), dot
 

@@ -195,9 +195,11 @@ def to_dot(f, at=None, wrt=None, *, loss: str = "L", digits: int = 4, order=None
         lines.append(f"  {{rank=same; {chain} [style=invis];}}")
     for a in fwd_body:
         sigma = total(a.name)
-        extra = f", xlabel=<{sigma}>" if sigma else ""
-        lines.append(f'  {ids[a.name]} [shape=circle, width=0.5, fixedsize=false, '
-                     f'label="{_esc(_op_label(a.expr))}"{extra}];')
+        op = _esc(_op_label(a.expr))
+        lab = f"<{op}<br/>{sigma}>" if sigma else f'"{op}"'  # the sum inside its node
+        shape = "ellipse, margin=0.04" if sigma else "circle"  # two lines fit an ellipse
+        lines.append(f"  {ids[a.name]} [shape={shape}, width=0.5, fixedsize=false, "
+                     f"label={lab}];")
     lines.append(f'  out [shape=plaintext, label="{_esc(loss)}"];')
     lines += edges
     out = p.outputs[0]
