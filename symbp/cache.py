@@ -5,6 +5,15 @@ fails for exec'd source).  So generated source is written to ``gen_<sha256>.py``
 cache directory (``$SYMBP_CACHE_DIR``, default ``~/.cache/symbp``) and imported from
 there; Numba keeps its own index and object files next to it in ``__pycache__``.
 
+The key is the SHA-256 of the source *and* of everything its machine code depends on
+besides: symbp's version, the Numba, llvmlite and NumPy versions, Python's, and the
+contents of every symbp module the source imports (``symbp.backends.blas``'s gemm is
+compiled into each kernel), followed through their own symbp imports.  Numba's own index
+checks only the generated file's timestamp, so without this an upgraded helper module
+would run next to machine code compiled against the old one.  The key's ingredients are
+written at the end of the file, below the source (line numbers stay those of
+``fn.source``).
+
 Safety: files are written atomically (a temporary file, then ``os.replace``), so two
 processes compiling the same program at once both see either no file or a whole one.  A
 file whose content does not hash to its name is rewritten; Numba cache files that fail
@@ -13,6 +22,8 @@ to load are deleted and the module is compiled afresh.
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import importlib.util
 import os
@@ -33,8 +44,84 @@ def cache_dir() -> Path:
     return Path(d) if d else Path.home() / ".cache" / "symbp"
 
 
+def _module_file(name: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # a name inside a module (`from m import f`), not a module
+        return None
+    return Path(spec.origin) if spec is not None and spec.has_location else None
+
+
+def _symbp_imports(nodes, package: str) -> list[str]:
+    """The symbp modules these statements import, absolute or relative to ``package``."""
+    found = []
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            try:
+                base = importlib.util.resolve_name("." * node.level + (node.module or ""),
+                                                   package)
+            except ImportError:  # a relative import outside any package
+                continue
+            # `from symbp.backends import blas` imports the module symbp.backends.blas
+            found += [base] + [f"{base}.{a.name}" for a in node.names]
+    return [n for n in found if n.split(".")[0] == "symbp" and _module_file(n)]
+
+
+@functools.cache
+def _imports_of_module(name: str) -> tuple[str, ...]:
+    path = _module_file(name)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    # imports inside functions count too (blas.py imports in its typing function)
+    return tuple(_symbp_imports(ast.walk(ast.parse(path.read_bytes(), str(path))), package))
+
+
+def dependencies(source: str) -> list[str]:
+    """Every symbp module ``source`` imports, and the symbp modules those import."""
+    try:
+        # generated code imports at the top: walking every loop of a kernel costs ~10 ms
+        todo = _symbp_imports(ast.parse(source).body, "")
+    except SyntaxError:  # it cannot compile either: load() reports it with its file
+        todo = []
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += _imports_of_module(name)
+    return sorted(seen)
+
+
+@functools.cache
+def _file_hash(name: str) -> str:
+    # once per process: an installed module does not change under a running program
+    return hashlib.sha256(_module_file(name).read_bytes()).hexdigest()
+
+
+def stamp(source: str) -> str:
+    """What ``source``'s machine code depends on besides its text, as comment lines."""
+    import llvmlite
+    import numba
+    import numpy
+
+    from . import __version__
+
+    versions = (f"symbp {__version__}, numba {numba.__version__}, llvmlite "
+                f"{llvmlite.__version__}, numpy {numpy.__version__}, "
+                f"{sys.implementation.cache_tag}")
+    lines = ["# --- symbp.cache key: the source above, compiled against ---", f"# {versions}"]
+    lines += [f"# {name} sha256:{_file_hash(name)}" for name in dependencies(source)]
+    return "\n".join(lines) + "\n"
+
+
+def _text(source: str) -> str:
+    """The file's content: the source, then the ingredients of its key."""
+    return source + ("" if source.endswith("\n") else "\n") + "\n" + stamp(source)
+
+
 def digest(source: str) -> str:
-    return hashlib.sha256(source.encode()).hexdigest()
+    return hashlib.sha256(_text(source).encode()).hexdigest()
 
 
 def path_for(source: str) -> Path:
@@ -57,14 +144,14 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _ensure_file(path: Path, source: str) -> None:
-    """The file holds exactly ``source``; a truncated or foreign file is replaced."""
+def _ensure_file(path: Path, text: str) -> None:
+    """The file holds exactly ``text``; a truncated or foreign file is replaced."""
     try:
-        if path.read_text() == source:
+        if path.read_text() == text:
             return
     except (FileNotFoundError, UnicodeDecodeError):
         pass
-    _write_atomic(path, source)
+    _write_atomic(path, text)
 
 
 def _numba_files(path: Path) -> list[Path]:
@@ -86,7 +173,8 @@ def _import(path: Path, name: str) -> ModuleType:
 
 def load(source: str) -> ModuleType:
     """Import generated ``source`` through its content-hashed file (once per process)."""
-    key = digest(source)
+    text = _text(source)
+    key = hashlib.sha256(text.encode()).hexdigest()
     if key in _loaded:
         return _loaded[key]
     d = cache_dir()
@@ -99,7 +187,7 @@ def load(source: str) -> ModuleType:
         ) from err
     path = _path(d, key)
     name = f"symbp_gen_{key[:20]}"
-    _ensure_file(path, source)
+    _ensure_file(path, text)
     try:
         module = _import(path, name)
     except Exception as first:
@@ -111,7 +199,7 @@ def load(source: str) -> ModuleType:
                 f.unlink()
             except FileNotFoundError:
                 pass
-        _ensure_file(path, source)
+        _ensure_file(path, text)
         try:
             module = _import(path, name)
         except Exception as err:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 import time
 import zipfile
 from dataclasses import dataclass
@@ -53,7 +53,7 @@ def save(path, arrays: dict, meta: dict | None = None) -> Path:
             raise TrainingError(f"checkpoint array {k!r} has dtype {v.dtype}: only numbers")
         out[k] = v
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **out)
@@ -70,6 +70,24 @@ def save(path, arrays: dict, meta: dict | None = None) -> Path:
     _fsync_dir(path.parent)
     _remove_stale(path)
     return path
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new, uniquely named temporary file beside ``path``, opened for writing.
+
+    Created with mode 0o666 so that the kernel applies the umask, as ``open()`` does: the
+    checkpoint gets the permissions any other file of the user gets (mkstemp's 0o600 would
+    hide it from a group that shares the run directory).  O_EXCL keeps mkstemp's safety:
+    never an existing file, never through a symlink planted at that name.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise TrainingError(f"cannot create a temporary file beside {path}: 100 names taken")
 
 
 def _remove_stale(path: Path, age: float = 60.0) -> None:

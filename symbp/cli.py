@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from contextlib import contextmanager
@@ -24,7 +25,8 @@ expressions: numbers, names (w, x1, b_out), + - * / **, parentheses, pi, and cal
   sigmoid relu leaky_relu(x, alpha) prelu(x, alpha) rrelu(x, lower, upper) softplus
   elu(x, alpha) selu gelu gelu_tanh silu swish identity tanh exp log sqrt sin cos tan
   sinh cosh erf abs max(a, b, ...) min(...) step, and the losses mse(y, t)
-  binary_cross_entropy(p, t) bce_with_logits(z, t) cross_entropy(p, t).
+  binary_cross_entropy(p, t) bce_with_logits(z, t) cross_entropy(p, t), and
+  cross_entropy(softmax(z1, z2, z3), t1, t2, t3) over classes (softmax only there).
   Nothing else is accepted (no attributes, subscripts, strings, keywords, ...), and
   nothing in the text is ever executed.  Quote the expression for your shell; put
   -- before one that starts with a minus: symbp derive --wrt x -- "-x*w"."""
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                '  symbp derive "sigmoid(w*x + b)" --wrt w b\n'
                '  symbp derive "sigmoid(w*x + b)" --wrt w b --at w=0.5 x=1 b=0\n'
                '  symbp derive "mse(sigmoid(w*x + b), t)" --wrt w b --format latex\n'
-               '  symbp derive "leaky_relu(w*x, 0.1)" --at w=2,x=-1 --format md',
+               '  symbp derive "leaky_relu(w*x, 0.1)" --at w=2,x=-1 --format md\n'
+               '  symbp derive --wrt z1 z2 z3 "cross_entropy(softmax(z1, z2, z3), t1, t2, t3)"',
     )
     _expr_args(d)
     d.add_argument("--format", choices=("text", "latex", "md", "markdown"), default="text",
@@ -98,11 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "plot", formatter_class=_Formatter,
         help="plot an activation and its derivative (needs matplotlib)",
-        description="Plot the activation NAME and its derivative on one figure.",
-        epilog="examples:\n  symbp plot relu -o relu.png\n  symbp plot sigmoid -o sigmoid.svg",
+        description="Plot an activation (a name, or a formula in one variable) and its "
+                    "derivative on one figure.",
+        epilog="examples:\n  symbp plot relu -o relu.png\n  symbp plot sigmoid -o sigmoid.svg\n"
+               '  symbp plot "x*sigmoid(x)" -o swish.png',
     )
-    p.add_argument("name", metavar="NAME", help="an activation: sigmoid, relu, tanh, elu, ...")
-    p.add_argument("-o", "--output", metavar="FILE", help="image file (default: NAME.png)")
+    p.add_argument("name", metavar="NAME|FORMULA",
+                   help="an activation (sigmoid, relu, tanh, elu, ...) or a formula in one "
+                        "variable, e.g. 'x*sigmoid(x)'")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="image file (default: NAME.png, or the formula's letters .png)")
     p.set_defaults(run=cmd_plot)
 
     m = sub.add_parser(
@@ -124,13 +132,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _expr_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("expr", metavar="EXPR", help="the expression, e.g. 'sigmoid(w*x + b)'")
-    p.add_argument("--wrt", nargs="+", metavar="NAME",
+    p.add_argument("expr", metavar="EXPR", nargs="?",
+                   help="the expression, e.g. 'sigmoid(w*x + b)'; before or after the options")
+    p.add_argument("--wrt", nargs="+", metavar="NAME", action="extend",
                    help="names to differentiate by (default: every name in EXPR)")
     p.add_argument("--at", nargs="+", metavar="NAME=VALUE", action="extend",
                    help="numbers for the names, e.g. --at w=0.5 x=1 b=0 (or w=0.5,x=1,b=0)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="give up after this many seconds (default: 60; 0: never)")
+
+
+_NAMELIKE = re.compile(r"[A-Za-z0-9_]+\Z")
+
+
+def _take_expression(args) -> None:
+    """Find EXPR wherever it was typed: ``--wrt w b "sigmoid(w*x+b)"`` hands it to --wrt,
+    whose nargs="+" takes every word up to the next option.  A --wrt word that is not a
+    name, or an --at word without ``=``, is the expression (neither can be one)."""
+    from .errors import SymbpError
+
+    found = [args.expr] if args.expr is not None else []
+    if args.wrt:
+        found += [w for w in args.wrt if not _NAMELIKE.match(w)]
+        args.wrt = [w for w in args.wrt if _NAMELIKE.match(w)]
+    if args.at:
+        found += [a for a in args.at if "=" not in a]
+        args.at = [a for a in args.at if "=" in a]
+    if not found and args.wrt and len(args.wrt) > 1:
+        found.append(args.wrt.pop())  # --wrt x x: the last name is the expression
+    if not found:
+        raise SymbpError(f"`{args.command}` needs an expression, e.g. "
+                         f'symbp {args.command} "sigmoid(w*x + b)" --wrt w b')
+    if len(found) > 1:
+        shown = " and ".join(_one_line(repr(f))[:40] for f in found[:2])
+        raise SymbpError(f"two expressions given ({shown}); give one, quoted")
+    args.expr = found[0]
 
 
 def _epochs(s: str) -> int:
@@ -151,7 +187,9 @@ def _problem(args) -> tuple:
     from .errors import SymbpError
     from .parse import parse_assignments, parse_expr
 
+    _take_expression(args)
     f, symbols = parse_expr(args.expr)
+    args.symbols = list(symbols.values())  # in the order written: the graph's input column
     names = ", ".join(symbols) or "none"
     if args.wrt is None:
         wrt = list(symbols.values())
@@ -204,14 +242,15 @@ def cmd_graph(args) -> int:
     from .printing.graph import render, to_dot
 
     with _deadline(args.timeout):
-        dot = to_dot(f, at=at, wrt=wrt)
+        dot = to_dot(f, at=at, wrt=wrt, order=args.symbols)
     if path is None:
         _write(dot)
     elif ext in (".dot", ".gv"):
         _save(path, dot)
     else:
         with _os_errors(path):
-            render(dot, path)
+            render(dot, path, without_dot="write the DOT source with -o graph.dot (or no -o: "
+                                          "DOT on stdout) and render it elsewhere")
     if path is not None:
         print(f"wrote {_one_line(path)}", file=sys.stderr)
     return 0
@@ -222,14 +261,25 @@ def cmd_plot(args) -> int:
     from .functions import FUNCTIONS
 
     name = args.name
-    if name not in FUNCTIONS:
-        shown = name if name.isidentifier() and name.isascii() and len(name) < 40 else "NAME"
-        raise SymbpError(f"unknown activation {shown}; known: {', '.join(sorted(FUNCTIONS))}")
-    path = args.output or f"{name}.png"
+    if name in FUNCTIONS:
+        what, stem = name, name
+    elif _NAMELIKE.match(name):  # a typo of a name, not the formula y = x
+        raise SymbpError(f"unknown activation {name[:40]}; known: "
+                         f"{', '.join(sorted(FUNCTIONS))}; or write a formula in x, as in "
+                         '"x*sigmoid(x)"')
+    else:
+        from .parse import parse_expr
+
+        what, symbols = parse_expr(name)
+        if len(symbols) != 1:
+            raise SymbpError(f"plot: the formula must have one variable, as in "
+                             f'"x*sigmoid(x)"; it has {len(symbols)} ({", ".join(symbols)})')
+        stem = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")[:40] or "plot"
+    path = args.output or f"{stem}.png"
     from .printing.plots import plot_activation
 
     with _os_errors(path):
-        plot_activation(name, path)
+        plot_activation(what, path)
     print(f"wrote {_one_line(path)}", file=sys.stderr)
     return 0
 

@@ -418,7 +418,8 @@ def cross_entropy(P, T):
     """−Σ_c T log P summed over classes, averaged over rows, from probabilities P.
 
     ``cross_entropy(softmax(Z), T)`` becomes ``softmax_cross_entropy(Z, T)``: the same
-    value for targets whose rows sum to 1, computed stably, with gradient (Y − T)/N.
+    value for every T, computed stably, with gradient (Y ⊙ T𝟏 − T)/N on the logits
+    (the textbook (Y − T)/N where every row of T sums to 1).
     """
     if isinstance(P, Softmax):
         return softmax_cross_entropy(P.args[0], T)
@@ -429,7 +430,8 @@ def cross_entropy(P, T):
 
 
 def softmax_cross_entropy(Z, T):
-    """Cross-entropy of softmax(Z) against targets T, from logits (log-sum-exp, stable)."""
+    """−Σ T log softmax(Z) / N from logits Z (log-sum-exp, stable), for every target T:
+    one-hot, soft, label-smoothed, masked (all-zero) or unnormalised rows."""
     _check_pair("softmax_cross_entropy", Z, T)
     return SoftmaxCrossEntropy(Z, T)
 

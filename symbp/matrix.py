@@ -198,11 +198,13 @@ class LogSoftmax(MatrixExpr):
 
 
 class SoftmaxCrossEntropy(sp.Expr):
-    """Mean over rows of ``logsumexp(Z_n) − Σ_c T_nc Z_nc``, from logits ``Z``.
+    """``−Σ T ⊙ log softmax(Z) / N`` from logits ``Z``, for every target ``T``.
 
-    For targets whose rows sum to 1 (one-hot or soft labels) this is exactly
-    ``−Σ T ⊙ log softmax(Z) / N``; it is primitive because its gradient is the short,
-    stable ``(softmax(Z) − T)/N`` for every ``T`` and it never takes the log of a 0.
+    Row by row it is ``r_n·logsumexp(Z_n) − Σ_c T_nc Z_nc`` with ``r_n = Σ_c T_nc``, so
+    masked (all-zero), label-smoothed and unnormalised rows are exact too.  Primitive for
+    stability: it never takes the log of a 0, and its gradients are the short
+    ``∂/∂Z = (softmax(Z) ⊙ r − T)/N`` (the textbook ``(Y − T)/N`` where rows of T sum
+    to 1) and ``∂/∂T = −log softmax(Z)/N``.
     """
 
     is_commutative = True

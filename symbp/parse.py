@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 
 import sympy as sp
 
+from . import functions as F
 from .errors import SymbpError
 
 __all__ = ["parse_expr", "parse_assignments", "known_functions", "LIMITS"]
@@ -102,23 +103,45 @@ ALLOWED = "numbers, names, + - * / **, ( ) and known functions (listed by symbp 
 ARITY = {
     "leaky_relu": (1, 2), "prelu": (2, 2), "rrelu": (1, 3), "elu": (1, 2), "max": (2, 16),
     "min": (2, 16), "mse": (2, 2), "binary_cross_entropy": (2, 2),
-    "bce_with_logits": (2, 2), "cross_entropy": (2, 2),
+    "bce_with_logits": (2, 2), "cross_entropy": (2, 17), "softmax": (2, 16),
 }
+# softmax(z1, ..., zC) is C values, not one: it may only be cross_entropy's first argument,
+# cross_entropy(softmax(z1, z2, z3), t1, t2, t3) = −Σᵢ tᵢ log softmaxᵢ(z), one scalar.
+VECTOR_ARGUMENT = {"cross_entropy": 0}
 
 
 def known_functions() -> dict[str, Callable]:
     """The functions an expression may call, by name: symbp's activations and losses
     (``symbp.functions.FUNCTIONS``) plus the elementary ones."""
-    from . import functions as F
-
     table = dict(F.FUNCTIONS)
     table.update(
         exp=sp.exp, log=sp.log, sqrt=sp.sqrt, sin=sp.sin, cos=sp.cos, tan=sp.tan,
         tanh=sp.tanh, sinh=sp.sinh, cosh=sp.cosh, erf=sp.erf, abs=sp.Abs, max=sp.Max,
         min=sp.Min, step=F.step, mse=F.mse, binary_cross_entropy=F.binary_cross_entropy,
-        bce_with_logits=F.bce_with_logits, cross_entropy=F.cross_entropy,
+        bce_with_logits=F.bce_with_logits, cross_entropy=_cross_entropy, softmax=_softmax,
     )
     return table
+
+
+class _Vector(tuple):
+    """The C values of softmax(z1, ..., zC), alive only inside the parser."""
+
+
+def _softmax(*z):
+    return _Vector(F.softmax(list(z)))
+
+
+def _cross_entropy(p, *t):
+    """cross_entropy(p, t) of one probability, or of softmax(z1, ..., zC) against t1..tC."""
+    if not isinstance(p, _Vector):
+        if len(t) != 1:
+            raise SymbpError("cross_entropy(p, t) takes 2 arguments; for classes write "
+                             "cross_entropy(softmax(z1, z2, z3), t1, t2, t3)")
+        return F.cross_entropy(p, t[0])
+    if len(t) != len(p):
+        raise SymbpError(f"cross_entropy: softmax has {len(p)} values but {len(t)} "
+                         "target(s) follow; give one target per class")
+    return -sp.Add(*[ti * sp.log(pi) for pi, ti in zip(p, t)])
 
 
 def _show(s: str, limit: int = 40) -> str:
@@ -217,7 +240,14 @@ class _Builder:
     def refuse(self, node, what: str) -> SymbpError:
         return SymbpError(f"{self.where(node)}: {what} not allowed; allowed: {ALLOWED}")
 
-    def build(self, node, depth: int) -> sp.Expr:
+    def build(self, node, depth: int, vector_ok: bool = False) -> sp.Expr:
+        out = self._build(node, depth)
+        if isinstance(out, _Vector) and not vector_ok:
+            raise SymbpError(f"{self.where(node)}: softmax(...) gives {len(out)} values, not "
+                             "one; use it as cross_entropy(softmax(z1, z2, z3), t1, t2, t3)")
+        return out
+
+    def _build(self, node, depth: int) -> sp.Expr:
         if depth > LIMITS["depth"]:
             raise SymbpError(f"the expression nests deeper than {LIMITS['depth']} levels")
         kind = type(node)
@@ -337,7 +367,8 @@ class _Builder:
             want = str(least) if least == most else f"{least} to {most}"
             raise SymbpError(f"{self.where(node)}: {name} takes {want} argument(s), "
                              f"got {len(node.args)}")
-        args = [self.build(a, depth + 1) for a in node.args]
+        vec = VECTOR_ARGUMENT.get(name) if name in self.builtin else None
+        args = [self.build(a, depth + 1, vector_ok=i == vec) for i, a in enumerate(node.args)]
         try:
             out = self.table[name](*args)
         except SymbpError as e:
@@ -345,6 +376,10 @@ class _Builder:
         except Exception as e:  # a function refusing its arguments (rrelu's bounds, ...)
             raise SymbpError(f"{self.where(node)}: {name} cannot take these arguments "
                              f"({type(e).__name__}: {e})") from None
+        if isinstance(out, _Vector) and name in self.builtin:
+            for x in out:
+                _check_size(x, node)
+            return out
         if not isinstance(out, sp.Expr):
             raise SymbpError(f"{self.where(node)}: {name} does not give a scalar expression")
         _check_size(out, node)

@@ -28,7 +28,7 @@ from .matrix import (
     is_matrix,
 )
 
-_G, _Y, _S, _T, _N = sp.symbols("_g _y _s _t _n", real=True)
+_G, _Y, _S, _R, _T, _N = sp.symbols("_g _y _s _r _t _n", real=True)
 OWN = _Y  # the node's own value in a map's local derivative: σ' = OWN (1 − OWN)
 
 
@@ -89,14 +89,16 @@ def vjp(e, y, g, wants, local=None) -> list:
         out.append((e.args[0], make_map(sp.Lambda((_G, _Y, _S), _G - P * _S), e.shape,
                                         [G, Y, AxisSum(G, 1)])))
     elif isinstance(e, SoftmaxCrossEntropy):
+        # L = Σ_n (r_n lse(Z_n) − Σ_j T_nj Z_nj)/N with r = T𝟏 the row sums of T: exactly
+        # −Σ T ⊙ log softmax(Z)/N for every T (one-hot and probability rows have r = 1)
         Z, T = e.args
         n = Z.shape[0]
-        if wants(Z):  # Z̄ = g (Y − T)/N: softmax followed by cross-entropy
-            out.append((Z, make_map(sp.Lambda((_S, _T, _G, _N), _G * (_S - _T) / _N),
-                                    Z.shape, [Softmax(Z), T, g, n])))
-        if wants(T):  # T̄ = −g Z/N
+        if wants(Z):  # Z̄ = g (Y ⊙ r − T)/N, Y = softmax(Z): the familiar (Y − T)/N when r = 1
+            out.append((Z, make_map(sp.Lambda((_S, _R, _T, _G, _N), _G * (_S * _R - _T) / _N),
+                                    Z.shape, [Softmax(Z), AxisSum(T, 1), T, g, n])))
+        if wants(T):  # T̄ = −g log softmax(Z)/N
             out.append((T, make_map(sp.Lambda((_S, _G, _N), -_G * _S / _N), Z.shape,
-                                    [Z, g, n])))
+                                    [LogSoftmax(Z), g, n])))
     elif is_matrix(e):
         raise SymbpError(f"no vector-Jacobian rule for the matrix head {type(e).__name__} "
                          f"in {e}: add one to symbp/vjp.py")

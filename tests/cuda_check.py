@@ -3,7 +3,8 @@
     python tests/cuda_check.py sim   # needs NUMBA_ENABLE_CUDASIM=1 set before numba loads:
                                      # every case on the simulator vs the NumPy reference
     python tests/cuda_check.py ptx   # real NVVM, no GPU needed: every float32 kernel of the
-                                     # cases compiled to PTX for sm_80, counting .f64 lines
+                                     # cases compiled to PTX for sm_80, counting .f64 lines;
+                                     # needs NVIDIA's numba-cuda (pip install 'symbp[cuda]')
 
 Prints one JSON object on the last line of stdout.  The case table is shared by both modes
 so that every program the simulator checks is also compiled for real hardware.
@@ -11,6 +12,7 @@ so that every program the simulator checks is also compiled for real hardware.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import os
@@ -89,6 +91,14 @@ def _transposes():
     return f, [W, V, X, c]
 
 
+def _sce_soft_targets():
+    # targets exp(Q): positive rows that do not sum to 1, so the exact cross-entropy, its
+    # row sums T𝟏 and ∂/∂T = −log softmax(Z)/N are all checked (Q is random normal)
+    X, Q = sp.MatrixSymbol("X", N, 4), sp.MatrixSymbol("Q", N, 3)
+    W = sp.MatrixSymbol("W", 4, 3)
+    return sb.cross_entropy(sb.softmax(X * W), sb.exp(Q)), [W, Q]
+
+
 def _scalar():
     # x**3 / y**2 once printed as x*x*x/y*y: integer powers in denominators
     x, y = sp.symbols("x y", real=True)
@@ -102,6 +112,7 @@ BOTH, F32 = ("float32", "float64"), ("float32",)
 CASES = {
     "scalar": (_scalar, None, BOTH),
     "mlp_tanh_sce": (_mlp_sce, 7, BOTH),
+    "sce_soft_targets": (_sce_soft_targets, 6, BOTH),
     "mlp2_relu_sigmoid_mse": (_mlp2_mse, 9, BOTH),
     "mlp_activations_logsoftmax": (_mlp_activations, 6, BOTH),
     "softmax_mse_prelu": (_softmax_mse_prelu, 5, F32),
@@ -226,9 +237,18 @@ def _f64_lines(kernel, sig) -> dict:
 
 
 def nvvm_available() -> str:
-    """'' when NVVM can compile a trivial kernel, else the reason it cannot."""
+    """'' when numba-cuda's NVVM can compile a trivial kernel, else the reason it cannot."""
+    # Numba's built-in CUDA target (deprecated) finds a system CUDA toolkit's NVVM too, but
+    # fails on symbp's kernels that call device functions ("TypeError: Signature mismatch:
+    # 2 argument types given, but function takes 1 arguments"): only NVIDIA's numba-cuda,
+    # which takes over `numba.cuda` when installed, compiles them.
+    if importlib.util.find_spec("numba_cuda") is None:
+        return "numba-cuda is not installed"
     try:
         from numba import cuda
+
+        if getattr(cuda, "implementation", "Built-in") == "Built-in":
+            return "numba-cuda is installed but numba.cuda is still Numba's built-in target"
 
         def k(x):
             x[0] = 1.0

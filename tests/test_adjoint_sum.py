@@ -10,7 +10,7 @@ are the reference, independent of symbp's reverse pass and of its backends.
 import numpy as np
 import pytest
 import sympy as sp
-from conftest import N
+from conftest import N, have, need
 
 import symbp as sb
 
@@ -90,7 +90,7 @@ def central(ref, a, name, h=1e-6):
 @pytest.mark.parametrize("case", list(CASES))
 def test_value_read_twice_gets_the_sum_of_its_adjoints(case, target):
     if target != "numpy":
-        pytest.importorskip("numba")
+        need(have("numba"), "numba")
     f, params, ref = CASES[case]()
     a = arrays()
     fn = sb.compile(f, params, target=target)

@@ -10,12 +10,13 @@ import re
 import numpy as np
 import pytest
 import sympy as sp
-from conftest import N
+from conftest import N, have, need
 
 import symbp as sb
 from symbp.errors import InputError, ShapeError
 
-numba = pytest.importorskip("numba")
+need(have("numba"), "numba")
+import numba  # noqa: E402
 
 TOL = {np.float64: dict(rtol=1e-12, atol=1e-13), np.float32: dict(rtol=1e-5, atol=1e-6)}
 OPTS: dict = {}

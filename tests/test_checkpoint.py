@@ -1,6 +1,7 @@
 """Checkpoints: round trip, atomic writes, and refusal of every file that is not ours."""
 
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -221,3 +222,24 @@ def test_next_save_removes_temp_files_left_by_a_killed_writer(tmp_path):
     assert not stale.exists()  # left by a dead writer: gone
     assert fresh.exists()  # young: may belong to a concurrent writer, kept
     assert (ckpt.load(path).arrays["w"] == 0).all()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_checkpoint_respects_the_umask(tmp_path, umask):
+    # as open() would: 0o666 & ~umask, for a new file and for one replaced in place
+    old = os.umask(umask)
+    try:
+        path = tmp_path / "ck.npz"
+        ckpt.save(path, {"w": np.ones(3)})
+        first = stat.S_IMODE(path.stat().st_mode)
+        ckpt.save(path, {"w": np.zeros(3)})
+        second = stat.S_IMODE(path.stat().st_mode)
+        with open(tmp_path / "plain", "w"):
+            pass
+        plain = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    finally:
+        os.umask(old)
+    assert first == second == plain == 0o666 & ~umask, (oct(first), oct(second), oct(plain))
+    np.testing.assert_array_equal(ckpt.load(path).arrays["w"], np.zeros(3))
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sympy as sp
+from conftest import have, need
 
 import symbp as sb
 from symbp.errors import InputError, ShapeError, SymbpError, UnsupportedError
@@ -135,7 +136,7 @@ TARGETS = ["numpy", "cpu", "parallel"]
 @cache
 def compiled(target, dtype=np.float64):
     if target != "numpy":
-        pytest.importorskip("numba")
+        need(have("numba"), "numba")
     return sb.compile(LOSS, W, target=target, dtype=dtype)
 
 
@@ -216,7 +217,7 @@ def test_conversions_on_every_target(conv, target, dtype):
 
 @cache
 def step_of(target):
-    pytest.importorskip("numba")
+    need(have("numba"), "numba")
     return sb.compile_step(LOSS, [W], sb.optim.SGD(0.1), target=target)
 
 

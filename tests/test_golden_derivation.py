@@ -20,15 +20,17 @@ from symbp.printing import derive
 N = sp.Symbol("N")
 
 # softmax + cross-entropy, Z = XW + 1b (X: N×2, W: 2×3):
-#   L = −(1/N) Σ_nc T_nc log Y_nc with Y = softmax(Z) row-wise;
-#   ∂L/∂Z = (Y − T)/N for one-hot rows of T (Σ_c T_nc = 1); ∂L/∂W = Xᵀ Δ, ∂L/∂b = 1ᵀ Δ.
+#   L = −(1/N) Σ_nc T_nc log Y_nc with Y = softmax(Z) row-wise, = (1/N) Σ_n (r_n lse(Z_n) −
+#   Σ_c T_nc Z_nc) with r = T𝟏 (the row sums of T); so ∂L/∂Z_nc = (Y_nc r_n − T_nc)/N, i.e.
+#   Δ = (Y ⊙ (T𝟏)𝟏ᵀ − T)/N, exact for any T ((Y − T)/N when rows sum to 1);
+#   ∂L/∂W = Xᵀ Δ, ∂L/∂b = 𝟏ᵀ Δ.
 CE_TEXT = """\
 Forward pass
   Z = X W + 𝟏b             ∈ ℝ^N×3
   Y = softmax(Z)           ∈ ℝ^N×3
   L = −(1/N) Σ T ⊙ log Y
 Backward pass (ordered derivatives)
-  Δ = (Y − T)/N   ∈ ℝ^N×3
+  Δ = (Y ⊙ (T𝟏)𝟏ᵀ − T)/N   ∈ ℝ^N×3
 Gradients
   ∂L/∂W = Xᵀ Δ   ∈ ℝ^2×3
   ∂L/∂b = 𝟏ᵀΔ    ∈ ℝ^1×3"""
@@ -39,7 +41,7 @@ Z &= X W + \mathbf{1}b && \in \mathbb{R}^{N\times 3} \\
 Y &= \operatorname{softmax}\left(Z\right) && \in \mathbb{R}^{N\times 3} \\
 L &= -\frac{1}{N}\textstyle\sum T \odot \log Y \\
 &\text{backward pass (ordered derivatives)} \\
-\Delta &= \frac{Y - T}{N} && \in \mathbb{R}^{N\times 3} \\
+\Delta &= \frac{Y \odot \left(T\,\mathbf{1}\right)\mathbf{1}^{\top} - T}{N} && \in \mathbb{R}^{N\times 3} \\
 &\text{gradients} \\
 \frac{\partial L}{\partial W} &= X^{\top} \Delta && \in \mathbb{R}^{2\times 3} \\
 \frac{\partial L}{\partial b} &= \mathbf{1}^{\top} \Delta && \in \mathbb{R}^{1\times 3}

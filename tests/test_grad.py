@@ -8,7 +8,7 @@ import sympy as sp
 
 import symbp as sb
 from symbp import functions as F
-from symbp.matrix import Elementwise, Softmax, SoftmaxCrossEntropy
+from symbp.matrix import AxisSum, Elementwise, Softmax, SoftmaxCrossEntropy
 
 x, y, z, a = sp.symbols("x y z a", real=True)
 N = sp.Symbol("N")
@@ -115,26 +115,26 @@ def test_mlp_gradcheck(depth, act, loss, rng):
     assert r.ok, f"\n{r}"
 
 
-def test_softmax_ce_gradient_is_Y_minus_T_over_N():
+def test_softmax_ce_gradient_is_Y_times_rowsum_T_minus_T_over_N():
     Z, T = sp.MatrixSymbol("Z", N, 3), sp.MatrixSymbol("T", N, 3)
     for f in (sb.softmax_cross_entropy(Z, T), sb.cross_entropy(sb.softmax(Z), T)):
         p = sb.gradient_program(f, [Z])
         assert isinstance(p.body[0].expr, SoftmaxCrossEntropy)
         gZ = p.outputs[1]
         (asg,) = [s for s in p.body if s.name == gZ]
-        # Z̄ = g (Y − T)/N with Y = softmax(Z) computed once; g = 1 is folded into the map
+        # Z̄ = g (Y ⊙ T𝟏 − T)/N with Y = softmax(Z) computed once; g = 1 is folded into the map
         assert isinstance(asg.expr, Elementwise)
-        Yn, Tn, nn = asg.expr.operands
-        (ydef,) = [s for s in p.body if s.name == Yn]
-        assert ydef.expr == Softmax(Z) and Tn == T and nn == N
+        Yn, Rn, Tn, nn = asg.expr.operands
+        defs = {s.name: s.expr for s in p.body}
+        assert defs[Yn] == Softmax(Z) and defs[Rn] == AxisSum(T, 1) and Tn == T and nn == N
         v = asg.expr.lam.variables
-        assert sp.simplify(asg.expr.lam.expr - (v[0] - v[1]) / v[2]) == 0
+        assert sp.simplify(asg.expr.lam.expr - (v[0] * v[1] - v[2]) / v[3]) == 0
     fn = sb.compile(sb.softmax_cross_entropy(Z, T), [Z])
     Zv = np.array([[1.0, 2.0, 3.0], [0.0, -1.0, 5.0]])
     Tv = np.eye(3)[[2, 0]]
     _, g = fn(Z=Zv, T=Tv)
     Y = np.exp(Zv) / np.exp(Zv).sum(1, keepdims=True)
-    assert np.allclose(g["Z"], (Y - Tv) / 2, rtol=1e-14, atol=1e-16)
+    assert np.allclose(g["Z"], (Y - Tv) / 2, rtol=1e-14, atol=1e-16)  # rows of T sum to 1
 
 
 def test_grad_of_matrix_symbol_is_a_matrix_expression_and_round_trips(rng):

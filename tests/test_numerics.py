@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sympy as sp
-from conftest import need
+from conftest import have, need
 
 import symbp as sb
 from symbp import functions as F
@@ -141,14 +141,14 @@ def run(target, dtype):
         return r
     f, wrt, arrays = case()
     if target != "numpy":
-        pytest.importorskip("numba")
+        need(have("numba"), "numba")
     return _quiet(sb.compile(f, wrt, target=target, dtype=dtype), arrays)
 
 
 @cache
 def _cuda():
     """Both dtypes on the simulator, one subprocess (tests/cuda_numerics.py)."""
-    need(_has_numba_cuda(), "numba-cuda (the simulator)")
+    need(_has_numba_cuda(), "cuda-simulator")
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
     here = Path(__file__).parent
     p = subprocess.run([sys.executable, str(here / "cuda_numerics.py")], cwd=here.parent,

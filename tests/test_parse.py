@@ -113,7 +113,10 @@ def test_every_known_function_is_callable_by_name():
         args = {"leaky_relu": "x, 0.1", "prelu": "x, a", "rrelu": "x", "elu": "x, 1",
                 "max": "x, y", "min": "x, y", "mse": "x, t", "binary_cross_entropy": "x, t",
                 "bce_with_logits": "x, t", "cross_entropy": "x, t"}.get(name, "x")
-        f, _ = parse_expr(f"{name}({args})")
+        text = f"{name}({args})"
+        if name == "softmax":  # C values: only inside cross_entropy
+            text = "cross_entropy(softmax(x, y), t, u)"
+        f, _ = parse_expr(text)
         assert isinstance(f, sp.Expr) and x in f.free_symbols
 
 
@@ -359,3 +362,34 @@ ASSIGN_BAD = [
 def test_bad_assignments(items, fragment):
     with pytest.raises(SymbpError, match=fragment.replace("(", r"\(")):
         parse_assignments(items)
+
+
+# --- softmax + cross-entropy on scalars: the chapter's example ----------------------------
+
+
+def test_softmax_cross_entropy_gradient_is_y_minus_t():
+    f, s = parse_expr("cross_entropy(softmax(z1, z2, z3), t1, t2, t3)")
+    z = [s[f"z{i}"] for i in (1, 2, 3)]
+    t = [s[f"t{i}"] for i in (1, 2, 3)]
+    at = dict(zip(z, (1.0, 2.0, 0.5))) | dict(zip(t, (0.0, 1.0, 0.0)))
+    # independent reference: the softmax written out here, differentiated by sympy.diff
+    e = [sp.exp(v) for v in z]
+    ref = -sum(ti * sp.log(ei / sum(e)) for ei, ti in zip(e, t))
+    assert float(f.subs(at)) == pytest.approx(float(ref.subs(at)), rel=1e-12)
+    y = [float((ei / sum(e)).subs(at)) for ei in e]
+    for zi, yi, ti in zip(z, y, (0.0, 1.0, 0.0)):
+        assert float(sp.diff(f, zi).subs(at)) == pytest.approx(yi - ti, rel=1e-12)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("softmax(a, b)", "gives 2 values, not one"),
+    ("softmax(a, b) + 1", "gives 2 values"),
+    ("sigmoid(softmax(a, b))", "gives 2 values"),
+    ("cross_entropy(a, softmax(a, b))", "gives 2 values"),
+    ("cross_entropy(softmax(a, b), t)", "softmax has 2 values but 1 target"),
+    ("cross_entropy(p, t, u)", "takes 2 arguments"),
+    ("softmax(a)", "takes 2 to 16 argument"),
+])
+def test_softmax_outside_cross_entropy_is_refused(text, fragment):
+    with pytest.raises(SymbpError, match=fragment):
+        parse_expr(text)

@@ -3,13 +3,20 @@
 import numpy as np
 import pytest
 import sympy as sp
+from conftest import have, need
 
 import symbp as sb
 from symbp.errors import SymbpError
 from symbp.functions import FUNCTIONS
-from symbp.printing.plots import activation_curves, history_columns, plot_activation, plot_history
+from symbp.printing.plots import (
+    activation_curves,
+    activation_figure,
+    history_columns,
+    plot_activation,
+    plot_history,
+)
 
-pytest.importorskip("matplotlib")
+need(have("matplotlib"), "matplotlib")
 
 PLOTTABLE = sorted(n for n in FUNCTIONS if n != "rrelu")  # rrelu's slope is random
 
@@ -60,7 +67,7 @@ def test_bad_activations_are_refused(tmp_path):
     with pytest.raises(SymbpError, match="unknown activation 'nope'"):
         plot_activation("nope", tmp_path / "a.png")
     with pytest.raises(SymbpError, match="free parameters"):
-        plot_activation("rrelu", tmp_path / "a.png")
+        plot_activation(lambda z: sp.Symbol("a") * z, tmp_path / "a.png")
 
 
 HISTORIES = {
@@ -78,7 +85,8 @@ def test_plot_history_shapes(tmp_path, name):
 
 
 def test_history_object_from_train(tmp_path):
-    train = pytest.importorskip("symbp.train")
+    from symbp import train
+
     h = train.History(epoch=[1, 2, 3], loss=[1.0, 0.5, 0.25], accuracy=[None, None, None],
                       time=[0.1, 0.1, 0.1])
     assert history_columns(h)["loss"] == [1.0, 0.5, 0.25]
@@ -90,3 +98,81 @@ def test_history_without_metrics_is_refused(tmp_path):
         plot_history({"time": [1, 2]}, tmp_path / "h.png")
     with pytest.raises(SymbpError, match="one dict per epoch"):
         plot_history([1, 2, 3], tmp_path / "h.png")
+
+
+# --- pictures for slides: no text on text, notes off the title and the curves --------------
+
+
+def _boxes(fig):
+    """Pixel boxes of the figure's texts: title, axis labels, legend, notes (annotations)."""
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    named = {"title": ax.title, "xlabel": ax.xaxis.label, "ylabel": ax.yaxis.label}
+    boxes = {k: t.get_window_extent(r) for k, t in named.items() if t.get_text()}
+    boxes["legend"] = ax.get_legend().get_window_extent(r)
+    notes = {f"note {i}: {t.get_text()}": t.get_bbox_patch().get_window_extent(r)
+             for i, t in enumerate(ax.texts)}
+    return ax, boxes, notes
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_texts_do_not_overlap(name):
+    fig = activation_figure(name)
+    ax, boxes, notes = _boxes(fig)
+    assert boxes["ylabel"] and ax.get_ylabel() and ax.get_xlabel() == "x"
+    every = {**boxes, **notes}
+    keys = sorted(every)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            assert not every[a].overlaps(every[b]), (name, a, b, every[a], every[b])
+    inner = ax.get_window_extent()
+    curves = np.vstack([ax.transData.transform(np.column_stack(ln.get_data()))
+                        for ln in ax.get_lines() if len(ln.get_xdata()) > 2])
+    for k, box in notes.items():
+        # inside the axes (so below the title), on no curve
+        assert inner.x0 <= box.x0 and box.x1 <= inner.x1 and box.y1 <= inner.y1, (name, k)
+        on = (curves[:, 0] > box.x0) & (curves[:, 0] < box.x1) & \
+             (curves[:, 1] > box.y0) & (curves[:, 1] < box.y1)
+        assert not on.any(), (name, k, curves[on][:3])
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "prelu", "rrelu", "selu"])
+def test_kink_convention_is_marked(name):
+    # the derivative jumps at 0; the value the rule takes there is marked, as the function's
+    # own fdiff says (PyTorch's conventions), checked here against sympy.diff at 0
+    _, xs, _, dys, expr, _ = activation_curves(name)
+    x = sp.Symbol("x", real=True)
+    want = float(sp.diff(expr, x).subs(x, 0))
+    ax, _, notes = _boxes(activation_figure(name))
+    kink = [t.get_text() for t in ax.texts if "(0) = " in t.get_text()]
+    assert len(kink) == 1 and kink[0].startswith(f"{name}′(0) = "), [t.get_text() for t in ax.texts]
+    shown = kink[0].split(" = ")[1].split()[0]
+    value = float(sp.Rational(shown)) if "/" in shown else float(shown)
+    assert value == pytest.approx(want, rel=5e-3), (kink, want)
+    dots = [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
+    assert any(np.allclose(ln.get_data(), [[0.0], [want]]) for ln in dots)
+
+
+def test_relu_kink_shows_zero():
+    ax, _, _ = _boxes(activation_figure("relu"))
+    assert [t.get_text() for t in ax.texts] == ["relu′(0) = 0 at the kink"]
+
+
+def test_smooth_functions_have_no_kink_note():
+    for name in ("sigmoid", "tanh", "gelu", "softplus", "elu"):
+        ax, _, _ = _boxes(activation_figure(name))
+        assert not any("kink" in t.get_text() for t in ax.texts), name
+
+
+def test_plot_is_slide_sized(tmp_path):
+    from matplotlib.image import imread
+
+    assert imread(plot_activation("tanh", tmp_path / "t.png")).shape[1] >= 1000
+
+
+def test_formula_is_named_f_with_its_formula_in_the_title():
+    x = sp.Symbol("x", real=True)
+    ax, _, _ = _boxes(activation_figure(x * sb.sigmoid(x)))
+    assert ax.get_title() == "f(x) = x·σ(x) and its derivative"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["f(x)", "f′(x)"]

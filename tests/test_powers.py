@@ -8,10 +8,11 @@ gradient (whose rules raise the exponents by −1: x**-3 → −3 x**-4), on 'cp
 import numpy as np
 import pytest
 import sympy as sp
+from conftest import have, need
 
 import symbp as sb
 
-numba = pytest.importorskip("numba")
+need(have("numba"), "numba")
 
 w, x = sp.symbols("w x", real=True)
 TERMS = [

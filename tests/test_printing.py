@@ -110,8 +110,8 @@ def _numbers(f, wrt, rng):
 def katex_errors(formulas):
     """KaTeX's verdict on each formula: None when it renders."""
     node = shutil.which("node")
-    need(node is not None and (KATEX_DIR / "node_modules" / "katex").exists(),
-         "KaTeX (node + `cd tools/katex && npm install`)")
+    need(node is not None and (KATEX_DIR / "node_modules" / "katex").exists(), "katex",
+         "no node" if node is None else f"no {KATEX_DIR / 'node_modules' / 'katex'}")
     r = subprocess.run([node, str(KATEX_DIR / "check.js")], input=json.dumps(formulas),
                        capture_output=True, text=True, timeout=60, check=True)
     return json.loads(r.stdout)
@@ -243,13 +243,15 @@ def test_matrix_derivation_and_delta_rule():
     f, wrt = _mlp_sce()
     text = derive(f, wrt).text()
     for line in ("Z₁ = X W₁ + 𝟏b₁", "H₁ = σ(Z₁)", "Z₂ = H₁ W₂ + 𝟏b₂", "Y = softmax(Z₂)",
-                 "Δ₂ = (Y − T)/N", "∂⁺L/∂H₁ = Δ₂ W₂ᵀ", "Δ₁ = ∂⁺L/∂H₁ ⊙ H₁ ⊙ (1 − H₁)"):
+                 "Δ₂ = (Y ⊙ (T𝟏)𝟏ᵀ − T)/N", "∂⁺L/∂H₁ = Δ₂ W₂ᵀ", "Δ₁ = ∂⁺L/∂H₁ ⊙ H₁ ⊙ (1 − H₁)"):
         assert line in text, (line, text)
     F = matrix_formulas(f, wrt)
     ft = F.text()
-    for line in ("Δ₂ = (Y − T)/N", "Δ₁ = (Δ₂ W₂ᵀ) ⊙ σ′(Z₁)", "σ′(Z₁) = H₁ ⊙ (1 − H₁)",
+    # T𝟏 (the targets' row sums) stays: (Y − T)/N holds only where every row sums to 1
+    for line in ("Δ₂ = (Y ⊙ (T𝟏)𝟏ᵀ − T)/N", "Δ₁ = (Δ₂ W₂ᵀ) ⊙ σ′(Z₁)", "σ′(Z₁) = H₁ ⊙ (1 − H₁)",
                  "∂L/∂W₁ = Xᵀ Δ₁", "∂L/∂b₁ = 𝟏ᵀΔ₁", "∂L/∂W₂ = H₁ᵀ Δ₂", "∂L/∂b₂ = 𝟏ᵀΔ₂",
-                 "∂L/∂W₁[k,l] = Σₙ X[n,k]·Δ₁[n,l]", "∂L/∂b₂[l] = Σₙ Δ₂[n,l]"):
+                 "∂L/∂W₁[k,l] = Σₙ X[n,k]·Δ₁[n,l]", "∂L/∂b₂[l] = Σₙ Δ₂[n,l]",
+                 "Δ₂[n,l] = (Y[n,l]·Σₘ T[n,m] − T[n,l])/N"):
         assert line in ft, (line, ft)
     shapes = {F.names.text(r.lhs): r.shape for r in F.rows}
     assert shapes["∂L/∂W₁"] == (3, 4) and shapes["Δ₂"] == (N, 2)
@@ -316,3 +318,87 @@ def test_lecture_example_runs_end_to_end(capsys):
     lecture["main"](["--format", "md"])
     out = capsys.readouterr().out
     assert "All sections reproduced." in out and "| $\\Delta_{2}$ |" in out
+
+
+# --- singular points: the table shows ±∞ and NaN, no warning leaks -------------------------
+
+# (f, x0, value, derivative): NumPy's IEEE answers, the maths' limits where they exist
+SINGULAR = [
+    (sp.log(x), 0.0, -np.inf, np.inf),
+    (1 / x, 0.0, np.inf, -np.inf),
+    (sp.sqrt(x), -1.0, np.nan, np.nan),
+    (sp.sqrt(x), 0.0, 0.0, np.inf),
+    (sb.sigmoid(w * sp.log(x)), 0.0, 0.0, np.nan),  # σ(−∞) = 0; 0·∞ in d/dw: undefined
+]
+
+
+@pytest.mark.parametrize("f, x0, value, slope", SINGULAR, ids=lambda v: str(v)[:20])
+def test_derive_at_a_singular_point(f, x0, value, slope):
+    import warnings
+
+    at = {s: (x0 if s == x else 1.0) for s in f.free_symbols}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning quoting generated code fails here
+        d = derive(f, sorted(f.free_symbols, key=str), at=at)
+        text = d.text()
+    np.testing.assert_equal(float(d.forward[-1].value), value)
+    np.testing.assert_equal(float(d.gradient("x")), slope)
+    shown = {np.inf: "∞", -np.inf: "−∞"}
+    for v in (value, slope):
+        assert (shown.get(v, "NaN") if not np.isfinite(v) else "") in text, text
+    # one line says where the numbers stop being finite
+    note = [line for line in text.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "x = " in note[0] and "there" in note[0], text
+    assert d.note in d.markdown() and d.note in d.latex()
+
+
+def test_finite_derivation_has_no_note():
+    d = derive(sp.log(x), [x], at={x: 2.0})
+    assert d.note == "" and "note" not in d.text()
+    assert float(d.gradient(x)) == pytest.approx(0.5)
+
+
+def test_infinities_in_tex_and_matrices():
+    from symbp.printing.derive import format_value
+
+    assert format_value(-np.inf, "tex") == r"-\infty"
+    assert format_value(np.nan, "tex") == r"\text{NaN}"
+    assert format_value(np.array([[np.inf, 1.0]])) == "[∞ 1]"
+
+
+# --- a Derivation in a REPL, IPython and a notebook -----------------------------------------
+
+
+def test_repr_names_what_is_derived_and_the_gradients():
+    f = (sb.sigmoid(w * x + b) - t) ** 2 / 2
+    d = derive(f, [w, b], at={w: 0.5, x: 1.0, b: 0.1, t: 1.0})
+    r = repr(d)
+    assert "object at 0x" not in r and r.startswith("<Derivation of L = ")
+    assert "with respect to w, b" in r and "∂L/∂w = " in r and "∂L/∂b = " in r
+    gw = float(sp.diff(f, w).subs({w: 0.5, x: 1.0, b: 0.1, t: 1.0}))
+    assert f"{gw:.4g}" in r, (gw, r)
+    assert len(r.splitlines()) == 3  # short: a header and one line per gradient
+    assert "∂L/∂w = " in repr(derive(f, [w]))  # without numbers too
+
+
+def test_repr_pretty_and_html():
+    d = derive((sb.sigmoid(w * x + b) - t) ** 2 / 2, [w, b],
+               at={w: 0.5, x: 1.0, b: 0.1, t: 1.0})
+
+    class Printer:  # IPython's RepresentationPrinter, as far as _repr_pretty_ uses it
+        def __init__(self):
+            self.out = ""
+
+        def text(self, s):
+            self.out += s
+
+    p = Printer()
+    d._repr_pretty_(p, False)
+    assert p.out == d.text()
+    h = d._repr_html_()
+    assert h.count("<table") == 3 and h.count("<tr>") == len(d.rows) + 3  # a header row per table
+    for r in d.rows:  # every row's LaTeX, escaped, between MathJax/KaTeX delimiters
+        import html
+
+        assert html.escape(rf"\({d.lhs(r)}\)") in h
+    assert "<script" not in h

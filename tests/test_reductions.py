@@ -9,11 +9,11 @@ same float32 inputs.
 import numpy as np
 import pytest
 import sympy as sp
-from conftest import N
+from conftest import N, have, need
 
 import symbp as sb
 
-numba = pytest.importorskip("numba")
+need(have("numba"), "numba")
 
 ROWS, COLS = 2000, 2000  # 4·10⁶ entries
 Y, T = sp.MatrixSymbol("Y", N, COLS), sp.MatrixSymbol("T", N, COLS)

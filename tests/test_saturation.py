@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.special
 import sympy as sp
-from conftest import N
+from conftest import N, have, need
 
 import symbp as sb
 from symbp import functions as F
@@ -32,7 +32,7 @@ def test_scalar_slope_is_sigma_minus_t(z0, t):
 @pytest.mark.parametrize("target", ["numpy", "cpu"])
 def test_matrix_bce_of_sigmoid_at_saturation(target):
     if target != "numpy":
-        pytest.importorskip("numba")
+        need(have("numba"), "numba")
     Z, T = sp.MatrixSymbol("Z", N, 1), sp.MatrixSymbol("T", N, 1)
     fn = sb.compile(sb.binary_cross_entropy(sb.sigmoid(Z), T), [Z], target=target)
     z0, t = np.array([[z for z, _ in SATURATED]]).T, np.array([[t for _, t in SATURATED]]).T
@@ -45,7 +45,7 @@ def test_matrix_bce_of_sigmoid_at_saturation(target):
 def test_softmax_ce_at_large_logits(target):
     # exp(1000) overflows: softmax and its cross-entropy shift each row by its max first
     if target != "numpy":
-        pytest.importorskip("numba")
+        need(have("numba"), "numba")
     Z, T = sp.MatrixSymbol("Z", N, 3), sp.MatrixSymbol("T", N, 3)
     z0 = np.array([[1000.0, 0.0, -1000.0], [800.0, 810.0, 0.0], [-1000.0, -999.0, -1001.0]])
     t = np.eye(3)[[1, 1, 0]]

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import have, need
 
 from symbp import nn, optim, train
 
@@ -21,7 +22,7 @@ def run(seed, target="numpy"):
 @pytest.mark.parametrize("target", ["numpy", "cpu"])
 def test_seed_changes_the_run_and_repeats_it(target):
     if target != "numpy":
-        pytest.importorskip("numba")
+        need(have("numba"), "numba")
     p1, l1, _ = run(1, target)
     p1b, l1b, _ = run(1, target)
     p2, l2, _ = run(2, target)

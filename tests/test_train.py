@@ -5,23 +5,14 @@ import signal
 
 import numpy as np
 import pytest
+from conftest import have, need
 
 import symbp as sb
 from symbp import checkpoint as ckpt
 from symbp import nn, train
-from symbp.backends import backend
 from symbp.errors import SymbpError, TrainingError
 
-
-def _has(target):
-    try:
-        backend(target)
-    except SymbpError:
-        return False
-    return True
-
-
-NEEDS_CPU = pytest.mark.skipif(not _has("cpu"), reason="the Numba cpu backend is not importable")
+NEEDS_CPU = pytest.mark.needs(have("numba"), "numba")
 TARGETS = ["numpy", pytest.param("cpu", marks=NEEDS_CPU)]
 
 
@@ -68,7 +59,7 @@ def test_xor_is_learned():
 
 
 def test_digits_short_run():
-    pytest.importorskip("sklearn")
+    need(have("sklearn"), "scikit-learn")
     from symbp import demo
 
     r = demo.run(epochs=5, target="numpy", progress=False, verbose=False)

@@ -24,10 +24,6 @@ from numba.core.errors import TypingError
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array
 
-# Part of the generated source (the import line names it): a change here changes every
-# kernel's hash, so no machine code compiled against an older gemm is loaded from disk.
-VERSION = 1
-
 _KIND = {types.float32: "s", types.float64: "d"}
 
 

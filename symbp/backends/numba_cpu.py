@@ -51,20 +51,12 @@ from ..matrix import (
 )
 from ..passes import optimize
 from . import Kernel, identifiers
-from .blas import VERSION as GEMM_VERSION
-from .scalar import ScalarPrinter
+from .scalar import ScalarPrinter, helpers
 
 # --- the table: one stable njit scalar routine per `helper` name ---------------------------
-# Each is written in forms that are fast in njit: libm's tanh costs ~3 exp calls here.
-HELPERS = {
-    "sigmoid": '''
-def _sigmoid(x):
-    # 1/(1 + e^-x) for x >= 0, e^x/(1 + e^x) below: exp never overflows
-    if x >= 0:
-        return DT(1) / (DT(1) + math.exp(-x))
-    e = math.exp(x)
-    return e / (DT(1) + e)
-''',
+# The routines both Numba backends share (scalar.HELPERS), plus the CPU's own tanh: libm's
+# tanh costs ~3 exp calls here.
+HELPERS = helpers("", "DT", {
     "tanh": '''
 def _tanh(x):
     # tanh|x| = (1 - e)/(1 + e), e = exp(-2|x|): one exp; expm1 near 0 keeps relative precision
@@ -77,24 +69,7 @@ def _tanh(x):
         r = (DT(1) - e) / (DT(1) + e)
     return r if x >= 0 else -r
 ''',
-    "relu": '''
-def _relu(x):
-    return x if x > 0 else DT(0) * x
-''',
-    "leaky_relu": '''
-def _leaky_relu(x, a):
-    return x if x > 0 else a * x
-''',
-    "softplus": '''
-def _softplus(x):
-    # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): finite for every x
-    return (x if x > 0 else DT(0)) + math.log1p(math.exp(-abs(x)))
-''',
-    "elu": '''
-def _elu(x, a):
-    return x if x > 0 else a * math.expm1(x)
-''',
-}
+})
 
 # float32 overrides.  tanh: Eigen's rational approximation (clamped to ±7.9, odd degree-13
 # numerator over degree-6 denominator, within 4e-7 relative of tanh in float32): no call
@@ -461,22 +436,30 @@ class _Gen:
         """Softmax, log-softmax and softmax-CE: per row, shift by the max, sum exps in float64.
 
         A softmax of the logits of a softmax-CE (the backward pass asks for it) is computed
-        in the CE's loop: one exp per entry for both."""
+        in the CE's loop: one exp per entry for both; so are the row sums T𝟏 of its targets
+        (the gradient (Y ⊙ T𝟏 − T)/N reads them)."""
         e = a.expr
         Z = e.args[0]
         R, C = Z.shape
         z = self.ids[Z]
-        sm = None
-        if isinstance(e, SoftmaxCrossEntropy):
+        sm = rs = None
+        ce = isinstance(e, SoftmaxCrossEntropy)
+        if ce:
+            T = e.args[1]
             sm = next((u for u in self.users.get(Z, []) if isinstance(u.expr, Softmax)
                        and u.name not in self.done), None)
+            rs = next((u for u in self.users.get(T, []) if u.expr == AxisSum(T, 1)
+                       and u.name not in self.done), None)
         self.head(a)
-        if sm is not None:
-            self.head(sm)
+        for u in (sm, rs):
+            if u is not None:
+                self.head(u)
         work = self.est(R) * self.est(C) * 25  # an exp and a division per entry
-        if isinstance(e, SoftmaxCrossEntropy):
+        if ce:
             self.emit("_acc_loss = ACC(0.0)")
         self.emit(self.loop("_i", R, work, 1))
+        # a NaN anywhere in the row reaches every output through the sum of exps below,
+        # whether or not this max saw it
         self.emit(f"_m = {z}[_i, 0]", 2)
         self.emit(f"for _j in range(1, {_idx(C)}):", 2)
         self.emit(f"if {z}[_i, _j] > _m:", 3)  # not max(): ~0.05 s less compile time
@@ -487,17 +470,23 @@ class _Gen:
             y = self.buffer(a.name)
         elif sm is not None:
             y = self.buffer(sm.name)
-        if isinstance(e, SoftmaxCrossEntropy):
-            t = self.ids[e.args[1]]
-            self.emit("_acc_tz = ACC(0.0)", 2)
+        if ce:
+            t = self.ids[T]
+            self.emit("_acc_t = ACC(0.0)", 2)
+            self.emit("_acc_tm = ACC(0.0)", 2)
         self.emit(f"for _j in range({_idx(C)}):", 2)
         self.emit(f"_ez = math.exp({z}[_i, _j] - _m)", 3)
         if y is not None:
             self.emit(f"{y}[_i, _j] = _ez", 3)
         self.emit("_acc_s += _ez", 3)
-        if isinstance(e, SoftmaxCrossEntropy):
-            self.emit(f"_acc_tz += {t}[_i, _j] * {z}[_i, _j]", 3)
-            self.emit("_acc_loss += _m + math.log(_acc_s) - _acc_tz", 2)
+        if ce:
+            # −Σ_j t_j log softmax(z)_j = Σ_j t_j (m − z_j) + (Σ_j t_j) log s: exact for
+            # every t, and no cancellation between lse ≈ z at large logits
+            self.emit(f"_acc_t += {t}[_i, _j]", 3)
+            self.emit(f"_acc_tm += {t}[_i, _j] * (_m - {z}[_i, _j])", 3)
+            self.emit("_acc_loss += _acc_tm + _acc_t * math.log(_acc_s)", 2)
+            if rs is not None:
+                self.emit(f"{self.buffer(rs.name)}[_i, 0] = DT(_acc_t)", 2)
         if y is not None:
             self.emit("_s = DT(_acc_s)", 2)
             self.emit(f"for _j in range({_idx(C)}):", 2)
@@ -509,10 +498,9 @@ class _Gen:
             self.emit("_ls = DT(math.log(_acc_s))", 2)
             self.emit(f"for _j in range({_idx(C)}):", 2)
             self.emit(f"{y}[_i, _j] = ({z}[_i, _j] - _m) - _ls", 3)
-        if isinstance(e, SoftmaxCrossEntropy):
+        if ce:
             self.emit(f"{self.ids[a.name]} = DT(_acc_loss / {_idx(R)})")
-        if sm is not None:
-            self.done.add(sm.name)
+        self.done.update(u.name for u in (sm, rs) if u is not None)
 
     # --- the optimizer update, fused after the gradient ------------------------------------
     def fusable_updates(self, opt) -> dict:
@@ -607,7 +595,7 @@ import math
 import numpy as np
 from numba import njit, prange  # noqa: F401
 
-from symbp.backends.blas import gemm as _gemm  # noqa: F401  (symbp gemm v{gemm})
+from symbp.backends.blas import gemm as _gemm  # noqa: F401  (hashed into the cache key)
 
 DT = np.{dtype}  # every constant is typed: a bare 0.5 would turn {dtype} code into float64
 ACC = np.float64  # sums accumulate in float64
@@ -676,7 +664,7 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
     par = target == "parallel" and any("in prange(" in ln for ln in g.lines)
     kflags = flags + (["parallel=True"] if par else [])
     sig = f'"({", ".join(types)},)"'
-    lines = [_HEADER.format(target=target, dtype=dt, gemm=GEMM_VERSION)]
+    lines = [_HEADER.format(target=target, dtype=dt)]
     table = {**HELPERS, **(HELPERS_F32 if dt == "float32" else {})}
     for h in sorted(g.used):
         lines.append(f"\n@njit({', '.join(flags)})" + table[h])

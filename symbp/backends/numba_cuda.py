@@ -51,47 +51,15 @@ from ..matrix import (
 )
 from ..passes import optimize
 from . import Kernel, identifiers
-from .scalar import ScalarPrinter
+from .scalar import ScalarPrinter, helpers
 
 # Kernel code sees these globals; an IR name spelled like one is renamed (`math` -> `math_v`).
 _RESERVED = {"math", "cuda", "float32", "float64", "int64", "max", "min", "abs", "range",
              "int", "float", "numpy", "symbp_cuda"}
 
 # --- the table: device helpers, keyed by each function's `helper` name ------------------
-
-_HELPERS = {
-    # σ(x) without overflow: e^{-|x|} ≤ 1 on both branches
-    "sigmoid": """\
-@cuda.jit(device=True)
-def _sigmoid(x):
-    if x >= _DT(0):
-        return _DT(1) / (_DT(1) + math.exp(-x))
-    e = math.exp(x)
-    return e / (_DT(1) + e)
-""",
-    "relu": """\
-@cuda.jit(device=True)
-def _relu(x):
-    return x if x > _DT(0) else _DT(0)
-""",
-    "leaky_relu": """\
-@cuda.jit(device=True)
-def _leaky_relu(x, a):
-    return x if x > _DT(0) else a * x
-""",
-    # log(1 + e^x) = max(x, 0) + log1p(e^{-|x|}): no overflow, exact for large |x|
-    "softplus": """\
-@cuda.jit(device=True)
-def _softplus(x):
-    return max(x, _DT(0)) + math.log1p(math.exp(-abs(x)))
-""",
-    # expm1 keeps α(e^x − 1) accurate near 0
-    "elu": """\
-@cuda.jit(device=True)
-def _elu(x, a):
-    return x if x > _DT(0) else a * math.expm1(x)
-""",
-}
+# The routines both Numba backends share (scalar.HELPERS), as device functions.
+_HELPERS = helpers("@cuda.jit(device=True)", "_DT")
 
 # Tree reductions over threadIdx.x within one row of a TILE×TILE block (used by the row
 # kernels); every thread of the block must call them (they synchronise).
@@ -111,6 +79,7 @@ def _row_sum(sh, v, ty, tx):
     return r
 
 
+# A NaN this max drops still reaches every output of its row: Σ exp(z − max) reads it.
 @cuda.jit(device=True)
 def _row_max(sh, v, ty, tx):
     sh[ty, tx] = v
@@ -230,17 +199,23 @@ def _log_softmax(Z, Y, R, C):
 ''', "MMii"),
     "_sce_rows": ('''\
 @cuda.jit
-def _sce_rows(Z, T, L, R, C):
-    """L[i] = logsumexp(Z_i) - Σ_j T_ij Z_ij: the cross-entropy of row i (then _total)."""
+def _sce_rows(Z, T, L, Rs, R, C):
+    """L[i] = −Σ_j T_ij log softmax(Z_i)_j, the cross-entropy of row i (then _total), as
+    Σ_j T_ij (max − Z_ij) + r log Σ_j exp(Z_ij − max) with r = Rs[i] = Σ_j T_ij: exact for
+    every T (r = 1 for one-hot rows), and no cancellation of lse against Z at large logits."""
 ''' + _ROW_PROLOGUE + '''\
-    tz = _DT(0)
+    tm = _DT(0)
+    r = _DT(0)
     if ok:
         for j in range(tx, C, _TILE):
-            tz += T[i, j] * Z[i, j]
-    tz = _row_sum(sh, tz, ty, tx)
+            tm += T[i, j] * (m - Z[i, j])
+            r += T[i, j]
+    tm = _row_sum(sh, tm, ty, tx)
+    r = _row_sum(sh, r, ty, tx)
     if tx == 0 and ok:
-        L[i, 0] = m + math.log(s) - tz
-''', "MMMii"),
+        L[i, 0] = tm + r * math.log(s)
+        Rs[i, 0] = r
+''', "MMMMii"),
     "_transpose": ('''\
 @cuda.jit
 def _transpose(X, Y, R, C):
@@ -312,7 +287,6 @@ class CudaPrinter(ScalarPrinter):
     """
 
     helpers = _HELPERS
-    otherwise = "math.nan"
 
     def _typed(self, text):
         # the sign outside the call: x + (-7) prints as x - float32(7)
@@ -390,6 +364,8 @@ class _Gen:
         scalars += [a.name for a in program.body if not is_matrix(a.name)]
         self.slot = {s: k for k, s in enumerate(scalars)}
         self.uses = self._uses()
+        self.pos = {a.name: k for k, a in enumerate(program.body)}
+        self.skip: set = set()  # assignments another kernel already computed
 
     # names ---------------------------------------------------------------------------
     def d(self, name) -> str:
@@ -445,7 +421,8 @@ class _Gen:
                 self.scalars(run)
                 k += len(run)
             else:
-                self.structural(a)
+                if a.name not in self.skip:
+                    self.structural(a)
                 k += 1
         return self.module()
 
@@ -612,10 +589,21 @@ class _Gen:
             R, C = self.shape_src(Z.shape)
             rows = f"_rows_{out}"
             self.scratch.append((rows, f"({R}, 1)"))
+            # the row sums T𝟏 come out of the same kernel: into the gradient's AxisSum(T, 1)
+            # when a later assignment asks for it (it is then not launched again)
+            later = self.p.body[self.pos[a.name] + 1:]
+            rs = next((b.name for b in later if b.expr == AxisSum(T, 1)), None)
+            if rs is None:
+                rs_buf = f"_rsum_{out}"
+                self.scratch.append((rs_buf, f"({R}, 1)"))
+            else:
+                rs_buf = self.d(rs)
+                self.skip.add(rs)
             self.use_fixed("_sce_rows")
             self.use_fixed("_total")
             self.driver.append(f"_sce_rows[_grid_tiles({R}), (_TILE, _TILE)]({self.d(Z)}, "
-                               f"{self.d(T)}, {rows}, {R}, {C})  # {out}: cross-entropy per row")
+                               f"{self.d(T)}, {rows}, {rs_buf}, {R}, {C})"
+                               f"  # {out}: cross-entropy and target sum per row")
             self.driver.append(f"_total[1, _BLOCK]({rows}, {R}, 1, _scalars, "
                                f"{self.slot[a.name]}, _HT(1 / ({R})))  # {out} = mean of rows")
         else:

@@ -51,9 +51,8 @@ def _softmax(z):
     return e / numpy.sum(e, axis=1, keepdims=True)
 
 def _sce(z, t):
-    m = numpy.max(z, axis=1, keepdims=True)
-    lse = m + numpy.log(numpy.sum(numpy.exp(z - m), axis=1, keepdims=True))
-    return (numpy.sum(lse) - numpy.sum(t * z)) / z.shape[0]
+    # the definition itself, -Σ t log softmax(z) / N: right for every t, rows summing to 1 or not
+    return -numpy.sum(t * _log_softmax(z)) / z.shape[0]
 
 def _full(v, shape):
     v = numpy.asarray(v, dtype=DTYPE)
@@ -69,7 +68,12 @@ class NumpyPrinter(SciPyPrinter):
             return f"_{e.helper}({', '.join(self._print(a) for a in e.args)})"
         return self._print(e.expand_formula())
 
-    def _print_Max(self, e):
+    def _print_Heaviside(self, e):
+        # numpy.heaviside keeps NaN (SymPy's own rule, a select on x <= 0, maps NaN to 1)
+        h0 = e.args[1] if len(e.args) > 1 else sp.S.Half
+        return f"numpy.heaviside({self._print(e.args[0])}, {self._print(h0)})"
+
+    def _print_Max(self, e):  # numpy.maximum and numpy.minimum propagate NaN
         out = self._print(e.args[0])
         for a in e.args[1:]:
             out = f"numpy.maximum({out}, {self._print(a)})"

@@ -12,11 +12,20 @@ The rules, one per head:
                        ``0.5`` is a float64 and would promote float32 code
     x**n, |n| <= 8     a product (x*x*x): exact, and no pow call
     x**(±1/2)          math.sqrt
-    Max, Min           nested max/min
-    Heaviside          a conditional expression with typed branches
-    Piecewise          nested conditional expressions
+    Max, Min           nested ``_max``/``_min`` (NaN-propagating, as numpy.maximum)
+    Heaviside, sign    conditional expressions with typed branches, NaN passed through
+    Piecewise          nested conditional expressions; NaN where no condition holds
     symbp functions    ``_helper(...)`` where the backend's table has the function's
                        ``helper``, else its ``formula``
+
+NaN in, NaN out, wherever NumPy gives NaN: every comparison with a NaN is False, so each
+``a if cond else b`` here sends a NaN down a branch that returns it.  Python's (and
+Numba's) ``max(a, b)`` does not: it keeps ``a`` when ``b`` is NaN, which made
+``max(-100, log(p))`` a finite loss for a NaN or out-of-range p.
+
+``HELPERS`` holds the helper routines both backends share, written once with the dtype's
+name as ``{DT}``; a backend adds its decorator (``njit``, ``cuda.jit(device=True)``) and
+its own extras (the CPU's fast tanh).
 """
 
 from __future__ import annotations
@@ -29,6 +38,55 @@ from sympy.printing.pycode import PythonCodePrinter
 from ..functions import Activation
 
 
+# One routine per `helper` name.  Each is written in forms fast on both targets (no libm
+# tanh, one exp), and passes NaN through as NumPy does (see the module docstring).
+HELPERS = {
+    # NaN if either is: `a > b` is False for a NaN on either side, `a != a` catches a NaN a
+    "max": """
+def _max(a, b):
+    return a if a > b or a != a else b
+""",
+    "min": """
+def _min(a, b):
+    return a if a < b or a != a else b
+""",
+    "sigmoid": """
+def _sigmoid(x):
+    # 1/(1 + e^-x) for x >= 0, e^x/(1 + e^x) below (NaN too): exp never overflows
+    if x >= {DT}(0):
+        return {DT}(1) / ({DT}(1) + math.exp(-x))
+    e = math.exp(x)
+    return e / ({DT}(1) + e)
+""",
+    "relu": """
+def _relu(x):
+    return x if x > {DT}(0) else {DT}(0) * x  # 0·NaN = NaN, as the NumPy reference
+""",
+    "leaky_relu": """
+def _leaky_relu(x, a):
+    return x if x > {DT}(0) else a * x
+""",
+    "softplus": """
+def _softplus(x):
+    # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): finite for every finite x, NaN for NaN
+    return (x if x > {DT}(0) else {DT}(0)) + math.log1p(math.exp(-abs(x)))
+""",
+    "elu": """
+def _elu(x, a):
+    # expm1 keeps α(e^x − 1) accurate near 0
+    return x if x > {DT}(0) else a * math.expm1(x)
+""",
+}
+
+
+def helpers(decorator: str, dt: str, own: dict | None = None) -> dict:
+    """The shared table for one backend: each routine under ``decorator``, ``{DT}`` spelled
+    ``dt``; ``own`` adds or replaces routines (already in that backend's form)."""
+    table = {k: decorator + src.replace("{DT}", dt) for k, src in HELPERS.items()}
+    table.update(own or {})
+    return table
+
+
 class ScalarPrinter(PythonCodePrinter):
     """Scalar expressions in one dtype, for the Numba backends.
 
@@ -39,7 +97,7 @@ class ScalarPrinter(PythonCodePrinter):
     """
 
     helpers: dict = {}
-    otherwise = "0"
+    otherwise = "math.nan"  # as NumPy's select(..., default=nan): no condition held
 
     def __init__(self, dt: str, used: set | None = None):
         super().__init__({"fully_qualified_modules": True, "allow_unknown_functions": False})
@@ -58,10 +116,11 @@ class ScalarPrinter(PythonCodePrinter):
         return self._num(-math.inf)
 
     def _print_sign(self, e):
-        # sign' appears when differentiating Abs; SymPy's own rule prints a float64 0.0
+        # sign' appears when differentiating Abs; SymPy's own rule prints a float64 0.0.
+        # Neither x > 0 nor x < 0: x is ±0 or NaN, and is its own sign
         x = self._print(e.args[0])
         one, zero = self._typed("1"), self._typed("0")
-        return f"({one} if {x} > {zero} else (-{one} if {x} < {zero} else {zero}))"
+        return f"({one} if {x} > {zero} else (-{one} if {x} < {zero} else {x}))"
 
     def _num(self, value: float) -> str:
         if math.isfinite(value):
@@ -108,15 +167,17 @@ class ScalarPrinter(PythonCodePrinter):
 
     # --- piecewise heads: max/min and conditional expressions ------------------------------
     def _print_Max(self, e):
-        out = self._print(e.args[0])
-        for a in e.args[1:]:
-            out = f"max({out}, {self._print(a)})"
-        return out
+        return self._fold("max", e.args)
 
     def _print_Min(self, e):
-        out = self._print(e.args[0])
-        for a in e.args[1:]:
-            out = f"min({out}, {self._print(a)})"
+        return self._fold("min", e.args)
+
+    def _fold(self, name: str, args) -> str:
+        """_max(_max(a, b), c): the NaN-propagating helper over any number of arguments."""
+        self.used.add(name)
+        out = self._print(args[0])
+        for a in args[1:]:
+            out = f"_{name}({out}, {self._print(a)})"
         return out
 
     def _print_Abs(self, e):
@@ -130,11 +191,13 @@ class ScalarPrinter(PythonCodePrinter):
         x = self._print(e.args[0])
         h0 = e.args[1] if len(e.args) > 1 else sp.S.Half
         one, zero, z = self._typed("1"), self._typed("0"), self._zero_cmp()
+        # the last branch is reached by NaN only, and returns it (numpy.heaviside does)
         if h0 == 0:  # step(0) = 0: relu'(0) = 0, as in PyTorch
-            return f"({one} if {x} > {z} else {zero})"
+            return f"({one} if {x} > {z} else ({zero} if {x} <= {z} else {x}))"
         if h0 == 1:
-            return f"({one} if {x} >= {z} else {zero})"
-        return f"({one} if {x} > {z} else ({self._print(h0)} if {x} == {z} else {zero}))"
+            return f"({one} if {x} >= {z} else ({zero} if {x} < {z} else {x}))"
+        return (f"({one} if {x} > {z} else ({self._print(h0)} if {x} == {z} else "
+                f"({zero} if {x} < {z} else {x})))")
 
     def _print_Piecewise(self, e):
         # (v1 if c1 else (v2 if c2 else ...)); without a final True condition: `otherwise`

@@ -85,6 +85,7 @@ class Derivation:
         self.softmax_names = softmax_names or {}
         self.defs = defs or {}  # display symbol -> (expr) for named local factors
         self.values: dict = {}  # display symbol (value or adjoint) -> number, when at
+        self.note = ""  # one line saying where the numbers stop being finite, when they do
 
     # --- printing -------------------------------------------------------------------------
     def _tex(self, e) -> str:
@@ -138,6 +139,8 @@ class Derivation:
                 lines.append(line + r" \\")
         lines[-1] = lines[-1][: -len(r" \\")]
         lines.append(r"\end{align*}")
+        if self.note:
+            lines.insert(0, "% " + self.note)
         return "\n".join(lines)
 
     def _numbers(self, r: Row, style) -> str:
@@ -177,6 +180,8 @@ class Derivation:
                     cells += [v, g]
                 out.append("| " + " | ".join(c.replace("|", r"\|") for c in cells) + " |")
             out.append("")
+        if self.note:
+            out.append(f"*{self.note}*")
         return "\n".join(out).rstrip() + "\n"
 
     def text(self) -> str:
@@ -193,10 +198,55 @@ class Derivation:
                 if r.value is not None or r.grad is not None:
                     line = line.ljust(width + 2) + "   " + self._numbers(r, "text")
                 out.append(line.rstrip())
+        if self.note:
+            out.append(self.note)
         return "\n".join(out)
 
     def __str__(self) -> str:
         return self.text()
+
+    def __repr__(self) -> str:
+        # short enough for a REPL line: what is derived, then the gradient rows
+        wrt = ", ".join(self.names.text(r.sym) for r in self.gradients)
+        head = f"<Derivation of {self._loss_text()} with respect to {wrt}"
+        lines = [f"  {self.lhs(r, 'text')} = {self.rhs(r, 'text')}"
+                 + (f" = {self._num(r.grad, 'text')}" if r.grad is not None else "")
+                 for r in self.gradients]
+        return "\n".join([head + ":"] + lines) + ">"
+
+    def _loss_text(self) -> str:
+        last = self.forward[-1] if self.forward else None
+        return f"{self.lhs(last, 'text')} = {self.rhs(last, 'text')}" if last else "f"
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        # IPython's terminal: the whole derivation, as print(d) shows it
+        p.text(repr(self) if cycle else self.text())
+
+    def _repr_html_(self) -> str:
+        """A table per part, formulas in \\( \\) for MathJax or KaTeX (Jupyter renders them)."""
+        import html
+
+        has = any(r.value is not None or r.grad is not None for _, rs in self._parts()
+                  for r in rs)
+        out = ['<div class="symbp-derivation">']
+        for title, rows in self._parts():
+            out.append(f"<p><b>{html.escape(title.capitalize())}</b></p>")
+            out.append('<table style="text-align:left">')
+            if has:
+                out.append("<tr><th></th><th></th><th>value</th><th>∂⁺L/∂·</th></tr>")
+            for r in rows:
+                cells = [rf"\({self.lhs(r)}\)", rf"\(= {self.rhs(r)}\)"]
+                if has:
+                    fwd = r.kind == "forward" and r.value is not None
+                    cells += [format_value(r.value, "text") if fwd else "",
+                              format_value(r.grad, "text") if r.grad is not None else ""]
+                out.append("<tr>" + "".join(f'<td style="text-align:left">{html.escape(c)}'
+                                            "</td>" for c in cells) + "</tr>")
+            out.append("</table>")
+        if self.note:
+            out.append(f"<p><i>{html.escape(self.note)}</i></p>")
+        out.append("</div>")
+        return "\n".join(out)
 
     def _repr_latex_(self) -> str:
         return "$$\n" + self.latex() + "\n$$"
@@ -227,9 +277,13 @@ class Derivation:
             got = evaluate(r.expr, self.values, self.program.dims, self.at_dims)
             want = np.asarray(r.value if r.kind == "forward" else r.grad, dtype=float)
             got = np.broadcast_to(np.asarray(got, dtype=float), want.shape)
-            err = float(np.max(np.abs(got - want), initial=0.0))
-            scale = max(float(np.max(np.abs(want), initial=0.0)), 1.0)
-            if err > atol + rtol * scale:
+            # where the program gives ±∞ or NaN (at x = 0 of log x) the formula must not be
+            # finite either; SymPy's 1/0 is ∞ without a sign (NaN here), so only that is asked
+            fin = np.isfinite(want)
+            off = fin != np.isfinite(got)
+            err = float(np.max(np.abs(got[fin] - want[fin]), initial=0.0))
+            scale = max(float(np.max(np.abs(want[fin]), initial=0.0)), 1.0)
+            if off.any() or err > atol + rtol * scale:
                 raise SymbpError(
                     f"derivation row {self.lhs(r, 'text')} = {self.rhs(r, 'text')} gives "
                     f"{got} but the gradient program gives {want}"
@@ -244,17 +298,26 @@ def format_value(v, style="text", digits: int = 4, max_entries: int = 24) -> str
         return ""
     a = np.asarray(v, dtype=float)
     if a.ndim == 0:
-        return _g(float(a), digits)
+        return _g(float(a), digits, style)
     if a.size > max_entries:
-        return f"[{a.shape[0]}×{a.shape[1]} array, mean {_g(a.mean())}]" if style != "tex" else \
-            r"\left[%d\times %d,\ \text{mean } %s\right]" % (a.shape[0], a.shape[1], _g(a.mean()))
+        with np.errstate(all="ignore"):
+            mean = _g(a.mean(), 4, style)
+        return f"[{a.shape[0]}×{a.shape[1]} array, mean {mean}]" if style != "tex" else \
+            r"\left[%d\times %d,\ \text{mean } %s\right]" % (a.shape[0], a.shape[1], mean)
     if style == "tex":
-        rows = [" & ".join(_g(x) for x in row) for row in a]
+        rows = [" & ".join(_g(x, digits, style) for x in row) for row in a]
         return r"\begin{bmatrix}%s\end{bmatrix}" % r" \\ ".join(rows)
-    return "[" + "; ".join(" ".join(_g(x) for x in row) for row in a) + "]"
+    return "[" + "; ".join(" ".join(_g(x, digits, style) for x in row) for row in a) + "]"
 
 
-def _g(x: float, digits: int = 4) -> str:
+def _g(x: float, digits: int = 4, style: str = "text") -> str:
+    # log(0) = −∞ and √(−1) = NaN are answers, printed as a mathematician writes them
+    if np.isnan(x):
+        return r"\text{NaN}" if style == "tex" else "NaN"
+    if np.isinf(x):
+        if style == "tex":
+            return r"\infty" if x > 0 else r"-\infty"
+        return "∞" if x > 0 else "−∞"
     s = f"{x:.{digits}g}"
     return "0" if s == "-0" else s
 
@@ -589,7 +652,8 @@ def run_program(p: Program, at) -> dict:
     allp = Program(p.inputs, p.dims, p.body, tuple(names), p.wrt, dict(p.meta))
     fn = backend("numpy").build(allp, dtype=np.float64)
     args = bind_inputs(allp, by_name, np.float64)
-    out = fn.fn(*args)
+    with np.errstate(all="ignore"):  # log(0) = −∞ is an answer: the table shows it
+        out = fn.fn(*args)
     values = dict(zip(names, out))
     for s, x in zip(p.inputs, args):
         values[s] = x
@@ -609,7 +673,7 @@ def evaluate(e, values: dict, dims=(), dim_values=None):
     if not is_matrix(e) and not any(is_matrix(x) for x in _names_in(e)) and not _has_matrix(e):
         sub = {k: sp.Float(float(v)) for k, v in values.items()
                if isinstance(k, sp.Symbol) and np.ndim(v) == 0}
-        return float(sp.N(e.xreplace(sub)))
+        return real_number(sp.N(e.xreplace(sub)))
     from ..api import compile_forward
 
     # sizes become numbers first: a map of sizes alone (every entry 1/(2N)) binds no array
@@ -620,7 +684,15 @@ def evaluate(e, values: dict, dims=(), dim_values=None):
     arrays = {x.name: values[x] for x in values if isinstance(x, (sp.Symbol, sp.MatrixSymbol))
               and x.name in {n.name for n in names}}
     fwd = compile_forward(e)
-    return fwd(**{s.name: arrays[s.name] for s in fwd.program.inputs})
+    with np.errstate(all="ignore"):  # ±∞ and NaN are shown in the table, not warned about
+        return fwd(**{s.name: arrays[s.name] for s in fwd.program.inputs})
+
+
+def real_number(v) -> float:
+    """A SymPy number as a float: ±∞ stays; ∞ without a sign (``zoo``, as in 1/0), NaN and
+    a non-real number (√−1) are NaN, as the NumPy reference gives them."""
+    z = complex(v)
+    return z.real if z.imag == 0 else float("nan")
 
 
 def _size_names(e) -> set:
@@ -712,5 +784,34 @@ def _attach_numbers(d: Derivation, bld: _Builder, at):
         num[d.adjoint[r.sym]] = r.grad
     d.values = num
     d.at_dims = None
+    d.note = _undefined_note(d, at)
     if not d.matrix:  # scalar rows are cheap to check on the spot
         d.check()
+
+
+def _undefined_note(d: Derivation, at) -> str:
+    """One line naming the first row whose numbers are not finite: where f (or its
+    derivative) is undefined or infinite, as log x at 0 or √x at −1."""
+    def bad(v):
+        a = np.asarray(v, dtype=float)
+        return a[~np.isfinite(a)] if a.size else a
+
+    point = ", ".join(f"{d.names.text(k) if isinstance(k, sp.Basic) else k} = "
+                      f"{format_value(v, 'text')}" for k, v in at.items()
+                      if np.ndim(v) == 0)
+    where = f"at {point}" if point else "at these numbers"
+    for r in d.rows:
+        v = r.value if r.kind == "forward" else r.grad
+        if v is None or not bad(v).size:
+            continue
+        x = bad(v)
+        if np.isnan(x).all():
+            what, how = "not a real number (NaN)", "undefined"
+        elif np.isinf(x).all() and (x == x[0]).all():
+            what, how = format_value(x[0], "text"), "infinite"
+        else:
+            what, how = "not finite (±∞ or NaN)", "undefined or infinite"
+        row = f"{d.lhs(r, 'text')} = {d.rhs(r, 'text')}"
+        part = "the function" if r.kind == "forward" else "its derivative"
+        return f"note: {where}, {row} is {what}: {part} is {how} there"
+    return ""

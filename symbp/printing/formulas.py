@@ -3,9 +3,12 @@
 For a network on ``MatrixSymbol``s the ordered derivatives of the pre-activations are the
 textbook deltas, and every parameter gradient is a product with one of them:
 
-    Δ₂ = (Y − T)/N            ∂L/∂W₂ = H₁ᵀΔ₂      ∂L/∂b₂ = 𝟏ᵀΔ₂
+    Δ₂ = (Y ⊙ (T𝟏)𝟏ᵀ − T)/N   ∂L/∂W₂ = H₁ᵀΔ₂      ∂L/∂b₂ = 𝟏ᵀΔ₂
     Δ₁ = (Δ₂W₂ᵀ) ⊙ σ′(Z₁)     σ′(Z₁) = H₁ ⊙ (1 − H₁)
     ∂L/∂W₁ = XᵀΔ₁             ∂L/∂W₁[k,l] = Σₙ X[n,k] Δ₁[n,l]
+
+(softmax + cross-entropy: T𝟏 are the row sums of the targets, so Δ₂ is the textbook
+(Y − T)/N exactly when every row of T sums to 1, as one-hot and probability rows do.)
 
 The formulas are read off ``derive`` (so they are the gradient Program's own rules), with
 the adjoints of the activations folded into the deltas.  Every formula's shape is

@@ -13,8 +13,10 @@ carries the whole ∂⁺L/∂v of its source.
 from __future__ import annotations
 
 import html
+import math
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +35,16 @@ from ..matrix import (
     is_matrix,
 )
 from . import tex as T
-from .derive import format_value, run_program
+from .derive import format_value, real_number, run_program
 
 _INSTALL = (
     "Graphviz's `dot` program is not installed, so the graph cannot be rendered. Install "
     "Graphviz (Debian/Ubuntu: `sudo apt-get install graphviz`; macOS: `brew install "
-    "graphviz`; conda: `conda install -c conda-forge graphviz`), or save the DOT source "
-    "with `to_dot(...)` and render it elsewhere"
+    "graphviz`; conda: `conda install -c conda-forge graphviz`), or {without_dot}"
 )
+
+
+RED = "red"  # the gradient's colour on edges, sums and the legend
 
 
 def _op_label(e) -> str:
@@ -92,18 +96,27 @@ def _op_label(e) -> str:
 def _share(user, v, g_user, values):
     """The gradient a scalar edge v → user carries: ∂⁺L/∂user · ∂user/∂v, a number."""
     d = sp.diff(user.expr, v)
-    sub = {k: sp.Float(float(x)) for k, x in values.items()
-           if isinstance(k, sp.Symbol) and np.ndim(x) == 0}
-    return float(g_user) * float(sp.N(d.xreplace(sub)))
+    args = sorted(d.free_symbols, key=str)
+    try:  # in IEEE floats, as the gradient program: d/dx log x at 0 is ∞, not SymPy's zoo
+        local = sp.lambdify(args, d, modules="numpy")
+        with np.errstate(all="ignore"):
+            return float(np.float64(g_user) * local(*(np.float64(values[a]) for a in args)))
+    except (ImportError, NameError, TypeError, AttributeError):  # a head NumPy cannot print
+        sub = {k: sp.Float(float(x)) for k, x in values.items()
+               if isinstance(k, sp.Symbol) and np.ndim(x) == 0}
+        return float(g_user) * real_number(sp.N(d.xreplace(sub)))
 
 
-def to_dot(f, at=None, wrt=None, *, loss: str = "L", digits: int = 4) -> str:
+def to_dot(f, at=None, wrt=None, *, loss: str = "L", digits: int = 4, order=None) -> str:
     """Graphviz DOT source of the forward graph of ``f``.
 
     With ``at`` (a number or array for every input), each edge is labelled with its forward
-    value and, in red, its backward gradient; ``wrt`` (default: every input) says which
-    gradients flow; ``loss`` names the output node; numbers get ``digits`` significant
-    digits.  Render with ``render(dot, "g.svg")``.
+    value and, in red, its backward gradient, and a legend says so; where a scalar value
+    feeds several operations, its node shows the sum of their gradients, Σ = ∂⁺L/∂v.
+    ``wrt`` (default: every input) says which gradients flow; ``loss`` names the output
+    node; numbers get ``digits`` significant digits.  The inputs stand in one column, top
+    to bottom in ``order`` (symbols or names, as written: x before y), by default ``wrt``
+    first, then the other inputs.  Render with ``render(dot, "g.svg")``.
     """
     f = sp.sympify(f)
     if wrt is None:
@@ -117,31 +130,13 @@ def to_dot(f, at=None, wrt=None, *, loss: str = "L", digits: int = 4) -> str:
     adj = p.meta["adjoint"]
     values = run_program(p, at) if at is not None else None
 
-    lines = [
-        "digraph G {",
-        '  rankdir=LR; bgcolor="white";',
-        '  node [fontname="Helvetica", fontsize=14];',
-        '  edge [fontname="Helvetica", fontsize=11];',
-    ]
-    ids: dict = {}
-    for k, s in enumerate(p.inputs):
-        ids[s] = f"in{k}"
-        shape = f"  {T.text(s.shape[0])}×{T.text(s.shape[1])}" if is_matrix(s) else ""
-        lines.append(f'  in{k} [shape=plaintext, label="{_esc(T.name_text(s.name))}{shape}"];')
-    for k, a in enumerate(fwd_body):
-        ids[a.name] = f"op{k}"
-        lines.append(f'  op{k} [shape=circle, width=0.5, fixedsize=false, '
-                     f'label="{_esc(_op_label(a.expr))}"];')
-    lines.append(f'  out [shape=plaintext, label="{_esc(loss)}"];')
-    out = p.outputs[0]
-
     def gval(name):
         g = adj.get(name)
         if g is None or values is None:
             return None
         return values[g] if isinstance(g, (sp.Symbol, sp.MatrixSymbol)) else float(g)
 
-    def label(v, user, share=None):
+    def label(v, share=None):
         name = T.name_text(v.name) if v in p.inputs else ""
         if values is None:
             return name
@@ -151,8 +146,17 @@ def to_dot(f, at=None, wrt=None, *, loss: str = "L", digits: int = 4) -> str:
         if g is None:
             return f"<{_esc(top)}>"
         red = _esc(format_value(g, "text", digits, 6))
-        return f'<{_esc(top)}<br/><font color="red">{red}</font>>'
+        return f'<{_esc(top)}<br/><font color="{RED}">{red}</font>>'
 
+    ids: dict = {}
+    rank = [str(w) for w in (order or ())] + [str(w) for w in wrt]
+    inputs = sorted(p.inputs, key=lambda s: (rank.index(s.name) if s.name in rank
+                                              else len(rank), s.name))
+    for k, s in enumerate(inputs):
+        ids[s] = f"in{k}"
+    for k, a in enumerate(fwd_body):
+        ids[a.name] = f"op{k}"
+    edges, users = [], Counter()
     for a in fwd_body:
         for v in _names_in(a.expr):
             if v not in ids:
@@ -162,13 +166,50 @@ def to_dot(f, at=None, wrt=None, *, loss: str = "L", digits: int = 4) -> str:
                     not isinstance(a.expr, (Total, SoftmaxCrossEntropy)) and a.name in adj \
                     and v in adj:
                 share = _share(a, v, gval(a.name), values)
-            lab = label(v, a, share)
+            lab = label(v, share)
             attr = f"label={lab}" if lab.startswith("<") else f'label="{_esc(lab)}"'
-            lines.append(f"  {ids[v]} -> {ids[a.name]} [{attr}];")
+            edges.append(f"  {ids[v]} -> {ids[a.name]} [{attr}];")
+            users[v] += 1
+
+    def total(v) -> str:
+        # a value read by several operations: its ∂⁺L/∂v is the sum of the edge gradients
+        # (the ordered derivative), which no single edge shows; a matrix edge shows it whole
+        if values is None or users[v] < 2 or is_matrix(v) or gval(v) is None:
+            return ""
+        return f'<font color="{RED}">Σ = {_esc(format_value(gval(v), "text", digits))}</font>'
+
+    lines = [
+        "digraph G {",
+        '  rankdir=LR; bgcolor="white"; nodesep=0.35; ranksep=0.6;',
+        '  node [fontname="Helvetica", fontsize=16];',
+        '  edge [fontname="Helvetica", fontsize=13];',
+    ]
+    for s in inputs:
+        shape = f"  {T.text(s.shape[0])}×{T.text(s.shape[1])}" if is_matrix(s) else ""
+        name = _esc(T.name_text(s.name) + shape)
+        sigma = total(s)
+        lab = f"<{name}<br/>{sigma}>" if sigma else f'"{name}"'
+        lines.append(f"  {ids[s]} [shape=plaintext, label={lab}];")
+    if len(inputs) > 1:  # one column, in the given order: invisible edges keep it
+        chain = " -> ".join(ids[s] for s in inputs)
+        lines.append(f"  {{rank=same; {chain} [style=invis];}}")
+    for a in fwd_body:
+        sigma = total(a.name)
+        op = _esc(_op_label(a.expr))
+        lab = f"<{op}<br/>{sigma}>" if sigma else f'"{op}"'  # the sum inside its node
+        shape = "ellipse, margin=0.04" if sigma else "circle"  # two lines fit an ellipse
+        lines.append(f"  {ids[a.name]} [shape={shape}, width=0.5, fixedsize=false, "
+                     f"label={lab}];")
+    lines.append(f'  out [shape=plaintext, label="{_esc(loss)}"];')
+    lines += edges
+    out = p.outputs[0]
     if values is not None:
         top = format_value(values[out], "text", digits)
         lines.append(f'  {ids[out]} -> out [label=<{_esc(top)}<br/>'
-                     f'<font color="red">1</font>>];')
+                     f'<font color="{RED}">1</font>>];')
+        lines.append(f'  label=<black: value (forward)     <font color="{RED}">red: gradient '
+                     f'∂⁺{_esc(loss)}/∂· (backward)</font>>; labelloc=b; labeljust=l; '
+                     'fontname="Helvetica"; fontsize=13;')
     else:
         lines.append(f"  {ids[out]} -> out;")
     lines.append("}")
@@ -179,10 +220,13 @@ def _esc(s: str) -> str:
     return html.escape(s, quote=True)
 
 
-def render(dot_source: str, path) -> Path:
+def render(dot_source: str, path, *,
+           without_dot: str = "save the DOT source with `to_dot(...)` and render it "
+                              "elsewhere") -> Path:
     """Render DOT source to ``path`` (.svg, .png or .pdf) with Graphviz's ``dot``.
 
-    Raises ``SymbpError`` saying how to install Graphviz when ``dot`` is missing.
+    Raises ``SymbpError`` saying how to install Graphviz when ``dot`` is missing, and what
+    to do without it (``without_dot``: the command line says ``-o graph.dot``).
     """
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
@@ -190,12 +234,29 @@ def render(dot_source: str, path) -> Path:
         raise SymbpError(f"render: {path} must end in .svg, .png or .pdf, not {path.suffix!r}")
     dot = shutil.which("dot")
     if dot is None:
-        raise SymbpError(_INSTALL)
+        raise SymbpError(_INSTALL.format(without_dot=without_dot))
+    args = [dot, f"-T{fmt}", "-o", str(path)]
+    if fmt == "png":  # a bitmap for a slide: at least SLIDE_PX wide, however small the graph
+        args.insert(1, f"-Gdpi={_png_dpi(dot, dot_source)}")
     try:
-        r = subprocess.run([dot, f"-T{fmt}", "-o", str(path)], input=dot_source.encode(),
+        r = subprocess.run(args, input=dot_source.encode(),
                            capture_output=True, timeout=60, check=False)
     except subprocess.TimeoutExpired as e:
         raise SymbpError(f"Graphviz's dot took over 60 s to render {path}") from e
     if r.returncode != 0:
         raise SymbpError(f"Graphviz's dot failed on this graph: {r.stderr.decode().strip()}")
     return path
+
+
+SLIDE_PX = 1400  # a PNG's least width: a full-width picture on a 1920-pixel slide
+
+
+def _png_dpi(dot: str, source: str) -> int:
+    """The dpi that makes the layout SLIDE_PX wide (96 to 300: big graphs keep 96)."""
+    try:
+        r = subprocess.run([dot, "-Tplain"], input=source.encode(), capture_output=True,
+                           timeout=60, check=True)
+        width = float(r.stdout.split()[2])  # "graph scale width height", in inches
+    except (subprocess.SubprocessError, IndexError, ValueError):
+        return 150
+    return int(min(300, max(96, math.ceil(SLIDE_PX / max(width, 1e-3)))))

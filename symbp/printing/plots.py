@@ -56,6 +56,11 @@ def activation_curves(name_or_function, lo: float = -6.0, hi: float = 6.0, n: in
         expr = sp.sympify(f(x))
     else:
         raise SymbpError(f"plot_activation: cannot plot {f!r}; pass a name or a function")
+    from ..functions import random_slopes
+
+    slopes = random_slopes()  # rrelu's random slope: drawn at its evaluation value, the mean
+    expr = expr.xreplace({s: sp.Rational(sp.nsimplify(sum(slopes[s.name]) / 2))
+                          for s in expr.free_symbols if s.name in slopes})
     if expr.free_symbols - {x}:
         extra = ", ".join(map(str, expr.free_symbols - {x}))
         raise SymbpError(f"plot_activation: {label} has free parameters ({extra}); fix them")
@@ -78,30 +83,121 @@ def plot_activation(name_or_function, path, lo: float = -6.0, hi: float = 6.0) -
     """Draw an activation and its derivative on one figure and save it to ``path``.
 
     The derivative's maximum is marked (σ′ peaks at 1/4 at x = 0, the reason deep sigmoid
-    stacks vanish), and a jump in the derivative (ReLU's step at 0) is drawn as a step.
+    stacks vanish), and a jump in the derivative (ReLU's step at 0) is drawn as a step with
+    the value the function's rule takes at the kink (relu′(0) = 0, as in PyTorch).  The
+    figure is 1280 pixels wide, for a slide.
     """
+    path = Path(path)
+    activation_figure(name_or_function, lo, hi).savefig(path)
+    return path
+
+
+def activation_figure(name_or_function, lo: float = -6.0, hi: float = 6.0):
+    """The matplotlib ``Figure`` that ``plot_activation`` saves (for a notebook, or to
+    adjust before saving)."""
     Figure, Canvas = _matplotlib()
-    label, xs, ys, dys, _, _ = activation_curves(name_or_function, lo, hi)
-    fig = Figure(figsize=(6.4, 4.0), dpi=110)
+    label, xs, ys, dys, expr, dexpr = activation_curves(name_or_function, lo, hi)
+    x = sp.Symbol("x", real=True)
+    named = isinstance(name_or_function, str) or isinstance(name_or_function, type)
+    fname = label if named else "f"
+    fig = Figure(figsize=(6.4, 4.0), dpi=200)
     Canvas(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.axhline(0, color="0.8", lw=0.8)
     ax.axvline(0, color="0.8", lw=0.8)
-    ax.plot(xs, ys, color="C0", lw=2, label=f"{label}(x)")
-    ax.plot(xs, dys, color="C3", lw=2, ls="--", label=f"{label}′(x)")
+    jumps = _jumps(xs, dys)
+    dplot = dys.copy()
+    dplot[jumps + 1] = np.nan  # a jump is a step, not a steep line
+    ax.plot(xs, ys, color="C0", lw=2, label=f"{fname}(x)")
+    ax.plot(xs, dplot, color="C3", lw=2, ls="--", label=f"{fname}′(x)")
+    notes = []  # (point, text): placed after the axes are final
+    for i in jumps:
+        # the kink sits where the one-sided limits meet; the rule's own value there is the
+        # convention (relu′(0) = 0), shown as a dot
+        x0 = float(np.round(xs[i] if abs(xs[i]) <= abs(xs[i + 1]) else xs[i + 1], 6))
+        d0 = float(_numeric(dexpr, x, np.array([x0]))[0])
+        ax.plot([x0], [d0], "o", color="C3", ms=6, zorder=5)
+        ax.plot([x0, x0], [dys[i], dys[i + 1]], ls=":", color="C3", lw=1)
+        notes.append(((x0, d0), f"{fname}′({_nice(x0)}) = {_nice(d0)} at the kink"))
     k = int(np.nanargmax(dys))
     peak = dys[k]
-    if np.isfinite(peak) and peak > dys[0] + 1e-9 and peak > dys[-1] + 1e-9:  # a real peak
+    if np.isfinite(peak) and peak > dys[0] + 1e-9 and peak > dys[-1] + 1e-9 and not \
+            any(abs(k - i) <= 1 for i in jumps):  # a real peak, not one side of a jump
         ax.plot([xs[k]], [peak], "o", color="C3")
-        ax.annotate(f"max {label}′ = {_nice(peak)} at x = {_nice(xs[k])}", (xs[k], peak),
-                    textcoords="offset points", xytext=(8, 8), color="C3")
+        notes.append(((xs[k], peak), f"max {fname}′ = {_nice(peak)} at x = {_nice(xs[k])}"))
+    both = np.concatenate([ys[np.isfinite(ys)], dys[np.isfinite(dys)]])
+    bottom, top = float(both.min()), float(both.max())
+    pad = 0.08 * max(top - bottom, 1e-9)
+    ax.set_ylim(bottom - pad, top + 2.5 * pad)  # headroom for the legend, under the title
+    ax.set_xlim(lo, hi)
     ax.set_xlabel("x")
-    ax.set_title(f"{label} and its derivative")
+    ax.set_ylabel(f"{fname}(x) and {fname}′(x)")
+    title = f"{label} and its derivative" if named else \
+        f"f(x) = {_formula(expr)} and its derivative"
+    ax.set_title(title)
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    fig.tight_layout()
+    _place(fig, ax, notes)
+    return fig
+
+
+def _formula(expr) -> str:
+    from . import tex as T
+
+    return T.text(expr)
+
+
+def _jumps(xs, dys) -> np.ndarray:
+    """Indices i where f′ jumps between xs[i] and xs[i + 1] (a kink of f)."""
+    d = np.abs(np.diff(dys))
+    scale = np.nanmax(np.abs(dys)) if np.isfinite(dys).any() else 1.0
+    # a jump moves far more in one step than the curve's steepest smooth stretch
+    smooth = np.nanmedian(d) + 1e-12
+    return np.flatnonzero((d > 0.05 * max(scale, 1e-9)) & (d > 50 * smooth))
+
+
+# Where a note may go, in axes fractions (x, y, horizontal alignment): inside the axes, so
+# never on the title; each is tried and the one crossing the fewest curve points kept.
+_SPOTS = [(0.97, 0.06, "right"), (0.97, 0.30, "right"), (0.50, 0.06, "center"),
+          (0.03, 0.30, "left"), (0.97, 0.55, "right"), (0.03, 0.06, "left"),
+          (0.50, 0.30, "center"), (0.97, 0.78, "right"), (0.50, 0.55, "center"),
+          (0.03, 0.55, "left")]
+
+
+def _place(fig, ax, notes) -> None:
+    """Put each (point, text) note where it overlaps no curve, legend or other note."""
+    from matplotlib.text import Text
+
+    if not notes:
+        return
+    renderer = fig.canvas.get_renderer()
+    curves = np.vstack([ax.transData.transform(np.column_stack(ln.get_data()))
+                        for ln in ax.get_lines() if len(ln.get_xdata()) > 2])
+    curves = curves[np.isfinite(curves).all(axis=1)]
+    taken = [ax.get_legend().get_window_extent(renderer), ax.title.get_window_extent(renderer)]
+    for point, text in notes:
+        best = None
+        for fx, fy, ha in _SPOTS:
+            ann = ax.annotate(text, point, xytext=(fx, fy), textcoords="axes fraction",
+                              ha=ha, va="bottom", color="C3", fontsize=9,
+                              bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="0.85"),
+                              arrowprops=dict(arrowstyle="->", color="C3", lw=0.8))
+            ann.update_positions(renderer)  # the text's place in pixels, without the arrow
+            box = Text.get_window_extent(ann, renderer).expanded(1.06, 1.2)
+            inside = (curves[:, 0] >= box.x0) & (curves[:, 0] <= box.x1) & \
+                (curves[:, 1] >= box.y0) & (curves[:, 1] <= box.y1)
+            # curve points under the note, then (a tie-break) the arrow's length
+            near = ax.transData.transform([point])[0]
+            cost = int(inside.sum()) + float(np.hypot(*(box.p0 + box.size / 2 - near))) / 1e4
+            cost += 10_000 * sum(box.overlaps(t) for t in taken)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, box)
+            else:
+                ann.remove()
+        taken.append(best[2])
 
 
 def _nice(v: float) -> str:
