@@ -130,7 +130,7 @@ def test_legend_says_black_is_value_and_red_is_gradient():
 @pytest.mark.parametrize("f, order", [(x + y, "xy"), (y + x, "xy"), (x * w + b, "xwb"),
                                       (x * w + b, "bwx")])
 def test_inputs_stand_top_to_bottom_in_the_given_order(f, order):
-    need(shutil.which("dot") is not None, "Graphviz (dot)")
+    need(shutil.which("dot") is not None, "graphviz")
     dot = to_dot(f, at={s.name: 1.0 for s in f.free_symbols}, order=list(order))
     ids = dict(re.findall(r'(in\d+) \[shape=plaintext, label=["<](\w+)', dot))
     pos = _layout(dot)
@@ -145,7 +145,7 @@ def test_default_order_follows_wrt():
 
 
 def test_png_is_slide_sized(tmp_path):
-    need(shutil.which("dot") is not None, "Graphviz (dot)")
+    need(shutil.which("dot") is not None, "graphviz")
     from matplotlib.image import imread
 
     png = render(to_dot(x + y, at={"x": 2.0, "y": 3.0}, loss="p"), tmp_path / "p.png")
