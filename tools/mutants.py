@@ -4,7 +4,10 @@ Each mutant replaces one exact piece of symbp's source (found exactly once, or t
 fails loudly: the source moved and the list needs updating) in a scratch copy of the
 repository, then runs the few tests that should catch it, with PYTHONPATH pointing at
 the copy and a fresh SYMBP_CACHE_DIR (machine code compiled from the unmutated source
-must not answer for the mutated one).  A mutant is caught when its tests fail.
+must not answer for the mutated one).  A mutant is caught when its tests fail ("error"
+when it breaks collection instead of an assertion, "timeout" when its tests hang: both
+count as caught); "SURVIVED", "not found" or a selection that matches no test make the
+run exit 1.
 
     python tools/mutants.py               # every mutant; exit 1 if any survives
     python tools/mutants.py --baseline    # every selection on the unmutated tree: all pass
@@ -293,6 +296,9 @@ def main(argv=None) -> int:
             print(f"{'':22} tests: {m.tests}" + (f"\n{'':22} {why}" if why else ""))
         return 0 if all(not applies(m) for m in chosen) else 1
 
+    stale = [(m.id, applies(m)) for m in chosen if applies(m)]
+    for mid, why in stale:  # said first and loudly: the list needs updating, not the tests
+        print(f"NOT FOUND {mid}: {why}", file=sys.stderr)
     files = _tracked_files()
     if a.baseline:
         jobs = [(None, t, t) for t in dict.fromkeys(a.tests or m.tests for m in chosen)]
