@@ -41,7 +41,8 @@ __all__ = [
     "Activation", "sigmoid", "relu", "leaky_relu", "prelu", "rrelu", "softplus", "elu",
     "selu", "gelu", "gelu_tanh", "silu", "identity", "tanh", "exp", "log", "step",
     "softmax", "log_softmax", "dense", "fill", "elementwise", "mse", "binary_cross_entropy",
-    "bce_with_logits", "cross_entropy", "softmax_cross_entropy", "random_slopes", "FUNCTIONS", "bce",
+    "bce_with_logits", "cross_entropy", "softmax_cross_entropy", "random_slopes", "FUNCTIONS",
+    "bce",
 ]
 
 

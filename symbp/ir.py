@@ -9,7 +9,9 @@ order; ``expr`` is one head over names (and constants):
                    Elementwise(λ, shape, args...)   fused entry-by-entry map, broadcasting
                    AxisSum(M, axis), Transpose(M), Softmax(M), LogSoftmax(M)
 
-Names are ``Symbol`` (scalars) or ``MatrixSymbol`` (shape known, batch size symbolic).
+Names are ``Symbol`` (scalars) or ``MatrixSymbol`` (shape known, batch size symbolic);
+a constant matrix (Identity, a Matrix of numbers) becomes a ``Constant`` input that the
+compiled function binds itself, ZeroMatrix and OneMatrix maps of a constant body.
 Lowering memoises on SymPy nodes, so a subexpression used twice is computed once and the
 graph stays as small as the user's expression DAG: it never walks the expression as a
 tree (no ``free_symbols``, ``count_ops`` or ``subs`` on the whole graph).

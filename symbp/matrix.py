@@ -6,7 +6,10 @@ The IR reuses the same classes as its heads: a lowered ``Elementwise`` is the fu
 backend turns into one loop.
 
 Broadcasting follows NumPy for 2-D shapes: an argument of shape (1, C) repeats down the
-rows, (R, 1) across the columns, and a scalar everywhere.
+rows, (R, 1) across the columns, and a scalar everywhere.  A scalar added to or multiplying
+one of these classes stays a map (``1 + sb.exp(Z)``, ``2*sb.tanh(Z) - 1``), where SymPy's
+own MatAdd refuses it.  ``Constant`` is a constant matrix (Identity, numbers) as a program
+input.  Each class prints itself in str, pretty and latex as the formula it stands for.
 """
 
 from __future__ import annotations
