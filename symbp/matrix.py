@@ -146,7 +146,9 @@ class _Shown(sp.Dummy):
     with the operand's precedence, so ``2*(X*W + b)`` keeps its parentheses."""
 
     def __new__(cls, operand):
-        obj = super().__new__(cls, str(operand), real=True)
+        # named by the operand's own name only: printing the operand here to name it would
+        # print every layer of a deep network twice per level, 2^depth times in all
+        obj = super().__new__(cls, getattr(operand, "name", "M"), real=True)
         obj.operand = operand
         obj.precedence = _precedence(operand)
         return obj
