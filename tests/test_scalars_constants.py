@@ -211,3 +211,22 @@ def test_cuda_simulator_binds_constants_and_scalar_biases():
     if "cuda" in r.stderr and "not available" in r.stderr:
         pytest.skip("no Numba CUDA support here")
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("target", ["cpu"])
+def test_training_step_with_constants_matches_the_reference(target):
+    pytest.importorskip("numba")
+    y = sp.MatrixSymbol("y", N, 1)
+    loss = (sb.mse(2 * sb.sigmoid(sb.dense(X, w, b)) - 1, y)
+            + sb.mse(W.T * W, sp.Identity(2)) / 10 + Total(sp.HadamardProduct(X * X.T,
+                                                                                sp.Identity(N))) * c)
+    data = {"X": DATA["X"], "y": DATA["y"], "c": 0.01}
+    init = {"w": DATA["w"], "b": np.array(0.1), "W": DATA["W"]}
+    losses = {}
+    for t in ("numpy", target):
+        params = {k: v.copy() for k, v in init.items()}
+        step = sb.compile_step(loss, [w, b, W], sb.SGD(0.1), target=t)
+        losses[t] = [step(params, **data) for _ in range(3)]
+        with pytest.raises(sb.InputError, match="unexpected I"):  # never taken from the user
+            step(params, **data, I=np.eye(2))
+    np.testing.assert_allclose(losses[target], losses["numpy"], rtol=1e-12)

@@ -42,6 +42,7 @@ from ..functions import Activation
 from ..ir import Program, _names_in, is_constant
 from ..matrix import (
     AxisSum,
+    Constant,
     Elementwise,
     LogSoftmax,
     Softmax,
@@ -993,6 +994,10 @@ class FusedStep:
         if self._threads == "auto":
             self._threads = 1
         self._float = opt_returns_float(layout)
+        # constants of fixed shape (Identity(3), a Matrix of numbers) are made once and
+        # join the data of every call, so the fast path below finds them
+        self._consts = {s.name: s.array({}, self.dtype) for s in p.inputs
+                        if isinstance(s, Constant) and all(d.is_Integer for d in s.shape)}
 
     @property
     def fn(self):
@@ -1011,8 +1016,9 @@ class FusedStep:
         # go in as they come; the kernel binds and checks the sizes itself, Numba checks
         # dtypes and layouts.  Anything they refuse is converted or named below.
         try:
-            xs = [params[n] if p else data[n] for n, p in self._names]
-            if len(params) + len(data) != len(xs):
+            d = {**data, **self._consts} if self._consts else data
+            xs = [params[n] if p else d[n] for n, p in self._names]
+            if len(params) + len(data) + len(self._consts) != len(xs):
                 raise KeyError
         except (KeyError, TypeError):
             xs = self._bind(params, data)
