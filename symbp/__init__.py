@@ -23,8 +23,10 @@ from .functions import (
     binary_cross_entropy,
     cross_entropy,
     dense,
+    elementwise,
     elu,
     exp,
+    fill,
     gelu,
     gelu_tanh,
     identity,
@@ -46,7 +48,7 @@ from .functions import (
     tanh,
 )
 from .ir import Program, lower, verify
-from .matrix import AxisSum, Elementwise, Total
+from .matrix import AxisSum, Constant, Elementwise, Total
 from .optim import SGD, Adam, Momentum
 
 __version__ = "0.1.0"
@@ -55,11 +57,12 @@ __all__ = [
     "Compiled", "Forward", "GradcheckResult", "Step", "compile", "compile_forward",
     "compile_step", "grad", "gradcheck", "gradient_program", "SGD", "Adam", "Momentum",
     "InputError", "ShapeError", "SymbpError", "TrainingError", "UnsupportedError",
-    "bce_with_logits", "binary_cross_entropy", "cross_entropy", "dense", "elu", "exp",
+    "bce_with_logits", "binary_cross_entropy", "cross_entropy", "dense", "elementwise", "elu",
+    "exp", "fill",
     "gelu", "gelu_tanh", "identity", "leaky_relu", "log", "log_softmax", "mse", "prelu",
     "relu", "rrelu", "selu", "sigmoid", "silu", "softmax", "softmax_cross_entropy",
     "softplus", "step", "swish", "tanh", "Program", "lower", "verify", "AxisSum",
-    "Elementwise", "Total",
+    "Constant", "Elementwise", "Total",
 ]
 
 

@@ -10,8 +10,8 @@ import sympy as sp
 from .backends import backend
 from .errors import InputError, ShapeError, SymbpError
 from .grad import grad as grad_pass
-from .ir import Program, lower, verify
-from .matrix import is_matrix
+from .ir import Program, check_names, lower, verify
+from .matrix import Constant, is_matrix
 
 
 def _wrt_tuple(wrt) -> tuple[tuple, bool]:
@@ -50,12 +50,15 @@ def _scalar_loss(f):
 def gradient_program(f, wrt) -> Program:
     """Lower ``f`` and apply the reverse pass: the ordered-derivative Program."""
     items, _ = _wrt_tuple(wrt)
-    return grad_pass(verify(lower(_scalar_loss(f))), items)
+    p = verify(lower(_scalar_loss(f)))
+    check_names(p, items)
+    return grad_pass(p, items)
 
 
 def raise_to_sympy(p: Program) -> dict:
     """Inline a Program back into SymPy expressions, one per assigned name."""
-    env: dict = {}
+    # a constant input (Identity, a Matrix of numbers) reads as the constant it stands for
+    env: dict = {c: c.value for c in p.inputs if isinstance(c, Constant)}
     for a in p.body:
         env[a.name] = a.expr.xreplace(env) if env else a.expr
     return env
@@ -93,12 +96,15 @@ class Forward:
 
     @property
     def input_names(self) -> list[str]:
-        return [s.name for s in self.program.inputs]
+        """The arrays a call takes (constants such as Identity(k) are bound already)."""
+        return [s.name for s in self.program.inputs if not isinstance(s, Constant)]
 
     def bind(self, arrays: dict) -> list:
         return bind_inputs(self.program, arrays, self.dtype)
 
-    def __call__(self, **arrays):
+    # positional-only: a symbol may be named `self` (or anything else) and still be passed
+    # by name
+    def __call__(self, /, **arrays):
         return self.kernel.fn(*self.bind(arrays))[0]
 
 
@@ -109,7 +115,7 @@ class Compiled(Forward):
     def wrt(self) -> tuple:
         return self.program.wrt
 
-    def __call__(self, **arrays):
+    def __call__(self, /, **arrays):
         out = self.kernel.fn(*self.bind(arrays))
         loss, grads = out[0], out[1:]
         return float(loss), {w.name: _shaped(g, w, self.dtype) for w, g in zip(self.wrt, grads)}
@@ -168,7 +174,7 @@ class Step:
     def source(self) -> str:
         return self.fn.source
 
-    def __call__(self, params: dict, **data) -> float:
+    def __call__(self, params: dict, /, **data) -> float:
         if self.state is None:
             self.state = self._optim.init_state(self.optimizer, params)
         loss, grads = self.fn(**params, **data)
@@ -197,7 +203,8 @@ def bind_inputs(p: Program, arrays: dict, dtype) -> list:
     to ``dtype`` and made C-contiguous; anything else is an error naming the input.
     """
     dtype = np.dtype(dtype)
-    names = {s.name: s for s in p.inputs}
+    # constants (Identity(k), a Matrix of numbers) are bound here, once the sizes are known
+    names = {s.name: s for s in p.inputs if not isinstance(s, Constant)}
     missing = [n for n in names if n not in arrays]
     extra = [n for n in arrays if n not in names]
     if missing or extra:
@@ -211,7 +218,11 @@ def bind_inputs(p: Program, arrays: dict, dtype) -> list:
         )
     dims: dict = {}
     args = []
-    for name, s in names.items():
+    for s in p.inputs:
+        if isinstance(s, Constant):
+            args.append(s)  # its array, once the sizes are bound
+            continue
+        name = s.name
         x = arrays[name]
         if is_matrix(s):
             x = _as_array(name, x, dtype)
@@ -233,7 +244,7 @@ def bind_inputs(p: Program, arrays: dict, dtype) -> list:
         if dims[d] == 0:
             raise ShapeError(f"size {d} is 0: an empty batch has no mean loss")
         args.append(dims[d])
-    return args
+    return [s.array(dims, dtype) if isinstance(s, Constant) else s for s in args]
 
 
 def _as_array(name, x, dtype):

@@ -26,20 +26,23 @@ import sympy as sp
 
 from .errors import ShapeError
 from .matrix import (
+    Elementwise,
     LogSoftmax,
     Softmax,
     SoftmaxCrossEntropy,
     Total,
     elementwise,
     is_matrix,
+    placeholders,
     same_dim,
 )
 
 __all__ = [
     "Activation", "sigmoid", "relu", "leaky_relu", "prelu", "rrelu", "softplus", "elu",
     "selu", "gelu", "gelu_tanh", "silu", "identity", "tanh", "exp", "log", "step",
-    "softmax", "log_softmax", "dense", "mse", "binary_cross_entropy", "bce_with_logits",
-    "cross_entropy", "softmax_cross_entropy", "random_slopes", "FUNCTIONS", "bce",
+    "softmax", "log_softmax", "dense", "fill", "elementwise", "mse", "binary_cross_entropy",
+    "bce_with_logits", "cross_entropy", "softmax_cross_entropy", "random_slopes", "FUNCTIONS",
+    "bce",
 ]
 
 
@@ -334,7 +337,11 @@ def log_softmax(Z):
 
 
 def dense(X, W, b=None):
-    """The affine layer ``X*W + 1·b`` (``1`` a column of ones, so b is added to each row)."""
+    """The affine layer ``X*W + 1·b`` (``1`` a column of ones, so b is added to each row).
+
+    ``b`` is a 1×C row (one bias per unit) or a scalar (a Symbol or a number, one bias
+    for every entry; its gradient is the sum of the adjoint over all entries).
+    """
     if not (is_matrix(X) and is_matrix(W)):
         raise ShapeError(f"dense needs matrices X and W, got {X} and {W}")
     if not same_dim(X.shape[1], W.shape[0]):
@@ -345,9 +352,39 @@ def dense(X, W, b=None):
     Z = X * W
     if b is None:
         return Z
+    if not is_matrix(b):  # a scalar bias: one map, Z + b entry by entry
+        return elementwise(lambda z, c: z + c, Z, _scalar_arg("dense", "bias", b))
     if not (is_matrix(b) and b.shape[0] == 1 and same_dim(b.shape[1], W.shape[1])):
         raise ShapeError(f"dense: bias {b} must be 1×{W.shape[1]}, got {getattr(b, 'shape', b)}")
     return Z + sp.OneMatrix(X.shape[0], 1) * b
+
+
+def fill(c, like):
+    """The matrix whose every entry is the scalar ``c``, shaped like ``like``.
+
+    ``like`` is a matrix expression or a shape ``(rows, cols)``.  SymPy refuses a scalar
+    beside a matrix (``Z + 1``: "Mix of Matrix and Scalar symbols"); ``Z + fill(1, Z)``
+    adds it to every entry, ``X*w + fill(b, X*w)`` broadcasts a scalar bias.  As a map
+    of one scalar operand it lowers to a broadcast, and the gradient of ``c`` is the sum
+    of the adjoint over all entries.
+    """
+    c = _scalar_arg("fill", "value", c)
+    shape = tuple(like.shape) if is_matrix(like) else tuple(like)
+    if len(shape) != 2:
+        raise ShapeError(f"fill: give a matrix expression or a shape (rows, cols), not {like}")
+    v = placeholders(1)
+    return Elementwise(sp.Lambda(v, v[0]), shape, c)
+
+
+def _scalar_arg(func, what, c):
+    try:
+        c = sp.sympify(c, strict=True)
+    except sp.SympifyError:
+        c = None
+    if not isinstance(c, sp.Expr) or is_matrix(c):
+        raise ShapeError(f"{func}: the {what} must be a scalar (a Symbol or a number), "
+                         f"got {c!r}")
+    return c
 
 
 # --- losses: PyTorch's default reductions ---------------------------------------------------

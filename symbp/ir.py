@@ -9,7 +9,9 @@ order; ``expr`` is one head over names (and constants):
                    Elementwise(λ, shape, args...)   fused entry-by-entry map, broadcasting
                    AxisSum(M, axis), Transpose(M), Softmax(M), LogSoftmax(M)
 
-Names are ``Symbol`` (scalars) or ``MatrixSymbol`` (shape known, batch size symbolic).
+Names are ``Symbol`` (scalars) or ``MatrixSymbol`` (shape known, batch size symbolic);
+a constant matrix (Identity, a Matrix of numbers) becomes a ``Constant`` input that the
+compiled function binds itself, ZeroMatrix and OneMatrix maps of a constant body.
 Lowering memoises on SymPy nodes, so a subexpression used twice is computed once and the
 graph stays as small as the user's expression DAG: it never walks the expression as a
 tree (no ``free_symbols``, ``count_ops`` or ``subs`` on the whole graph).
@@ -27,6 +29,7 @@ from sympy.matrices.expressions.applyfunc import ElementwiseApplyFunction
 from .errors import ShapeError, SymbpError, UnsupportedError
 from .matrix import (
     AxisSum,
+    Constant,
     Elementwise,
     LogSoftmax,
     Softmax,
@@ -204,10 +207,25 @@ class _Lowering:
             return self.map(sp.Lambda((), sp.Integer(1)), shape, [])
         if isinstance(e, sp.ZeroMatrix):
             return self.map(sp.Lambda((), sp.Integer(0)), shape, [])
+        if isinstance(e, (sp.Identity, sp.MatrixBase)):
+            return self.constant(e)
         raise UnsupportedError(
             f"symbp cannot differentiate the matrix head {type(e).__name__} in {e}: "
             "write it with products, sums, elementwise functions, softmax or transposes"
         )
+
+    def constant(self, e) -> Constant:
+        """Identity(k) or a Matrix of numbers: an input the compiled function binds itself
+        (a map's body sees entries, not their indices, so it cannot write a diagonal)."""
+        base = "I" if isinstance(e, sp.Identity) else "C"
+        name, k = base, 1
+        while name in self.reserved:
+            k += 1
+            name = f"{base}{k}"
+        self.reserved.add(name)
+        c = Constant(name, e)
+        self.inputs[name] = c
+        return c
 
     def map(self, lam, shape, args):
         """Emit an Elementwise map; free symbols of the body become scalar arguments."""
@@ -318,7 +336,8 @@ def _children(e) -> list:
         return out
     if isinstance(e, AxisSum):
         return [e.args[0]]
-    if isinstance(e, (sp.OneMatrix, sp.ZeroMatrix)) or (is_matrix(e) and not e.args):
+    if isinstance(e, (sp.OneMatrix, sp.ZeroMatrix, sp.Identity, sp.MatrixBase)) or (
+            is_matrix(e) and not e.args):
         return []
     if isinstance(e, sp.Piecewise):
         return [x for pair in e.args for x in pair.args]
@@ -342,19 +361,68 @@ def lower(f, extra_names: set[str] = frozenset()) -> Program:
 
 
 def _reserve_input_names(f, lw: _Lowering):
-    # Names the user chose must never be reused for temporaries; a cheap DAG walk.
-    seen, stack = set(), [f]
+    # Names the user chose must never be reused for temporaries; a cheap DAG walk.  It
+    # also meets every size in a shape, so one name used by two different symbols
+    # (Symbol("N") in the shapes, Symbol("N", positive=True) in a formula) is caught here:
+    # compiled code binds arguments by name and would mix the two up.
+    names = NameTable()
+    seen, stack = set(), [(f, None)]
+    bound: set = set()  # a Lambda's own variables are not inputs
     while stack:
-        e = stack.pop()
+        e, where = stack.pop()
         if e in seen or not isinstance(e, sp.Basic):
             continue
         seen.add(e)
-        if isinstance(e, (sp.Symbol, sp.MatrixSymbol)):
+        if isinstance(e, sp.Lambda):
+            bound.update(e.variables)
+            stack.append((e.expr, where))
+        elif isinstance(e, (sp.Symbol, sp.MatrixSymbol)):
+            if e in bound or is_placeholder(e):
+                continue
+            names.add(e, where)
             lw.reserved.add(e.name)
             for d in getattr(e, "shape", ()):
-                stack.append(d)
+                stack.append((d, f"a size in the shape of {e.name}"))
         else:
-            stack.extend(e.args)
+            stack.extend((a, where) for a in e.args)
+
+
+class NameTable:
+    """Symbols by name: two different symbols under one name are an error naming both."""
+
+    def __init__(self, symbols=()):
+        self.by_name: dict = {}
+        for s in symbols:
+            self.add(s)
+
+    def add(self, s, where: str | None = None):
+        old = self.by_name.get(s.name)
+        if old is None:
+            self.by_name[s.name] = (s, where)
+        elif old[0] != s:
+            raise SymbpError(
+                f"two different symbols are both named {s.name}: {_describe(*old)} and "
+                f"{_describe(s, where)}: rename one (or build both from the same symbol)"
+            )
+
+
+def _describe(s, where) -> str:
+    """``Symbol('N', positive=True) (a size in the shape of X)``, ``X: a 3×N matrix``."""
+    if isinstance(s, sp.MatrixSymbol):
+        text = f"{s.name}: a {s.shape[0]}×{s.shape[1]} matrix"
+    else:
+        text = sp.srepr(s)
+    return f"{text} ({where})" if where else text
+
+
+def check_names(p: Program, wrt) -> None:
+    """The sizes in the shapes of ``wrt`` against the program's names."""
+    # (a wrt under an input's name is grad's to report: it says which symbol to pass)
+    names = NameTable(p.inputs + p.dims)
+    for w in wrt:
+        for d in getattr(w, "shape", ()):
+            for x in sp.sympify(d).free_symbols:
+                names.add(x, f"a size in the shape of {w.name}")
 
 
 def _dims(names) -> tuple[sp.Symbol, ...]:

@@ -6,15 +6,22 @@ The IR reuses the same classes as its heads: a lowered ``Elementwise`` is the fu
 backend turns into one loop.
 
 Broadcasting follows NumPy for 2-D shapes: an argument of shape (1, C) repeats down the
-rows, (R, 1) across the columns, and a scalar everywhere.
+rows, (R, 1) across the columns, and a scalar everywhere.  A scalar added to or multiplying
+one of these classes stays a map (``1 + sb.exp(Z)``, ``2*sb.tanh(Z) - 1``), where SymPy's
+own MatAdd refuses it.  ``Constant`` is a constant matrix (Identity, numbers) as a program
+input.  Each class prints itself in str, pretty and latex as the formula it stands for.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import sympy as sp
+from sympy.core.symbol import Str
 from sympy.matrices.expressions.matexpr import MatrixExpr
+from sympy.printing.precedence import PRECEDENCE, precedence
+from sympy.printing.pretty.stringpict import prettyForm, stringPict
 
-from .errors import ShapeError
+from .errors import ShapeError, UnsupportedError
 
 # Placeholders for the arguments of an elementwise body: Lambda((_e0, _e1), _e0*_e1).
 # Fixed names (not Dummies) so equal maps compare equal and share in the graph.
@@ -64,7 +71,125 @@ def broadcast_shape(shapes, culprit: str = "elementwise map") -> tuple:
     return rows, cols
 
 
-class Elementwise(MatrixExpr):
+def _as_scalar(x):
+    """``x`` as a SymPy scalar, or None when it is a matrix or not a number/expression."""
+    try:
+        x = sp.sympify(x, strict=True)
+    except sp.SympifyError:
+        return None
+    return x if isinstance(x, sp.Expr) and not is_matrix(x) else None
+
+
+class _ScalarArith:
+    """``1 + M``, ``M - c`` for symbp's matrix expressions: the scalar is added to every
+    entry (a map), where SymPy's own MatAdd refuses a scalar ("Mix of Matrix and Scalar
+    symbols").  SymPy's classes (MatrixSymbol, MatMul) keep SymPy's rule; write
+    ``sb.elementwise(lambda z: z + c, Z)`` or ``Z + sb.fill(c, Z)`` for those."""
+
+    def __add__(self, other):
+        c = _as_scalar(other)
+        return super().__add__(other) if c is None else with_scalar(self, c, sp.Add)
+
+    def __radd__(self, other):
+        c = _as_scalar(other)
+        return super().__radd__(other) if c is None else with_scalar(self, c, sp.Add)
+
+    def __sub__(self, other):
+        c = _as_scalar(other)
+        return super().__sub__(other) if c is None else with_scalar(self, -c, sp.Add)
+
+    def __rsub__(self, other):
+        c = _as_scalar(other)
+        return super().__rsub__(other) if c is None else \
+            with_scalar(self, c, lambda x, k: k - x)
+
+    # c*M stays a map (SymPy would make it a MatMul, to which no scalar can then be added):
+    # so 2*sb.tanh(Z) - 1 reads as written
+    def __mul__(self, other):
+        c = _as_scalar(other)
+        return super().__mul__(other) if c is None else with_scalar(self, c, sp.Mul)
+
+    def __rmul__(self, other):
+        c = _as_scalar(other)
+        return super().__rmul__(other) if c is None else with_scalar(self, c, sp.Mul)
+
+    def __truediv__(self, other):
+        c = _as_scalar(other)
+        return super().__truediv__(other) if c is None else \
+            with_scalar(self, 1 / c, sp.Mul)
+
+    def __neg__(self):
+        return with_scalar(self, sp.Integer(-1), sp.Mul)
+
+
+def with_scalar(M, c, f):
+    """The map ``f(m, c)`` entry by entry: one map, composed into ``M`` when it is one."""
+    if isinstance(M, Elementwise):
+        n = len(M.operands)
+        vs = placeholders(n + 1)
+        body = M.lam.expr.xreplace(dict(zip(M.lam.variables, vs[:n])))
+        if c.is_number:  # a constant joins the body: exp(Z) + 1, not a second operand
+            return Elementwise(sp.Lambda(vs[:n], f(body, c)), M.shape, *M.operands)
+        return Elementwise(sp.Lambda(vs, f(body, vs[n])), M.shape, *M.operands, c)
+    return elementwise(f, M, c)
+
+
+def _varies(a) -> bool:
+    """Whether operand ``a`` differs between entries (a scalar spread by a map does not)."""
+    if isinstance(a, Elementwise):
+        return any(_varies(o) for o in a.operands)
+    return is_matrix(a)
+
+
+class _Shown(sp.Dummy):
+    """Stands for a map's operand inside its body while printing: prints as the operand,
+    with the operand's precedence, so ``2*(X*W + b)`` keeps its parentheses."""
+
+    def __new__(cls, operand):
+        # named by the operand's own name only: printing the operand here to name it would
+        # print every layer of a deep network twice per level, 2^depth times in all
+        obj = super().__new__(cls, getattr(operand, "name", "M"), real=True)
+        obj.operand = operand
+        obj.precedence = _precedence(operand)
+        return obj
+
+    def _sympystr(self, printer):
+        return printer._print(self.operand)
+
+    def _latex(self, printer, exp=None):
+        tex = printer._print(self.operand)
+        if exp is None:
+            return tex
+        return r"\left(%s\right)^{%s}" % (tex, exp) if self.precedence < PRECEDENCE["Atom"] \
+            else r"%s^{%s}" % (tex, exp)
+
+    def _pretty(self, printer):
+        return printer._print(self.operand)
+
+
+def _precedence(e) -> int:
+    # products of matrices read like products, sums like sums; calls (tanh(Z),
+    # softmax(Z)) and names are atoms; a map says how its body binds
+    if isinstance(e, sp.MatAdd):
+        return PRECEDENCE["Add"]
+    if isinstance(e, (sp.MatMul, sp.HadamardProduct)):
+        return PRECEDENCE["Mul"]
+    if isinstance(e, sp.Transpose):
+        return PRECEDENCE["Pow"]
+    return precedence(e)
+
+
+def _pretty_call(printer, name: str, *args):
+    """``name(a, b)`` as a pretty form: the name beside its parenthesized arguments."""
+    parts = [printer._print(a) for a in args]
+    inner = parts[0]
+    for p in parts[1:]:
+        inner = prettyForm(*stringPict.next(inner, ", ", p))
+    inner = prettyForm(*inner.parens())
+    return prettyForm(*stringPict.next(prettyForm(name), inner), binding=prettyForm.FUNC)
+
+
+class Elementwise(_ScalarArith, MatrixExpr):
     """``f`` applied entry by entry: ``Elementwise(Lambda((a, b), body), shape, A, B)``.
 
     Arguments are matrices of ``shape``, rows (1, C), columns (R, 1) or scalars; the
@@ -98,27 +223,86 @@ class Elementwise(MatrixExpr):
     def operands(self) -> tuple:
         return self.args[2:]
 
-    def _latex(self, printer):
-        body = self.lam.expr.xreplace(
-            {v: _LatexName(printer._print(a)) for v, a in zip(self.lam.variables, self.operands)}
-        )
-        return r"\left[%s\right]_{\odot}" % printer._print(body)
+    # Printed as its body over its operands: tanh(X*W1 + b1), 2*(Y - T)/N.  A broadcast
+    # operand prints as itself (the bias row b1 of 1·b1), a map of no operands as its
+    # constant, as SymPy prints ZeroMatrix and OneMatrix ("0", "1").
+    # A product of two matrix-valued factors is a Hadamard product and prints as SymPy
+    # prints one (A.*B, A∘B, A \circ B): a plain * would read as a matrix product.
+    def shown(self):
+        return self.lam.expr.xreplace(
+            {v: _Shown(a) for v, a in zip(self.lam.variables, self.operands)})
 
+    def _hadamard(self):
+        """``(scalar coefficient, matrix factors)`` of a Hadamard body, else None."""
+        body = self.shown()
+        if not body.is_Mul:
+            return None
+        mats = [f for f in body.args if any(_varies(d.operand) for d in f.atoms(_Shown))]
+        if len(mats) < 2:
+            return None
+        return sp.Mul(*[f for f in body.args if f not in mats]), mats
 
-class _LatexName(sp.Symbol):
-    """A symbol whose LaTeX is given verbatim (used to print map bodies over matrices)."""
+    def _sympystr(self, printer):
+        h = self._hadamard()
+        if h is None:
+            return printer._print(self.shown())
+        coef, mats = h
+        out = ".*".join(printer.parenthesize(f, PRECEDENCE["Mul"]) for f in mats)
+        return out if coef == 1 else f"{printer.parenthesize(coef, PRECEDENCE['Mul'])}*{out}"
 
-    def __new__(cls, tex):
-        obj = super().__new__(cls, f"_tex_{abs(hash(tex))}")
-        obj.tex = tex
-        return obj
+    def _pretty(self, printer):
+        h = self._hadamard()
+        if h is None:
+            return printer._print(self.shown())
+        coef, mats = h
+        parts = [printer._print(f) for f in mats]
+        parts = [prettyForm(*p.parens()) if f.is_Add else p for p, f in zip(parts, mats)]
+        if coef != 1:
+            parts.insert(0, printer._print(coef))
+        dot = " ∘ " if printer._use_unicode else ".*"
+        out = parts[0]
+        for p in parts[1:]:
+            out = prettyForm(*stringPict.next(out, dot, p))
+        out.binding = prettyForm.ADD  # bracketed as a factor of a matrix product
+        return out
 
-    def _latex(self, printer):
-        return self.tex
+    @property
+    def precedence(self) -> int:
+        """How the printed body binds: ``Y - T`` as a sum, ``A.*B`` as a product."""
+        body = self.lam.expr
+        if body in self.lam.variables:  # a broadcast prints as its operand
+            return _precedence(self.operands[self.lam.variables.index(body)])
+        if body.is_Add:
+            return PRECEDENCE["Add"]
+        if body.is_Mul:
+            return PRECEDENCE["Mul"]
+        if body.is_Pow:
+            return PRECEDENCE["Pow"]
+        return PRECEDENCE["Atom"]
+
+    def _latex(self, printer, exp=None):
+        h = self._hadamard()
+        if h is None:
+            tex = printer._print(self.shown())
+        else:
+            coef, mats = h
+            tex = r" \circ ".join(printer.parenthesize(f, PRECEDENCE["Mul"]) for f in mats)
+            if coef != 1:
+                tex = printer.parenthesize(coef, PRECEDENCE["Mul"]) + " " + tex
+        return tex if exp is None else r"\left(%s\right)^{%s}" % (tex, exp)
 
 
 def elementwise(f, *args):
-    """Apply scalar function ``f`` (a callable of SymPy scalars) entry by entry."""
+    """Apply scalar function ``f`` (a callable of SymPy scalars) entry by entry.
+
+    Arguments broadcast as in NumPy: a matrix, a (1, C) row, an (R, 1) column or a scalar
+    (a Symbol or a number, the same in every entry).  ``elementwise(lambda z: 1 + z, Z)``
+    adds 1 to every entry of Z; ``elementwise(lambda z, b: z + b, X*W, b)`` adds a scalar
+    bias.  Without a matrix argument it is ``f(*args)``, a scalar.
+    """
+    args = [sp.sympify(a) for a in args]
+    if not any(is_matrix(a) for a in args):
+        return f(*args)
     shapes = [a.shape if is_matrix(a) else None for a in args]
     shape = broadcast_shape(shapes, culprit=getattr(f, "__name__", str(f)))
     vs = placeholders(len(args))
@@ -136,11 +320,24 @@ class Total(sp.Expr):
             raise ShapeError(f"Total needs a matrix expression, got {M}")
         return super().__new__(cls, M)
 
-    def _latex(self, printer):
-        return r"\textstyle\sum %s" % printer.parenthesize(self.args[0], 1000)
+    def _sympystr(self, printer):
+        return f"sum({printer._print(self.args[0])})"
+
+    def _pretty(self, printer):
+        return _pretty_call(printer, "sum", self.args[0])
+
+    def _latex(self, printer, exp=None):
+        tex = r"\textstyle\sum %s" % _latex_operand(printer, self.args[0])
+        return tex if exp is None else r"\left(%s\right)^{%s}" % (tex, exp)
 
 
-class AxisSum(MatrixExpr):
+def _latex_operand(printer, M) -> str:
+    """``M`` as an operand of a sum or product: bracketed unless it is an atom or a call."""
+    tex = printer._print(M)
+    return tex if _precedence(M) >= PRECEDENCE["Atom"] else r"\left(%s\right)" % tex
+
+
+class AxisSum(_ScalarArith, MatrixExpr):
     """Sum over one axis, keeping it: axis 0 gives a (1, C) row, axis 1 an (R, 1) column.
 
     ``AxisSum(G, 0)`` is the textbook ``1ᵀ G`` (the bias gradient)."""
@@ -160,12 +357,18 @@ class AxisSum(MatrixExpr):
         r, c = self.args[0].shape
         return (sp.Integer(1), c) if self.axis == 0 else (r, sp.Integer(1))
 
+    def _sympystr(self, printer):
+        return f"sum({printer._print(self.args[0])}, axis={self.axis})"
+
+    def _pretty(self, printer):
+        return _pretty_call(printer, "sum", self.args[0], sp.Symbol(f"axis={self.axis}"))
+
     def _latex(self, printer):
-        M = printer.parenthesize(self.args[0], 1000)
+        M = _latex_operand(printer, self.args[0])
         return r"\mathbf{1}^{\top} %s" % M if self.axis == 0 else r"%s\,\mathbf{1}" % M
 
 
-class Softmax(MatrixExpr):
+class Softmax(_ScalarArith, MatrixExpr):
     """Row-wise softmax of an N×C matrix: every row is a probability distribution."""
 
     def __new__(cls, Z):
@@ -177,11 +380,17 @@ class Softmax(MatrixExpr):
     def shape(self):
         return self.args[0].shape
 
+    def _sympystr(self, printer):
+        return f"softmax({printer._print(self.args[0])})"
+
+    def _pretty(self, printer):
+        return _pretty_call(printer, "softmax", self.args[0])
+
     def _latex(self, printer):
         return r"\operatorname{softmax}\left(%s\right)" % printer._print(self.args[0])
 
 
-class LogSoftmax(MatrixExpr):
+class LogSoftmax(_ScalarArith, MatrixExpr):
     """Row-wise log-softmax, ``Z − logsumexp(Z)``: primitive for numerical stability."""
 
     def __new__(cls, Z):
@@ -192,6 +401,12 @@ class LogSoftmax(MatrixExpr):
     @property
     def shape(self):
         return self.args[0].shape
+
+    def _sympystr(self, printer):
+        return f"log_softmax({printer._print(self.args[0])})"
+
+    def _pretty(self, printer):
+        return _pretty_call(printer, "log_softmax", self.args[0])
 
     def _latex(self, printer):
         return r"\log\operatorname{softmax}\left(%s\right)" % printer._print(self.args[0])
@@ -220,6 +435,49 @@ class SoftmaxCrossEntropy(sp.Expr):
             )
         return super().__new__(cls, Z, T)
 
-    def _latex(self, printer):
+    def _sympystr(self, printer):
         Z, T = (printer._print(a) for a in self.args)
-        return r"\operatorname{CE}\left(\operatorname{softmax}(%s), %s\right)" % (Z, T)
+        return f"softmax_cross_entropy({Z}, {T})"
+
+    def _pretty(self, printer):
+        return _pretty_call(printer, "softmax_cross_entropy", *self.args)
+
+    def _latex(self, printer, exp=None):
+        Z, T = (printer._print(a) for a in self.args)
+        tex = r"\operatorname{CE}\left(\operatorname{softmax}(%s), %s\right)" % (Z, T)
+        return tex if exp is None else r"\left(%s\right)^{%s}" % (tex, exp)
+
+
+class Constant(sp.MatrixSymbol):
+    """A constant matrix (``Identity(k)``, a Matrix of numbers) as an input of a Program.
+
+    A map cannot say "1 on the diagonal" (its body sees entries, not indices) nor hold a
+    table of numbers, and every backend already takes matrix inputs: so lowering names each
+    constant as an input, and the compiled function binds its array itself
+    (``array``); the user never passes it.  ``value`` is the SymPy constant, put back when
+    a gradient is raised to SymPy.
+    """
+
+    def __new__(cls, name: str, value):
+        if not (isinstance(value, sp.Identity) or (
+                isinstance(value, sp.MatrixBase) and all(x.is_number for x in value))):
+            raise UnsupportedError(
+                f"{value} is not a constant matrix: its entries must be numbers "
+                "(pass a matrix of symbols as a MatrixSymbol input instead)"
+            )
+        value = value if isinstance(value, sp.Identity) else sp.ImmutableMatrix(value)
+        return sp.Basic.__new__(cls, Str(name), *value.shape, value)
+
+    @property
+    def value(self):
+        return self.args[3]
+
+    def doit(self, **hints):
+        return self
+
+    def array(self, dims: dict, dtype) -> np.ndarray:
+        """The constant's entries, its sizes bound by ``dims`` (``Identity(N)``)."""
+        v = self.value
+        if isinstance(v, sp.Identity):
+            return np.eye(int(sp.sympify(v.shape[0]).xreplace(dims)), dtype=dtype)
+        return np.array([[float(x) for x in row] for row in v.tolist()], dtype=dtype)

@@ -9,6 +9,7 @@ never imports Numba.
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import keyword
 import re
@@ -42,15 +43,27 @@ def backend(target: str):
         raise SymbpError(f"target {target!r} is not available: {err}{extra}") from err
 
 
-def identifiers(names) -> dict:
-    """Stable Python identifiers for SymPy names: ``W_{1}`` -> ``W_1``, ``α`` stays."""
+# Every generated module may call a builtin (range, max, abs, float, ...): a user symbol
+# spelled like one would shadow it inside the generated function.
+_PYTHON = frozenset(dir(builtins)) | frozenset(keyword.kwlist)
+
+
+def identifiers(names, reserved=()) -> dict:
+    """Stable Python identifiers for SymPy names: ``W_{1}`` -> ``W_1``, ``α`` stays.
+
+    ``reserved`` are the globals of the generated module (``numpy``, ``DTYPE``, ``np``,
+    ``math``, ...): a name spelled like one, or like a Python builtin, is renamed
+    (``np`` -> ``np_2``), so any valid SymPy name works on every target.  The generated
+    module's own names all start with ``_``, which no identifier made here does.
+    """
+    taken = _PYTHON | frozenset(reserved)
     out, used = {}, set()
     for n in names:
         s = re.sub(r"\W", "_", str(n)).strip("_") or "v"
-        if s[0].isdigit() or keyword.iskeyword(s) or s.startswith("_"):
+        if s[0].isdigit() or s.startswith("_"):
             s = "v_" + s
         base, k = s, 1
-        while s in used:
+        while s in used or s in taken:
             k += 1
             s = f"{base}_{k}"
         used.add(s)

@@ -42,6 +42,7 @@ from ..functions import Activation
 from ..ir import Program, _names_in, is_constant
 from ..matrix import (
     AxisSum,
+    Constant,
     Elementwise,
     LogSoftmax,
     Softmax,
@@ -151,23 +152,10 @@ _RESERVED = {"math", "np", "njit", "prange", "DT", "ACC", "_gemm", "_f64", "rang
              "abs", "float", "int", "True", "False", "None"}
 
 
-def _safe(ids: dict) -> dict:
-    taken = set(ids.values()) | _RESERVED
-    out = {}
-    for n, s in ids.items():
-        if s in _RESERVED:
-            k = 1
-            while f"{s}_{k}" in taken:
-                k += 1
-            s = f"{s}_{k}"
-            taken.add(s)
-        out[n] = s
-    return out
-
-
-def _idx(d) -> str:
-    """A size as integer Python: 128, N, 2*N."""
-    return str(sp.sympify(d))
+def _idx(d, ids) -> str:
+    """A size as integer Python: 128, N, 2*N (a size named like a global, `np`, is `np_2`)."""
+    d = sp.sympify(d)
+    return str(d.xreplace({s: sp.Symbol(ids[s]) for s in d.free_symbols if s in ids}))
 
 
 # piecewise-linear heads: a compare and a select, as cheap as arithmetic in a vector loop
@@ -209,7 +197,7 @@ class _Gen:
         self.parallel = target == "parallel"
         self.update = update  # an optimizer: print a training step
         names = list(p.inputs) + list(p.dims) + [a.name for a in p.body]
-        self.ids = _safe(identifiers(names))
+        self.ids = identifiers(names, _RESERVED)
         self.users: dict = {}
         for a in p.body:
             for n in _names_in(a.expr):
@@ -259,7 +247,7 @@ class _Gen:
         compile time), a fresh array where n is a size such as N."""
         n = sp.sympify(n)
         if not n.is_Integer:
-            self.emit(f"{acc} = np.zeros({_idx(n)}, ACC)")
+            self.emit(f"{acc} = np.zeros({self.idx(n)}, ACC)")
             return
         at = self.f64_base + sum(self.acc64)
         self.acc64.append(int(n))
@@ -270,7 +258,10 @@ class _Gen:
     def loop(self, var, n, work, depth, serial=False):
         """A loop header: prange over rows in 'parallel' where the work pays."""
         par = self.parallel and not serial and work >= PAR_MIN_WORK
-        return f"for {var} in {'prange' if par else 'range'}({_idx(n)}):"
+        return f"for {var} in {'prange' if par else 'range'}({self.idx(n)}):"
+
+    def idx(self, d) -> str:
+        return _idx(d, self.ids)
 
     def est(self, n) -> int:
         # a symbolic batch size counts as 128 rows for the prange decision
@@ -320,10 +311,10 @@ class _Gen:
             return f"{self.ids[x.arg]}[{j}, {i}]" if isinstance(x, sp.Transpose) \
                 else f"{self.ids[x]}[{i}, {j}]"
 
-        self.emit(f"for _i in range({_idx(m)}):")
-        self.emit(f"for _j in range({_idx(n)}):", 2)
+        self.emit(f"for _i in range({self.idx(m)}):")
+        self.emit(f"for _j in range({self.idx(n)}):", 2)
         self.emit("_acc = ACC(0.0)", 3)
-        self.emit(f"for _k in range({_idx(k)}):", 3)
+        self.emit(f"for _k in range({self.idx(k)}):", 3)
         self.emit(f"_acc += {at(A, '_i', '_k')} * {at(B, '_k', '_j')}", 4)
         self.emit(f"{C}[_i, _j] = DT(_acc)", 3)
 
@@ -342,7 +333,7 @@ class _Gen:
         r, c = a.name.shape
         y, x = self.buffer(a.name), self.ids[a.expr.arg]
         self.emit(self.loop("_i", r, 0, 1))
-        self.emit(f"for _j in range({_idx(c)}):", 2)
+        self.emit(f"for _j in range({self.idx(c)}):", 2)
         self.emit(f"{y}[_i, _j] = {x}[_j, _i]", 3)
 
     def load(self, x, shape) -> str:
@@ -382,7 +373,7 @@ class _Gen:
         self.emit(self.loop("_i", R, work, 1, serial=bool(axis0)))
         for s in axis1:
             self.emit(f"{acc[s.name]} = ACC(0.0)", 2)
-        self.emit(f"for _j in range({_idx(C)}):", 2)
+        self.emit(f"for _j in range({self.idx(C)}):", 2)
         for t, v in temps:
             self.emit(f"{t} = {self.expr(v, extra)}", 3)
         val = self.expr(value, extra)
@@ -398,7 +389,7 @@ class _Gen:
         for s in axis1:
             self.emit(f"{self.buffer(s.name)}[_i, 0] = DT({acc[s.name]})", 2)
         for s in axis0:
-            self.emit(f"for _j in range({_idx(C)}):")
+            self.emit(f"for _j in range({self.idx(C)}):")
             self.emit(f"{self.buffer(s.name)}[0, _j] = DT({acc[s.name]}[_j])", 2)
         for s in totals:
             self.emit(f"{self.ids[s.name]} = DT({acc[s.name]})")
@@ -412,23 +403,23 @@ class _Gen:
         x, acc = self.ids[M], f"_acc_{self.ids[a.name]}"
         if isinstance(a.expr, Total):
             self.emit(f"{acc} = ACC(0.0)")
-            self.emit(f"for _i in range({_idx(R)}):")
-            self.emit(f"for _j in range({_idx(C)}):", 2)
+            self.emit(f"for _i in range({self.idx(R)}):")
+            self.emit(f"for _j in range({self.idx(C)}):", 2)
             self.emit(f"{acc} += {x}[_i, _j]", 3)
             self.emit(f"{self.ids[a.name]} = DT({acc})")
         elif a.expr.axis == 0:
             y = self.buffer(a.name)
             self.acc_vector(acc, C)
-            self.emit(f"for _i in range({_idx(R)}):")
-            self.emit(f"for _j in range({_idx(C)}):", 2)
+            self.emit(f"for _i in range({self.idx(R)}):")
+            self.emit(f"for _j in range({self.idx(C)}):", 2)
             self.emit(f"{acc}[_j] += {x}[_i, _j]", 3)
-            self.emit(f"for _j in range({_idx(C)}):")
+            self.emit(f"for _j in range({self.idx(C)}):")
             self.emit(f"{y}[0, _j] = DT({acc}[_j])", 2)
         else:
             y = self.buffer(a.name)
             self.emit(self.loop("_i", R, self.est(R) * self.est(C), 1))
             self.emit(f"{acc} = ACC(0.0)", 2)
-            self.emit(f"for _j in range({_idx(C)}):", 2)
+            self.emit(f"for _j in range({self.idx(C)}):", 2)
             self.emit(f"{acc} += {x}[_i, _j]", 3)
             self.emit(f"{y}[_i, 0] = DT({acc})", 2)
 
@@ -461,7 +452,7 @@ class _Gen:
         # a NaN anywhere in the row reaches every output through the sum of exps below,
         # whether or not this max saw it
         self.emit(f"_m = {z}[_i, 0]", 2)
-        self.emit(f"for _j in range(1, {_idx(C)}):", 2)
+        self.emit(f"for _j in range(1, {self.idx(C)}):", 2)
         self.emit(f"if {z}[_i, _j] > _m:", 3)  # not max(): ~0.05 s less compile time
         self.emit(f"_m = {z}[_i, _j]", 4)
         self.emit("_acc_s = ACC(0.0)", 2)
@@ -474,7 +465,7 @@ class _Gen:
             t = self.ids[T]
             self.emit("_acc_t = ACC(0.0)", 2)
             self.emit("_acc_tm = ACC(0.0)", 2)
-        self.emit(f"for _j in range({_idx(C)}):", 2)
+        self.emit(f"for _j in range({self.idx(C)}):", 2)
         self.emit(f"_ez = math.exp({z}[_i, _j] - _m)", 3)
         if y is not None:
             self.emit(f"{y}[_i, _j] = _ez", 3)
@@ -489,17 +480,17 @@ class _Gen:
                 self.emit(f"{self.buffer(rs.name)}[_i, 0] = DT(_acc_t)", 2)
         if y is not None:
             self.emit("_s = DT(_acc_s)", 2)
-            self.emit(f"for _j in range({_idx(C)}):", 2)
+            self.emit(f"for _j in range({self.idx(C)}):", 2)
             self.emit(f"{y}[_i, _j] = {y}[_i, _j] / _s", 3)
         if isinstance(e, LogSoftmax):
             y = self.buffer(a.name)
             # (z - m) - log s, not z - (m + log s): in float32 m + log s rounds to the
             # spacing of m (6e-5 at |z| = 1000), an error every entry of the row inherits
             self.emit("_ls = DT(math.log(_acc_s))", 2)
-            self.emit(f"for _j in range({_idx(C)}):", 2)
+            self.emit(f"for _j in range({self.idx(C)}):", 2)
             self.emit(f"{y}[_i, _j] = ({z}[_i, _j] - _m) - _ls", 3)
         if ce:
-            self.emit(f"{self.ids[a.name]} = DT(_acc_loss / {_idx(R)})")
+            self.emit(f"{self.ids[a.name]} = DT(_acc_loss / {self.idx(R)})")
         self.done.update(u.name for u in (sm, rs) if u is not None)
 
     # --- the optimizer update, fused after the gradient ------------------------------------
@@ -537,7 +528,7 @@ class _Gen:
                 self.emit(f"_gemm({A}, {B}, _m_{wi}, DT(1), _beta)")
                 r, c = w.shape
                 self.emit(self.loop("_i", r, self.est(r) * self.est(c) * 2, 1))
-                self.emit(f"for _j in range({_idx(c)}):", 2)
+                self.emit(f"for _j in range({self.idx(c)}):", 2)
                 self.emit(f"{wi}[_i, _j] -= _lr * _m_{wi}[_i, _j]", 3)
                 continue
             if is_matrix(w):
@@ -545,7 +536,7 @@ class _Gen:
                 gi = self.operand(g) if g in self.ids else None
                 gx = f"{gi}[_i, _j]" if gi else "DT(0)"
                 self.emit(self.loop("_i", r, self.est(r) * self.est(c) * 4, 1))
-                self.emit(f"for _j in range({_idx(c)}):", 2)
+                self.emit(f"for _j in range({self.idx(c)}):", 2)
                 ref, d = f"{wi}[_i, _j]", 3
                 m, v = f"_m_{wi}[_i, _j]", f"_v_{wi}[_i, _j]"
             else:
@@ -680,15 +671,15 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
         lines.append("    _o = 0")
         widths: dict = {}
         for b in scratch:
-            widths.setdefault(_idx(b.shape[1]), []).append(b)
+            widths.setdefault(_idx(b.shape[1], ids), []).append(b)
         for k, (c, group) in enumerate(widths.items()):
-            rows = _idx(sum((sp.sympify(b.shape[0]) for b in group), sp.Integer(0)))
+            rows = _idx(sum((sp.sympify(b.shape[0]) for b in group), sp.Integer(0)), ids)
             lines.append(f"    _w{k} = _ws[_o:_o + ({rows}) * {c}].reshape(({rows}, {c}))")
             lines.append(f"    _o += ({rows}) * {c}")
             at = sp.Integer(0)
             for b in group:
                 end = at + sp.sympify(b.shape[0])
-                lines.append(f"    {ids[b]} = _w{k}[{_idx(at)}:{_idx(end)}]")
+                lines.append(f"    {ids[b]} = _w{k}[{_idx(at, ids)}:{_idx(end, ids)}]")
                 at = end
     for w in g.scalar_params:  # a scalar parameter arrives as a 1-element view
         lines.append(f"    {ids[w]} = _ref_{ids[w]}[0]")
@@ -716,9 +707,9 @@ def _bind_in_kernel(p: Program, ids: dict, scratch) -> list[str]:
         checks.append(f"{ids[d]} == 0")
     for x in mats:
         for k in (0, 1):
-            checks.append(f"{ids[x]}.shape[{k}] != {_idx(x.shape[k])}")
+            checks.append(f"{ids[x]}.shape[{k}] != {_idx(x.shape[k], ids)}")
     need = sum((sp.sympify(b.shape[0]) * sp.sympify(b.shape[1]) for b in scratch), sp.Integer(0))
-    checks.append(f"_ws.size < {_idx(need)}")
+    checks.append(f"_ws.size < {_idx(need, ids)}")
     out.append("    # sizes from the inputs; a mismatch goes back to Python's full check")
     rows = [" or ".join(checks[k:k + 4]) for k in range(0, len(checks), 4)]
     out.append(f"    if ({(' or' + chr(10) + '            ').join(rows)}):")
@@ -991,6 +982,10 @@ class FusedStep:
         if self._threads == "auto":
             self._threads = 1
         self._float = opt_returns_float(layout)
+        # constants of fixed shape (Identity(3), a Matrix of numbers) are made once and
+        # join the data of every call, so the fast path below finds them
+        self._consts = {s.name: s.array({}, self.dtype) for s in p.inputs
+                        if isinstance(s, Constant) and all(d.is_Integer for d in s.shape)}
 
     @property
     def fn(self):
@@ -1001,7 +996,7 @@ class FusedStep:
         """The BLAS threads the step uses now (``blas_threads="auto"`` picks as it runs)."""
         return self._tuner.best if self._tuner is not None else self._threads
 
-    def __call__(self, params: dict, **data) -> float:
+    def __call__(self, params: dict, /, **data) -> float:
         st = self.state
         if st is None:
             st = self.state = optim.init_state(self.optimizer, params)
@@ -1009,8 +1004,9 @@ class FusedStep:
         # go in as they come; the kernel binds and checks the sizes itself, Numba checks
         # dtypes and layouts.  Anything they refuse is converted or named below.
         try:
-            xs = [params[n] if p else data[n] for n, p in self._names]
-            if len(params) + len(data) != len(xs):
+            d = {**data, **self._consts} if self._consts else data
+            xs = [params[n] if p else d[n] for n, p in self._names]
+            if len(params) + len(data) + len(self._consts) != len(xs):
                 raise KeyError
         except (KeyError, TypeError):
             xs = self._bind(params, data)

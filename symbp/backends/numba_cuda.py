@@ -55,7 +55,7 @@ from .scalar import ScalarPrinter, helpers
 
 # Kernel code sees these globals; an IR name spelled like one is renamed (`math` -> `math_v`).
 _RESERVED = {"math", "cuda", "float32", "float64", "int64", "max", "min", "abs", "range",
-             "int", "float", "numpy", "symbp_cuda"}
+             "int", "float", "numpy", "symbp_cuda", "warnings", "NumbaPerformanceWarning"}
 
 # --- the table: device helpers, keyed by each function's `helper` name ------------------
 # The routines both Numba backends share (scalar.HELPERS), as device functions.
@@ -328,17 +328,7 @@ class CudaPrinter(ScalarPrinter):
 
 def _ids(program: Program) -> dict:
     names = list(program.inputs) + list(program.dims) + [a.name for a in program.body]
-    ids = identifiers(names)
-    taken = set(ids.values())
-    for n, s in ids.items():
-        if s in _RESERVED:
-            new, k = f"{s}_v", 1
-            while new in taken:
-                k += 1
-                new = f"{s}_v{k}"
-            taken.add(new)
-            ids[n] = new
-    return ids
+    return identifiers(names, _RESERVED)
 
 
 class _Gen:

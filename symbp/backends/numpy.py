@@ -60,6 +60,10 @@ def _full(v, shape):
 '''
 
 
+# the generated module's globals: a user symbol named `numpy` must not shadow the module
+RESERVED = {"numpy", "scipy", "DTYPE", "symbp_numpy"}
+
+
 class NumpyPrinter(SciPyPrinter):
     """SciPy's printer, with symbp's functions printed through their helpers."""
 
@@ -86,8 +90,10 @@ class NumpyPrinter(SciPyPrinter):
         return out
 
 
-def _shape(printer, shape):
-    return "(" + ", ".join(printer.doprint(sp.sympify(d)) for d in shape) + ",)"
+def _shape(printer, shape, ids):
+    # sizes print under their identifiers: a size named `numpy` is the argument `numpy_2`
+    env = {n: sp.Symbol(ids[n]) for n in ids if not isinstance(n, sp.MatrixSymbol)}
+    return "(" + ", ".join(printer.doprint(sp.sympify(d).xreplace(env)) for d in shape) + ",)"
 
 
 def _line(a, ids, pr) -> str:
@@ -105,7 +111,7 @@ def _line(a, ids, pr) -> str:
     if isinstance(e, Elementwise):
         names = {v: sp.Symbol(op(x)) for v, x in zip(e.lam.variables, e.operands)}
         body = e.lam.expr.xreplace(names)
-        return f"_full({pr.doprint(body)}, {_shape(pr, e.shape)})"
+        return f"_full({pr.doprint(body)}, {_shape(pr, e.shape, ids)})"
     if isinstance(e, AxisSum):
         return f"numpy.sum({op(e.args[0])}, axis={e.axis}, keepdims=True)"
     if isinstance(e, Total):
@@ -126,7 +132,7 @@ def _atoms(e):
 
 def build(program: Program, dtype=numpy.float64, **options) -> Kernel:
     names = list(program.inputs) + list(program.dims) + [a.name for a in program.body]
-    ids = identifiers(names)
+    ids = identifiers(names, RESERVED)
     pr = NumpyPrinter({"fully_qualified_modules": True, "allow_unknown_functions": False})
     params = ", ".join(ids[n] for n in list(program.inputs) + list(program.dims))
     lines = [f"def symbp_numpy({params}):"]
