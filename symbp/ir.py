@@ -124,7 +124,9 @@ class _Lowering:
                 self.memo[e] = self.lower_node(e)
             else:
                 stack.append((e, True))
-                stack.extend((k, False) for k in kids)
+                # pushed last to first, so the first operand is lowered first: a printed
+                # derivation names exp(z1) before exp(z2), in the order they are written
+                stack.extend((k, False) for k in reversed(kids))
         return self.memo[root]
 
     def L(self, e):
