@@ -169,7 +169,7 @@ def test_reserved_names_are_renamed():
     X, m = sp.MatrixSymbol("X", sp.Symbol("N"), 3), sp.MatrixSymbol("math", 1, 3)
     f = sb.mse(sb.tanh(sb.dense(X, sp.MatrixSymbol("W", 3, 3), m)), X)
     src = numba_cuda.generate(sb.gradient_program(f, [m]), np.float32)
-    assert "def symbp_cuda(X, math_2" in src
+    assert "def symbp_cuda(X, W, math_2, N):" in src  # inputs in the order written
 
 
 # --- the scalar printer, evaluated as plain Python against SymPy ----------------------------
