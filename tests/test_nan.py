@@ -69,6 +69,10 @@ for _name, _body in [
     ("Piecewise_without_default", lambda x: sp.Piecewise((x, x > 0), (x**2, x < 0))),
 ]:
     CASES[_name] = (lambda b=_body: Total(elementwise(b, X)), False)
+# Max/Min of two inputs: SymPy puts a number first, so only here can the NaN stand first
+# (Python's max(NaN, y) is y)
+for _name, _head in [("Max_of_two", sp.Max), ("Min_of_two", sp.Min)]:
+    CASES[_name] = (lambda h=_head: Total(elementwise(h, X, Y)), False)
 
 TARGETS = ["numpy", "cpu", "parallel", "cuda"]
 AT = (1, 1)  # the entry that gets the NaN (row 0 of a 1×C parameter)
