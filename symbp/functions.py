@@ -376,14 +376,14 @@ def fill(c, like):
     return Elementwise(sp.Lambda(v, v[0]), shape, c)
 
 
-def _scalar_arg(func, what, c):
+def _scalar_arg(func, what, given):
     try:
-        c = sp.sympify(c, strict=True)
+        c = sp.sympify(given, strict=True)
     except sp.SympifyError:
         c = None
     if not isinstance(c, sp.Expr) or is_matrix(c):
         raise ShapeError(f"{func}: the {what} must be a scalar (a Symbol or a number), "
-                         f"got {c!r}")
+                         f"got {given!r}")
     return c
 
 
