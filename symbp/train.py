@@ -16,10 +16,13 @@ Guarantees:
 - ``fit(..., resume=True)`` continues from the checkpoint (parameters, optimizer buffers,
   RNG state, epoch and position in the epoch's permutation) and ends with exactly the
   parameters of an uninterrupted run with the same seed.
+- ``fit(..., distributed='mpi')`` under ``mpiexec -n K`` ends with the parameters of one
+  process with the same global ``batch_size`` (``symbp.distributed``), on every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -31,6 +34,7 @@ import numpy as np
 
 from . import api as sb
 from . import checkpoint as ckpt
+from . import distributed as dist
 from . import optim
 from .errors import SymbpError, TrainingError
 
@@ -69,6 +73,14 @@ def _step(model, optimizer, target, dtype):
     if key not in model.cache:
         model.cache[key] = sb.compile_step(model.loss, model.wrt, optimizer,
                                            target=target, dtype=dtype)
+    return model.cache[key]
+
+
+def _gradient(model, target, dtype):
+    # The unfused loss-and-gradient: a distributed step reduces between it and the update.
+    key = ("gradient", target, np.dtype(dtype).str)
+    if key not in model.cache:
+        model.cache[key] = sb.compile(model.loss, model.wrt, target=target, dtype=dtype)
     return model.cache[key]
 
 
@@ -176,7 +188,8 @@ class _DeferSigint:
 def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
         target: str = "numpy", dtype=np.float32, seed: int = 0, shuffle: bool = True,
         target_loss: float | None = None, progress: bool = True, checkpoint=None,
-        resume=False, validation=None, callback=None, guard: bool = True) -> History:
+        resume=False, validation=None, callback=None, guard: bool = True,
+        distributed: str | None = None) -> History:
     """Train ``model`` on rows ``X`` with targets ``y``; returns the ``History``.
 
     optimizer    ``symbp.SGD`` (default, lr 0.1), ``Momentum`` or ``Adam``.
@@ -193,8 +206,15 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                  failure restores those of the step before (one finiteness pass and one
                  copy of the parameters per step); False: only the loss is checked per
                  step and the parameters per epoch, a failure restores the epoch's start.
+    distributed  'mpi': data-parallel over the processes of ``mpiexec -n K`` (needs
+                 ``pip install 'symbp[mpi]'``); each rank computes the gradient of its
+                 shard of every global batch of ``batch_size`` rows, one Allreduce sums
+                 them, every rank applies the same update.  Only rank 0 prints and writes
+                 the checkpoint; an exception on one rank aborts them all.  None (default):
+                 this process alone, unless the environment sets SYMBP_DISTRIBUTED=mpi.
     """
     dtype = _dtype(dtype)
+    ranks = dist.choose(distributed)
     optimizer = optimizer if optimizer is not None else optim.SGD(0.1)
     X = _as_data("X", X, dtype)
     y_raw = np.asarray(y)
@@ -205,7 +225,11 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
         raise SymbpError(f"batch_size must be at least 1, got {batch_size}")
     flat = _flatten(model.params, dtype)
     params = model.params
-    step = _step(model, optimizer, target, dtype)
+    if ranks is None:
+        step = _step(model, optimizer, target, dtype)
+    else:
+        step = ranks.step(_gradient(model, target, dtype), optimizer, params)
+        progress = progress and ranks.root
     _set_opt_state(step, None)
 
     rng = np.random.default_rng(seed)
@@ -219,11 +243,18 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
         epoch0, row0, perm, hist, resumed_losses = _restore(model, step, optimizer, rng, src,
                                                             len(X))
 
+    if ranks is not None:
+        # Every rank starts from rank 0's parameters (each read the same checkpoint and
+        # seeded the same rng, so the optimizer state and batch order agree already).
+        ranks.broadcast(flat)
+        if not ranks.root:
+            path = None  # rank 0 alone writes the checkpoint
     n = len(X)
     good = flat.copy()  # the last parameters known to be finite
     bar = _progress(progress, epochs, epoch0)
+    fails = ranks.stop_all_on_error() if ranks is not None else contextlib.nullcontext()
     try:
-        with _DeferSigint() as sigint, np.errstate(all="ignore"):
+        with fails, _DeferSigint() as sigint, np.errstate(all="ignore"):
             for epoch in range(epoch0, epochs):
                 t0 = time.perf_counter()
                 if not guard:
