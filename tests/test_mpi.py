@@ -120,6 +120,20 @@ def test_a_failing_rank_stops_every_rank(tmp_path):
     assert ckpt.load(path).meta["epoch"] == 1
 
 
+def test_demo_on_two_processes_matches_one(tmp_path):
+    need(have("sklearn"), "scikit-learn")
+    need(have("mpi4py") and mpiexec() is not None, "mpi")
+    cmd = [sys.executable, "-m", "symbp", "demo", "--epochs", "2", "--target", "numpy",
+           "--quiet"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1")
+    one = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    two = subprocess.run([mpiexec(), "-n", "2", *cmd, "--distributed", "mpi"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert one.stdout.startswith("final accuracy")
+    assert two.stdout == one.stdout  # rank 0 alone prints, the same accuracy
+
+
 # --- without MPI ------------------------------------------------------------------------
 
 
