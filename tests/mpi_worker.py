@@ -2,7 +2,7 @@
 ``fit(..., distributed='mpi')`` and has rank 0 save the parameters (``--out``).
 
 ``--fail-rank R --fail-step S`` raises on rank R alone at global step S (counted from 0),
-to check that every rank stops; ``--seed-per-rank`` initialises each rank's model with a
+to check that every rank stops (``--nan-row`` puts a NaN in one row of X); ``--seed-per-rank`` initialises each rank's model with a
 different seed, so only rank 0's parameters are right until broadcast.
 """
 
@@ -13,6 +13,7 @@ import numpy as np
 
 import symbp as sb
 from symbp import nn, train
+from symbp.errors import TrainingError
 
 OPTIMIZERS = {"sgd": sb.SGD(0.1), "momentum": sb.Momentum(0.05, 0.9), "adam": sb.Adam(0.01)}
 
@@ -30,6 +31,8 @@ def model(seed=1, act="tanh"):
 
 def run(args, distributed=None, rank=0):
     X, y = data()
+    if args.nan_row is not None:
+        X[args.nan_row, 0] = np.nan
     m = model(seed=args.model_seed + (rank if args.seed_per_rank else 0), act=args.act)
     fail = None
     if args.fail_rank is not None and rank == args.fail_rank:
@@ -61,6 +64,7 @@ def parser():
     p.add_argument("--resume", action="store_true")
     p.add_argument("--fail-rank", type=int)
     p.add_argument("--fail-step", type=int, default=0)
+    p.add_argument("--nan-row", type=int)
     return p
 
 
@@ -69,7 +73,12 @@ def main(argv=None):
 
     args = parser().parse_args(argv)
     rank = MPI.COMM_WORLD.Get_rank()
-    m, h = run(args, distributed="mpi", rank=rank)
+    try:
+        m, h = run(args, distributed="mpi", rank=rank)
+    except TrainingError as err:  # raised on every rank alike: each reports and exits 3
+        if rank == 0 and args.out:
+            np.savez(args.out, error=str(err))
+        return 3
     # Every rank must hold the same parameters: compare each with rank 0's.
     flat = np.concatenate([v.ravel() for v in m.params.values()]).astype(np.float64)
     root = flat.copy()

@@ -17,7 +17,7 @@ from conftest import have, need
 import mpi_worker
 from symbp import checkpoint as ckpt
 from symbp import distributed, train
-from symbp.errors import SymbpError
+from symbp.errors import SymbpError, TrainingError
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "mpi_worker.py"
@@ -132,6 +132,19 @@ def test_demo_on_two_processes_matches_one(tmp_path):
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     assert one.stdout.startswith("final accuracy")
     assert two.stdout == one.stdout  # rank 0 alone prints, the same accuracy
+
+
+def test_a_nan_in_one_shard_stops_every_rank_with_the_error(tmp_path):
+    # Row 7 of X is NaN: it lands in one rank's shard, but the reduced loss is NaN on all,
+    # so every rank raises the same TrainingError (naming the row) instead of waiting.
+    out = tmp_path / "nan.npz"
+    p, seconds = launch(3, "--out", str(out), "--nan-row", "7", timeout=60)
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert seconds < 30
+    msg = str(np.load(out)["error"])
+    with pytest.raises(TrainingError) as one:  # the same error as on one process
+        train_one("--nan-row", "7")
+    assert msg == str(one.value) and "rows [7]" in msg, msg
 
 
 # --- without MPI ------------------------------------------------------------------------
