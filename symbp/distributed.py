@@ -51,8 +51,12 @@ def world():
 
 
 def choose(distributed) -> Ranks | None:
-    """``fit``'s ``distributed`` argument: None or '' (one process; the environment
-    variable SYMBP_DISTRIBUTED may say 'mpi' instead), or 'mpi'."""
+    """``fit``'s ``distributed`` argument: 'mpi'; False (this process alone); or None
+    (this process alone unless the environment variable SYMBP_DISTRIBUTED says 'mpi')."""
+    if isinstance(distributed, Ranks):
+        return distributed
+    if distributed is False:
+        return None
     if distributed is None:
         distributed = os.environ.get("SYMBP_DISTRIBUTED", "") or None
     if distributed is None:
@@ -84,6 +88,12 @@ class Ranks:
     def broadcast(self, flat: np.ndarray) -> None:
         """Rank 0's values of a buffer, in place on every rank."""
         self.comm.Bcast(flat, root=0)
+
+    def sum(self, a: np.ndarray) -> None:
+        """The sum over ranks of a buffer, in place on every rank."""
+        from mpi4py import MPI
+
+        self.comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
 
     def step(self, fn: sb.Compiled, optimizer, params: dict) -> Step:
         return Step(fn, optimizer, params, self)

@@ -121,17 +121,37 @@ def predict(model, X, target: str = "numpy", dtype=None, batch_size: int | None 
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
-def evaluate(model, X, y, target: str = "numpy", dtype=None) -> dict:
-    """``{'loss': ..., 'accuracy': ...}`` of the model on ``(X, y)`` (slopes at their mean)."""
+def evaluate(model, X, y, target: str = "numpy", dtype=None, distributed=None) -> dict:
+    """``{'loss': ..., 'accuracy': ...}`` of the model on ``(X, y)`` (slopes at their mean).
+
+    ``distributed='mpi'`` (as in ``fit``): each rank evaluates its share of the rows and
+    the metrics of the whole set are reduced across ranks (every rank passes all rows)."""
     dtype = _dtype(dtype or _param_dtype(model))
     X = _as_data("X", X, dtype)
     T = _as_data("y", model.targets(y), dtype)
+    ranks = dist.choose(distributed)
+    if ranks is not None:
+        return _evaluate_shared(model, X, np.asarray(y), target, dtype, ranks)
     loss = _forward(model, "loss", target, dtype)
     params = _params_as(model, dtype)
     value = float(np.asarray(loss(**params, **model.slopes(len(X), dtype),
                                   **{model.X.name: X, model.T.name: T})))
     acc = model.accuracy(predict(model, X, target, dtype), y) if model.metric else None
     return {"loss": value, "accuracy": acc}
+
+
+def _evaluate_shared(model, X, y, target, dtype, ranks) -> dict:
+    # The loss is a mean over rows and the accuracy a mean of per-row hits: the rows' share
+    # n_r/n weights each rank's means, and one sum across ranks gives those of all n rows.
+    n = len(X)
+    lo, hi = dist.shard(n, ranks.rank, ranks.size)
+    part = np.zeros(2)
+    if hi > lo:
+        r = evaluate(model, X[lo:hi], y[lo:hi], target, dtype, distributed=False)
+        part[:] = r["loss"], r["accuracy"] or 0.0
+        part *= (hi - lo) / n
+    ranks.sum(part)
+    return {"loss": float(part[0]), "accuracy": float(part[1]) if model.metric else None}
 
 
 def _param_dtype(model) -> np.dtype:
@@ -289,7 +309,7 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                           path, guard)
                 perm, row0 = None, 0
                 _record(hist, model, epoch, losses, time.perf_counter() - t0, X, y_raw,
-                        validation, target, dtype)
+                        validation, target, dtype, ranks)
                 if path is not None:
                     _save(path, model, step, optimizer, rng, epoch + 1, 0, None, hist, seed, [])
                 if sigint.hit:  # Ctrl-C during the metrics or the save: stop here
@@ -349,15 +369,17 @@ def _fail(model, flat, good, epoch, s, loss, data, rows, path, guard):
     raise err
 
 
-def _record(hist, model, epoch, losses, seconds, X, y, validation, target, dtype):
+def _record(hist, model, epoch, losses, seconds, X, y, validation, target, dtype, ranks):
     hist.epoch.append(epoch + 1)
     hist.loss.append(float(np.mean(losses)) if losses else float("nan"))
     acc = None
-    if model.metric is not None:
+    if ranks is not None and model.metric is not None:
+        acc = evaluate(model, X, y, target, dtype, distributed=ranks)["accuracy"]
+    elif model.metric is not None:
         acc = model.accuracy(predict(model, X, target, dtype), y)
     hist.accuracy.append(acc)
     if validation is not None:
-        r = evaluate(model, validation[0], validation[1], target, dtype)
+        r = evaluate(model, validation[0], validation[1], target, dtype, distributed=ranks)
         hist.val_loss.append(r["loss"])
         hist.val_accuracy.append(r["accuracy"])
     hist.time.append(seconds)

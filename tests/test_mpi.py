@@ -54,6 +54,13 @@ def train_one(*args):
     return m.params, h
 
 
+def _model_with(params):
+    m = mpi_worker.model()
+    for k, v in params.items():
+        m.params[k][...] = v
+    return m
+
+
 def assert_close(params, r, rtol):
     for k, v in params.items():
         err = np.max(np.abs(r[k] - v)) / np.max(np.abs(v))
@@ -71,6 +78,11 @@ def test_same_as_one_process_float64(tmp_path, k, opt):
     assert_close(params, r, 1e-12)
     assert int(r["steps"]) == h.steps == 12
     np.testing.assert_allclose(r["loss"], h.loss, rtol=1e-12)  # the loss is reduced too
+    # accuracy after each epoch and evaluate() on other rows: per-rank shares, reduced
+    np.testing.assert_allclose(r["accuracy"], h.accuracy, rtol=1e-12)
+    X, y = mpi_worker.data(n=31, seed=5)
+    ev = train.evaluate(_model_with(params), X, y)
+    np.testing.assert_allclose(r["test"], [ev["loss"], ev["accuracy"]], rtol=1e-12)
 
 
 @pytest.mark.parametrize("target", ["numpy", pytest.param(
