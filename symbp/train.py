@@ -248,7 +248,7 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
     if ranks is None:
         step = _step(model, optimizer, target, dtype)
     else:
-        step = ranks.step(_gradient(model, target, dtype), optimizer, params)
+        step = ranks.step(_gradient(model, target, dtype), optimizer, params, flat)
         progress = progress and ranks.root
     _set_opt_state(step, None)
 

@@ -85,6 +85,20 @@ def test_same_as_one_process_float64(tmp_path, k, opt):
     np.testing.assert_allclose(r["test"], [ev["loss"], ev["accuracy"]], rtol=1e-12)
 
 
+@pytest.mark.needs(have("numba"), "numba")
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
+def test_compiled_update_matches_the_reference_float64(tmp_path, opt):
+    # On 'cpu' the ranks update the flat buffers with a compiled loop; one process with
+    # the 'numpy' target takes the reference optim.update.  Resumed halfway, so the
+    # loop also picks up optimizer buffers restored from a checkpoint.
+    path = tmp_path / "run.ckpt"
+    train_mpi(tmp_path, 2, "--opt", opt, "--target", "cpu", "--epochs", "2",
+              "--checkpoint", str(path))
+    r = train_mpi(tmp_path, 3, "--opt", opt, "--target", "cpu", "--epochs", "4",
+                  "--checkpoint", str(path), "--resume")
+    assert_close(train_one("--opt", opt, "--epochs", "4")[0], r, 1e-12)
+
+
 @pytest.mark.parametrize("target", ["numpy", pytest.param(
     "cpu", marks=pytest.mark.needs(have("numba"), "numba"))])
 def test_same_as_one_process_float32(tmp_path, target):
