@@ -184,12 +184,17 @@ class Step:
         return [self._flat_state[1][b] for b in self.optimizer.buffers]
 
     def _hyper(self) -> tuple:
+        # Scalars in the parameters' dtype, as NumPy casts them in optim.update: float32
+        # arithmetic for float32 parameters (the same roundings, and twice the SIMD width).
         o, t = self.optimizer, self.state["t"]
         if isinstance(o, optim.Adam):
-            return o.lr, o.beta1, o.beta2, o.eps, 1 - o.beta1**t, 1 - o.beta2**t
-        if isinstance(o, optim.Momentum):
-            return o.lr, o.beta
-        return (o.lr,)
+            h = (o.lr, o.beta1, 1 - o.beta1, o.beta2, 1 - o.beta2, o.eps,
+                 1 - o.beta1**t, 1 - o.beta2**t)
+        elif isinstance(o, optim.Momentum):
+            h = (o.lr, o.beta)
+        else:
+            h = (o.lr,)
+        return tuple(self.flat.dtype.type(x) for x in h)
 
 
 def _flat_update(opt):
@@ -209,10 +214,11 @@ def _flat_update(opt):
                 w[i] -= lr * m[i]
         return _jit(numba, momentum)
     if isinstance(opt, optim.Adam):
-        def adam(w, g, m, v, lr, b1, b2, eps, c1, c2):  # c1, c2 = 1 − β₁ᵗ, 1 − β₂ᵗ
+        # a1, a2 = 1 − β₁, 1 − β₂;  c1, c2 = 1 − β₁ᵗ, 1 − β₂ᵗ
+        def adam(w, g, m, v, lr, b1, a1, b2, a2, eps, c1, c2):
             for i in range(w.size):
-                m[i] = m[i] * b1 + (1 - b1) * g[i]
-                v[i] = v[i] * b2 + (1 - b2) * g[i] * g[i]
+                m[i] = m[i] * b1 + a1 * g[i]
+                v[i] = v[i] * b2 + a2 * g[i] * g[i]
                 w[i] -= lr * (m[i] / c1) / (np.sqrt(v[i] / c2) + eps)
         return _jit(numba, adam)
     raise TypeError(f"unknown optimizer {opt!r}: use SGD, Momentum or Adam")
