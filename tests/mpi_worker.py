@@ -2,8 +2,9 @@
 ``fit(..., distributed='mpi')`` and has rank 0 save the parameters (``--out``).
 
 ``--fail-rank R --fail-step S`` raises on rank R alone at global step S (counted from 0),
-to check that every rank stops (``--nan-row`` puts a NaN in one row of X); ``--seed-per-rank`` initialises each rank's model with a
-different seed, so only rank 0's parameters are right until broadcast.
+to check that every rank stops; ``--nan-row`` puts a NaN in one row of X;
+``--seed-per-rank`` initialises each rank's model with a different seed, so only rank 0's
+parameters are right until broadcast.
 """
 
 import argparse
