@@ -2,12 +2,14 @@
 ``fit(..., distributed='mpi')`` and has rank 0 save the parameters (``--out``).
 
 ``--fail-rank R --fail-step S`` raises on rank R alone at global step S (counted from 0),
-to check that every rank stops; ``--nan-row`` puts a NaN in one row of X;
+(``--kill``: dies by SIGKILL) to check that every rank stops; ``--nan-row`` puts a NaN in one row of X;
 ``--seed-per-rank`` initialises each rank's model with a different seed, so only rank 0's
 parameters are right until broadcast.
 """
 
 import argparse
+import os
+import signal
 import sys
 
 import numpy as np
@@ -40,6 +42,8 @@ def run(args, distributed=None, rank=0):
         def fail(epoch, s, loss, count=[0]):
             count[0] += 1
             if count[0] > args.fail_step:
+                if args.kill:  # the process dies at once, as under the OOM killer
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"injected failure on rank {rank}")
     h = train.fit(m, X, y, epochs=args.epochs, batch_size=args.batch,
                   optimizer=OPTIMIZERS[args.opt], dtype=np.dtype(args.dtype),
@@ -66,6 +70,7 @@ def parser():
     p.add_argument("--fail-rank", type=int)
     p.add_argument("--fail-step", type=int, default=0)
     p.add_argument("--nan-row", type=int)
+    p.add_argument("--kill", action="store_true")
     return p
 
 

@@ -160,6 +160,16 @@ def test_demo_on_two_processes_matches_one(tmp_path):
     assert two.stdout == one.stdout  # rank 0 alone prints, the same accuracy
 
 
+def test_a_killed_rank_stops_every_rank(tmp_path):
+    # SIGKILL leaves no chance to report or abort: mpiexec must end the job itself.
+    path = tmp_path / "run.ckpt"
+    p, seconds = launch(2, "--checkpoint", str(path), "--fail-rank", "1", "--fail-step", "5",
+                        "--kill", timeout=60)
+    assert p.returncode != 0
+    assert seconds < 30
+    assert ckpt.load(path).meta["epoch"] == 1
+
+
 def test_a_nan_in_one_shard_stops_every_rank_with_the_error(tmp_path):
     # Row 7 of X is NaN: it lands in one rank's shard, but the reduced loss is NaN on all,
     # so every rank raises the same TrainingError (naming the row) instead of waiting.
