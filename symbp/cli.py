@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a small network end to end and print its final accuracy",
         description="Train symbp's demo network (compiled forward, gradient and update) and "
                     "print the final accuracy.",
-        epilog="examples:\n  symbp demo\n  symbp demo --epochs 20 --target parallel",
+        epilog="examples:\n  symbp demo\n  symbp demo --epochs 20 --target parallel\n"
+               "  mpiexec -n 2 symbp demo --distributed mpi",
     )
     m.add_argument("--epochs", type=_epochs, default=None, metavar="N",
                    help="training epochs (default: the demo's own)")
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "else numpy)")
     m.add_argument("--quiet", action="store_true",
                    help="no progress bar and no commentary: only the final accuracy")
+    m.add_argument("--distributed", choices=("mpi",), default=None,
+                   help="data-parallel over the processes of mpiexec (pip install "
+                        "'symbp[mpi]'); rank 0 prints")
     m.set_defaults(run=cmd_demo)
     return top
 
@@ -287,10 +291,19 @@ def cmd_plot(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run
 
-    options = {"target": args.target, "progress": not args.quiet, "verbose": not args.quiet}
+    root = True
+    if args.distributed:
+        from .distributed import world
+
+        root = world().Get_rank() == 0  # the others train in step but stay silent
+        os.environ["SYMBP_DISTRIBUTED"] = args.distributed  # fit's default, inside run()
+    talk = root and not args.quiet
+    options = {"target": args.target, "progress": talk, "verbose": talk}
     if args.epochs is not None:
         options["epochs"] = args.epochs
     result = run(**options)
+    if not root:
+        return 0
     acc = _accuracy(result)
     if acc is None:
         print(f"demo finished: {result}")

@@ -16,10 +16,13 @@ Guarantees:
 - ``fit(..., resume=True)`` continues from the checkpoint (parameters, optimizer buffers,
   RNG state, epoch and position in the epoch's permutation) and ends with exactly the
   parameters of an uninterrupted run with the same seed.
+- ``fit(..., distributed='mpi')`` under ``mpiexec -n K`` ends with the parameters of one
+  process with the same global ``batch_size`` (``symbp.distributed``), on every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -31,6 +34,7 @@ import numpy as np
 
 from . import api as sb
 from . import checkpoint as ckpt
+from . import distributed as dist
 from . import optim
 from .errors import SymbpError, TrainingError
 
@@ -72,6 +76,14 @@ def _step(model, optimizer, target, dtype):
     return model.cache[key]
 
 
+def _gradient(model, target, dtype):
+    # The unfused loss-and-gradient: a distributed step reduces between it and the update.
+    key = ("gradient", target, np.dtype(dtype).str)
+    if key not in model.cache:
+        model.cache[key] = sb.compile(model.loss, model.wrt, target=target, dtype=dtype)
+    return model.cache[key]
+
+
 def _forward(model, what, target, dtype):
     key = (what, target, np.dtype(dtype).str)
     if key not in model.cache:
@@ -109,17 +121,37 @@ def predict(model, X, target: str = "numpy", dtype=None, batch_size: int | None 
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
-def evaluate(model, X, y, target: str = "numpy", dtype=None) -> dict:
-    """``{'loss': ..., 'accuracy': ...}`` of the model on ``(X, y)`` (slopes at their mean)."""
+def evaluate(model, X, y, target: str = "numpy", dtype=None, distributed=None) -> dict:
+    """``{'loss': ..., 'accuracy': ...}`` of the model on ``(X, y)`` (slopes at their mean).
+
+    ``distributed='mpi'`` (as in ``fit``): each rank evaluates its share of the rows and
+    the metrics of the whole set are reduced across ranks (every rank passes all rows)."""
     dtype = _dtype(dtype or _param_dtype(model))
     X = _as_data("X", X, dtype)
     T = _as_data("y", model.targets(y), dtype)
+    ranks = dist.choose(distributed)
+    if ranks is not None:
+        return _evaluate_shared(model, X, np.asarray(y), target, dtype, ranks)
     loss = _forward(model, "loss", target, dtype)
     params = _params_as(model, dtype)
     value = float(np.asarray(loss(**params, **model.slopes(len(X), dtype),
                                   **{model.X.name: X, model.T.name: T})))
     acc = model.accuracy(predict(model, X, target, dtype), y) if model.metric else None
     return {"loss": value, "accuracy": acc}
+
+
+def _evaluate_shared(model, X, y, target, dtype, ranks) -> dict:
+    # The loss is a mean over rows and the accuracy a mean of per-row hits: the rows' share
+    # n_r/n weights each rank's means, and one sum across ranks gives those of all n rows.
+    n = len(X)
+    lo, hi = dist.shard(n, ranks.rank, ranks.size)
+    part = np.zeros(2)
+    if hi > lo:
+        r = evaluate(model, X[lo:hi], y[lo:hi], target, dtype, distributed=False)
+        part[:] = r["loss"], r["accuracy"] or 0.0
+        part *= (hi - lo) / n
+    ranks.sum(part)
+    return {"loss": float(part[0]), "accuracy": float(part[1]) if model.metric else None}
 
 
 def _param_dtype(model) -> np.dtype:
@@ -176,7 +208,8 @@ class _DeferSigint:
 def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
         target: str = "numpy", dtype=np.float32, seed: int = 0, shuffle: bool = True,
         target_loss: float | None = None, progress: bool = True, checkpoint=None,
-        resume=False, validation=None, callback=None, guard: bool = True) -> History:
+        resume=False, validation=None, callback=None, guard: bool = True,
+        distributed: str | None = None) -> History:
     """Train ``model`` on rows ``X`` with targets ``y``; returns the ``History``.
 
     optimizer    ``symbp.SGD`` (default, lr 0.1), ``Momentum`` or ``Adam``.
@@ -193,8 +226,15 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                  failure restores those of the step before (one finiteness pass and one
                  copy of the parameters per step); False: only the loss is checked per
                  step and the parameters per epoch, a failure restores the epoch's start.
+    distributed  'mpi': data-parallel over the processes of ``mpiexec -n K`` (needs
+                 ``pip install 'symbp[mpi]'``); each rank computes the gradient of its
+                 shard of every global batch of ``batch_size`` rows, one Allreduce sums
+                 them, every rank applies the same update.  Only rank 0 prints and writes
+                 the checkpoint; an exception on one rank aborts them all.  None (default):
+                 this process alone, unless the environment sets SYMBP_DISTRIBUTED=mpi.
     """
     dtype = _dtype(dtype)
+    ranks = dist.choose(distributed)
     optimizer = optimizer if optimizer is not None else optim.SGD(0.1)
     X = _as_data("X", X, dtype)
     y_raw = np.asarray(y)
@@ -205,7 +245,11 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
         raise SymbpError(f"batch_size must be at least 1, got {batch_size}")
     flat = _flatten(model.params, dtype)
     params = model.params
-    step = _step(model, optimizer, target, dtype)
+    if ranks is None:
+        step = _step(model, optimizer, target, dtype)
+    else:
+        step = ranks.step(_gradient(model, target, dtype), optimizer, params, flat)
+        progress = progress and ranks.root
     _set_opt_state(step, None)
 
     rng = np.random.default_rng(seed)
@@ -219,11 +263,18 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
         epoch0, row0, perm, hist, resumed_losses = _restore(model, step, optimizer, rng, src,
                                                             len(X))
 
+    if ranks is not None:
+        # Every rank starts from rank 0's parameters (each read the same checkpoint and
+        # seeded the same rng, so the optimizer state and batch order agree already).
+        ranks.broadcast(flat)
+        if not ranks.root:
+            path = None  # rank 0 alone writes the checkpoint
     n = len(X)
     good = flat.copy()  # the last parameters known to be finite
     bar = _progress(progress, epochs, epoch0)
+    fails = ranks.stop_all_on_error() if ranks is not None else contextlib.nullcontext()
     try:
-        with _DeferSigint() as sigint, np.errstate(all="ignore"):
+        with fails, _DeferSigint() as sigint, np.errstate(all="ignore"):
             for epoch in range(epoch0, epochs):
                 t0 = time.perf_counter()
                 if not guard:
@@ -258,7 +309,7 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                           path, guard)
                 perm, row0 = None, 0
                 _record(hist, model, epoch, losses, time.perf_counter() - t0, X, y_raw,
-                        validation, target, dtype)
+                        validation, target, dtype, ranks)
                 if path is not None:
                     _save(path, model, step, optimizer, rng, epoch + 1, 0, None, hist, seed, [])
                 if sigint.hit:  # Ctrl-C during the metrics or the save: stop here
@@ -318,15 +369,17 @@ def _fail(model, flat, good, epoch, s, loss, data, rows, path, guard):
     raise err
 
 
-def _record(hist, model, epoch, losses, seconds, X, y, validation, target, dtype):
+def _record(hist, model, epoch, losses, seconds, X, y, validation, target, dtype, ranks):
     hist.epoch.append(epoch + 1)
     hist.loss.append(float(np.mean(losses)) if losses else float("nan"))
     acc = None
-    if model.metric is not None:
+    if ranks is not None and model.metric is not None:
+        acc = evaluate(model, X, y, target, dtype, distributed=ranks)["accuracy"]
+    elif model.metric is not None:
         acc = model.accuracy(predict(model, X, target, dtype), y)
     hist.accuracy.append(acc)
     if validation is not None:
-        r = evaluate(model, validation[0], validation[1], target, dtype)
+        r = evaluate(model, validation[0], validation[1], target, dtype, distributed=ranks)
         hist.val_loss.append(r["loss"])
         hist.val_accuracy.append(r["accuracy"])
     hist.time.append(seconds)

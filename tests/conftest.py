@@ -26,6 +26,7 @@ TOOLS = {
     "matplotlib": "matplotlib (pip install 'symbp[plot]')",
     "scikit-learn": "scikit-learn (pip install 'symbp[demo]')",
     "pytorch": "PyTorch, an independent reference (pip install torch)",
+    "mpi": "mpi4py and MPICH (pip install 'symbp[mpi]')",
 }
 REQUIRED = {t.strip() for t in os.environ.get("SYMBP_REQUIRE", "").split(",") if t.strip()}
 
