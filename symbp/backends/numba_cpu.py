@@ -147,9 +147,9 @@ class NumbaPrinter(ScalarPrinter):
         return self._helper("tanh", e.args)  # the fast, vectorisable _tanh of the table
 
 
-# names the kernel's module uses: a user symbol called `np` or `max` must not shadow them
-_RESERVED = {"math", "np", "njit", "prange", "DT", "ACC", "_gemm", "_f64", "range", "max", "min",
-             "abs", "float", "int", "True", "False", "None"}
+# the kernel module's own globals: a user symbol called `np` must not shadow them (Python's
+# builtins and keywords, `max`, `range`, `None`, ..., are avoided by `identifiers` itself)
+_RESERVED = {"math", "np", "njit", "prange", "DT", "ACC"}
 
 
 def _idx(d, ids) -> str:

@@ -53,9 +53,10 @@ from ..passes import optimize
 from . import Kernel, identifiers
 from .scalar import ScalarPrinter, helpers
 
-# Kernel code sees these globals; an IR name spelled like one is renamed (`math` -> `math_v`).
-_RESERVED = {"math", "cuda", "float32", "float64", "int64", "max", "min", "abs", "range",
-             "int", "float", "numpy", "symbp_cuda", "warnings", "NumbaPerformanceWarning"}
+# Kernel code sees these globals; an IR name spelled like one is renamed (`math` ->
+# `math_2`; Python's builtins, `max`, `range`, ..., are avoided by `identifiers` itself).
+_RESERVED = {"math", "cuda", "float32", "float64", "int64", "numpy", "symbp_cuda", "warnings",
+             "NumbaPerformanceWarning"}
 
 # --- the table: device helpers, keyed by each function's `helper` name ------------------
 # The routines both Numba backends share (scalar.HELPERS), as device functions.
