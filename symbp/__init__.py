@@ -47,8 +47,9 @@ from .functions import (
     swish,
     tanh,
 )
+from .heads.shape import Reshape, flatten, reshape
 from .ir import Program, lower, verify
-from .matrix import AxisSum, Constant, Elementwise, Total
+from .matrix import AxisSum, Constant, Elementwise, Tensor, Total, tensor
 from .optim import SGD, Adam, Momentum
 
 __version__ = "0.1.0"
@@ -62,7 +63,7 @@ __all__ = [
     "gelu", "gelu_tanh", "identity", "leaky_relu", "log", "log_softmax", "mse", "prelu",
     "relu", "rrelu", "selu", "sigmoid", "silu", "softmax", "softmax_cross_entropy",
     "softplus", "step", "swish", "tanh", "Program", "lower", "verify", "AxisSum",
-    "Constant", "Elementwise", "Total",
+    "Constant", "Elementwise", "Total", "Tensor", "tensor", "Reshape", "flatten", "reshape",
 ]
 
 

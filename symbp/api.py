@@ -226,9 +226,10 @@ def bind_inputs(p: Program, arrays: dict, dtype) -> list:
         x = arrays[name]
         if is_matrix(s):
             x = _as_array(name, x, dtype)
-            if x.ndim != 2:
+            if x.ndim != len(s.shape):
                 raise ShapeError(
-                    f"{name} must be a 2-D array of shape {s.shape}, got shape {x.shape}"
+                    f"{name} must be a {len(s.shape)}-D array of shape {s.shape}, got shape "
+                    f"{x.shape}"
                 )
             for axis, (d, n) in enumerate(zip(s.shape, x.shape)):
                 _bind_dim(name, axis, sp.sympify(d), n, dims)
@@ -268,11 +269,15 @@ def _as_array(name, x, dtype):
     return x if x.flags.writeable else x.copy()
 
 
+_AXIS = {0: "rows", 1: "columns"}
+
+
 def _bind_dim(name, axis, d, n, dims):
     if d.is_number:
         if int(d) != n:
             raise ShapeError(
-                f"{name} has {n} {'rows' if axis == 0 else 'columns'} but its symbol says {d}"
+                f"{name} has {n} {_AXIS.get(axis, f'entries along axis {axis}')} but its "
+                f"symbol says {d}"
             )
         return
     if isinstance(d, sp.Symbol):

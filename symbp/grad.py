@@ -14,8 +14,9 @@ from __future__ import annotations
 import sympy as sp
 
 from .errors import SymbpError
+from .heads import rule
 from .ir import Assign, Program, _names_in, is_constant, make_map, verify
-from .matrix import AxisSum, Elementwise, LogSoftmax, Softmax, Total, is_matrix, placeholders
+from .matrix import array_symbol, is_matrix, placeholders
 from .vjp import broadcast, vjp
 
 
@@ -36,7 +37,7 @@ class _Reverse:
             if s not in self.reserved:
                 break
         self.reserved.add(s)
-        return sp.MatrixSymbol(s, *shape) if shape is not None else sp.Symbol(s, real=True)
+        return array_symbol(s, shape) if shape is not None else sp.Symbol(s, real=True)
 
     def emit(self, expr, of, role="adjoint"):
         """Assign ``expr`` to a fresh name, unless it already is a name or a constant."""
@@ -94,16 +95,15 @@ class _Reverse:
         no adjoint (softmax(Z) for cross-entropy, a size) is an aux value."""
         if isinstance(e, (sp.Symbol, sp.MatrixSymbol)) or is_constant(e):
             return e
-        if isinstance(e, sp.MatMul):
+        h = rule(e)
+        if h is not None and h.keeps_transpose:  # g2*W2.T: BLAS reads the transpose
             args = [sp.Transpose(self.assign(a.arg, of, True)) if isinstance(a, sp.Transpose)
                     else self.assign(a, of, True) for a in e.args]
-            e = sp.MatMul(*args) if args != list(e.args) else e
-        elif isinstance(e, Elementwise):
-            ops = [self.assign(o, of, True) for o in e.operands]
-            e = Elementwise(e.lam, e.shape, *ops) if ops != list(e.operands) else e
-        elif isinstance(e, (AxisSum, Total, Softmax, LogSoftmax, sp.Transpose)):
-            x = self.assign(e.args[0], of, True)
-            e = e.func(x, *e.args[1:]) if x != e.args[0] else e
+            e = e.func(*args) if args != list(e.args) else e
+        elif h is not None and h.operands is not None and h.rebuild is not None:
+            ops = h.operands(e)
+            new = [self.assign(o, of, True) for o in ops]
+            e = h.rebuild(e, new) if new != list(ops) else e
         adj = not nested or any(n in self.grads for n in _names_in(e))
         name = self.emit(e, of, role="adjoint" if adj else "aux")
         if adj:

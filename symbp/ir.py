@@ -24,22 +24,20 @@ from dataclasses import dataclass, field
 import sympy as sp
 from sympy.core.function import AppliedUndef
 from sympy.functions.elementary.piecewise import ExprCondPair
-from sympy.matrices.expressions.applyfunc import ElementwiseApplyFunction
 
 from .errors import ShapeError, SymbpError, UnsupportedError
-from .matrix import (
+from .heads import rule
+from .matrix import (  # noqa: F401  (make_map and is_constant: re-exported for the passes)
     AxisSum,
     Constant,
-    Elementwise,
-    LogSoftmax,
-    Softmax,
-    SoftmaxCrossEntropy,
-    Total,
-    broadcast_shape,
+    array_symbol,
+    is_constant,
     is_matrix,
     is_placeholder,
+    make_map,
     placeholders,
     same_dim,
+    shape_text,
 )
 
 Name = sp.Symbol | sp.MatrixSymbol
@@ -80,9 +78,6 @@ class Program:
         return "\n".join(lines)
 
 
-def is_constant(e) -> bool:
-    return isinstance(e, sp.Basic) and not is_matrix(e) and e.is_number
-
 
 # --- lowering ----------------------------------------------------------------------------
 
@@ -105,7 +100,7 @@ class _Lowering:
             if s not in self.reserved:
                 break
         self.reserved.add(s)
-        return sp.MatrixSymbol(s, *shape) if shape is not None else sp.Symbol(s, real=True)
+        return array_symbol(s, shape) if shape is not None else sp.Symbol(s, real=True)
 
     def emit(self, expr, shape=None) -> Name:
         name = self.fresh(shape)
@@ -133,17 +128,13 @@ class _Lowering:
         return self.memo[e]
 
     def lower_node(self, e):
-        if isinstance(e, sp.MatrixSymbol):
-            return self.input(e)
-        if is_matrix(e):
-            return self.lower_matrix(e)
-        if isinstance(e, sp.Symbol):
+        if isinstance(e, (sp.Symbol, sp.MatrixSymbol)):
             return self.input(e)
         if isinstance(e, (sp.logic.boolalg.Boolean, sp.core.relational.Relational)):
             return e.func(*[self.L(a) for a in e.args]) if e.args else e
-        if e.is_number:
+        if not is_matrix(e) and e.is_number:
             return e
-        return self.lower_scalar(e)
+        return rule(e).lower(self, e)  # the head's own lowering (symbp/heads)
 
     def input(self, s):
         old = self.inputs.get(s.name)
@@ -155,8 +146,8 @@ class _Lowering:
         self.inputs[s.name] = s
         return s
 
-    # scalar heads ----------------------------------------------------------------------
     def lower_scalar(self, e):
+        """Scalar arithmetic or a function: one assignment over the lowered operands."""
         if isinstance(e, AppliedUndef):
             raise UnsupportedError(
                 f"{e.func}({', '.join(map(str, e.args))}) is an undefined function: it has "
@@ -165,56 +156,12 @@ class _Lowering:
             )
         if isinstance(e, (sp.Derivative, sp.Integral, sp.Subs)):
             raise UnsupportedError(f"{type(e).__name__} {e} cannot be compiled: evaluate it first")
-        if isinstance(e, sp.Piecewise):
-            pairs = [(self.L(x), self.L(c)) for x, c in e.args]
-            return self.emit(sp.Piecewise(*pairs, evaluate=False))
         args = [self.L(a) for a in e.args]
-        if all(is_constant(a) for a in args) and not isinstance(
-            e, (Total, SoftmaxCrossEntropy)
-        ):
+        if all(is_constant(a) for a in args):
             return e
         return self.emit(e.func(*args))
 
-    # matrix heads ----------------------------------------------------------------------
-    def lower_matrix(self, e):
-        shape = tuple(e.shape)
-        if isinstance(e, Elementwise):
-            return self.map(e.lam, shape, [self.L(a) for a in e.operands])
-        if isinstance(e, ElementwiseApplyFunction):
-            f = e.function
-            v = placeholders(1)
-            lam = f if isinstance(f, sp.Lambda) else sp.Lambda(v, f(v[0]))
-            return self.map(lam, shape, [self.L(e.expr)])
-        if isinstance(e, sp.MatAdd):
-            args = [self.L(_bias_row(a)) for a in e.args]
-            v = placeholders(len(args))
-            return self.map(sp.Lambda(v, sp.Add(*v)), shape, args)
-        if isinstance(e, sp.HadamardProduct):
-            args = [self.L(a) for a in e.args]
-            v = placeholders(len(args))
-            return self.map(sp.Lambda(v, sp.Mul(*v)), shape, args)
-        if isinstance(e, sp.HadamardPower):
-            base, p = self.L(e.args[0]), self.L(e.args[1])
-            v = placeholders(2)
-            return self.map(sp.Lambda(v, v[0] ** v[1]), shape, [base, p])
-        if isinstance(e, sp.MatMul):
-            return self.matmul(e)
-        if isinstance(e, sp.Transpose):
-            return self.emit(sp.Transpose(self.L(e.arg)), shape)
-        if isinstance(e, AxisSum):
-            return self.emit(AxisSum(self.L(e.args[0]), e.axis), shape)
-        if isinstance(e, (Softmax, LogSoftmax)):
-            return self.emit(type(e)(self.L(e.args[0])), shape)
-        if isinstance(e, sp.OneMatrix):
-            return self.map(sp.Lambda((), sp.Integer(1)), shape, [])
-        if isinstance(e, sp.ZeroMatrix):
-            return self.map(sp.Lambda((), sp.Integer(0)), shape, [])
-        if isinstance(e, (sp.Identity, sp.MatrixBase)):
-            return self.constant(e)
-        raise UnsupportedError(
-            f"symbp cannot differentiate the matrix head {type(e).__name__} in {e}: "
-            "write it with products, sums, elementwise functions, softmax or transposes"
-        )
+    # helpers the heads' lowering rules call (symbp/heads) ---------------------------
 
     def constant(self, e) -> Constant:
         """Identity(k) or a Matrix of numbers: an input the compiled function binds itself
@@ -266,6 +213,11 @@ class _Lowering:
 
     def product(self, A, A_l, B):
         """The lowered value of A·B; OneMatrix factors become broadcasts and sums."""
+        for M in (A, B):
+            if len(M.shape) != 2:
+                raise ShapeError(
+                    f"matrix product {A}*{B}: {M} is a {shape_text(M.shape)} array, not a "
+                    "matrix: flatten it first (sb.flatten)")
         ra, ca = A.shape if A_l is None else A_l.shape
         rb, cb = B.shape
         if not same_dim(ca, rb):
@@ -294,55 +246,14 @@ class _Lowering:
         return self.emit(op, tuple(op.shape)) if isinstance(op, sp.Transpose) else op
 
 
-def make_map(lam: sp.Lambda, shape, args) -> Elementwise:
-    """An Elementwise map with constant arguments folded into its body."""
-    body, keep, keep_vars = lam.expr, [], []
-    used = body.free_symbols
-    for v, a in zip(lam.variables, args):
-        if v not in used:  # an argument the body does not read
-            continue
-        if is_constant(a):
-            body = body.xreplace({v: a})
-        else:
-            keep.append(a)
-            keep_vars.append(v)
-    new = placeholders(len(keep))
-    body = body.xreplace(dict(zip(keep_vars, new)))
-    return Elementwise(sp.Lambda(new, body), shape, *keep)
-
-
-def _bias_row(term):
-    """``b`` for a term ``1·b`` of a sum (the bias, broadcast by the map), else the term."""
-    if (isinstance(term, sp.MatMul) and len(term.args) == 2
-            and isinstance(term.args[0], sp.OneMatrix) and term.args[0].shape[1] == 1
-            and is_matrix(term.args[1]) and term.args[1].shape[0] == 1):
-        return term.args[1]
-    return term
-
 
 def _children(e) -> list:
+    """The operands the walk lowers before ``e``: its head's ``children`` rule."""
     if isinstance(e, (sp.Symbol, sp.MatrixSymbol)) or not isinstance(e, sp.Basic):
         return []
-    if isinstance(e, sp.MatAdd):
-        return [_bias_row(a) for a in e.args]
-    if isinstance(e, Elementwise):
-        return list(e.operands)
-    if isinstance(e, ElementwiseApplyFunction):
-        return [e.expr]
-    if isinstance(e, sp.MatMul):
-        out = []
-        for a in e.args:
-            if isinstance(a, sp.OneMatrix):
-                continue
-            out.append(a.arg if isinstance(a, sp.Transpose) else a)
-        return out
-    if isinstance(e, AxisSum):
-        return [e.args[0]]
-    if isinstance(e, (sp.OneMatrix, sp.ZeroMatrix, sp.Identity, sp.MatrixBase)) or (
-            is_matrix(e) and not e.args):
-        return []
-    if isinstance(e, sp.Piecewise):
-        return [x for pair in e.args for x in pair.args]
+    h = rule(e)
+    if h is not None and h.children is not None:
+        return h.children(e)
     if e.is_Atom:
         return []
     return [a for a in e.args if isinstance(a, sp.Basic) and not isinstance(a, sp.Tuple)]
@@ -411,7 +322,8 @@ class NameTable:
 def _describe(s, where) -> str:
     """``Symbol('N', positive=True) (a size in the shape of X)``, ``X: a 3×N matrix``."""
     if isinstance(s, sp.MatrixSymbol):
-        text = f"{s.name}: a {s.shape[0]}×{s.shape[1]} matrix"
+        kind = "matrix" if len(s.shape) == 2 else f"{len(s.shape)}-D array"
+        text = f"{s.name}: a {shape_text(s.shape)} {kind}"
     else:
         text = sp.srepr(s)
     return f"{text} ({where})" if where else text
@@ -439,10 +351,6 @@ def _dims(names) -> tuple[sp.Symbol, ...]:
 
 # --- verify ------------------------------------------------------------------------------
 
-_SCALAR_HEADS = (sp.Add, sp.Mul, sp.Pow, sp.Function, sp.Piecewise, Total, SoftmaxCrossEntropy,
-                 sp.Max, sp.Min, sp.Abs)
-_MATRIX_HEADS = (sp.MatMul, Elementwise, AxisSum, sp.Transpose, Softmax, LogSoftmax)
-
 
 def verify(p: Program) -> Program:
     """Check that names are defined before use and once, heads are known and shapes agree.
@@ -459,29 +367,18 @@ def verify(p: Program) -> Program:
         missing = [u for u in used if u not in defined]
         if missing:
             raise SymbpError(f"{', '.join(map(str, missing))} used before definition {where}")
+        h = rule(a.expr)
+        if isinstance(a.expr, sp.Symbol) or (not is_matrix(a.expr) and a.expr.is_number):
+            pass  # a copy or a constant
+        elif h is None or h.front_end or (h.kind == "array") != is_matrix(a.name):
+            kind = "matrix" if is_matrix(a.name) else "scalar"
+            raise SymbpError(f"unknown {kind} head {type(a.expr).__name__} {where}")
         if is_matrix(a.name):
-            if not isinstance(a.expr, _MATRIX_HEADS):
-                raise SymbpError(f"unknown matrix head {type(a.expr).__name__} {where}")
             shape = tuple(a.expr.shape)
             if not all(same_dim(x, y) for x, y in zip(shape, a.name.shape)):
                 raise ShapeError(f"{a.name} is {a.name.shape} but its value is {shape} {where}")
-            if isinstance(a.expr, sp.MatMul):
-                l, r = a.expr.args
-                if not same_dim(l.shape[1], r.shape[0]):
-                    raise ShapeError(f"product of {l.shape} and {r.shape} {where}")
-            if isinstance(a.expr, Elementwise):
-                broadcast_shape(
-                    [x.shape if is_matrix(x) else None for x in a.expr.operands]
-                    + [a.expr.shape], culprit=where
-                )
-                extra = a.expr.lam.expr.free_symbols - set(a.expr.lam.variables)
-                if extra:
-                    raise SymbpError(f"map body has free symbols {extra} {where}")
-        else:
-            if not isinstance(a.expr, _SCALAR_HEADS) and not a.expr.is_number and not isinstance(
-                a.expr, sp.Symbol
-            ):
-                raise SymbpError(f"unknown scalar head {type(a.expr).__name__} {where}")
+        if h is not None and h.check is not None:
+            h.check(a.expr, where)
         defined.add(a.name)
     for o in p.outputs:
         if not is_constant(o) and o not in defined:

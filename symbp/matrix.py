@@ -14,6 +14,8 @@ input.  Each class prints itself in str, pretty and latex as the formula it stan
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import sympy as sp
 from sympy.core.symbol import Str
@@ -44,7 +46,20 @@ _PLACEHOLDER_SET = set(_PLACEHOLDERS)
 
 
 def is_matrix(e) -> bool:
-    return isinstance(e, sp.Basic) and getattr(e, "is_Matrix", False)
+    """Whether ``e`` is array-valued: a matrix, or an array of another rank."""
+    if not isinstance(e, sp.Basic):
+        return False
+    if getattr(e, "is_Matrix", False):
+        return True
+    A = _array_symbol_class()
+    return A is not None and isinstance(e, A)
+
+
+def _array_symbol_class():
+    # SymPy's ArraySymbol, if the user has imported it: importing it here would add
+    # ~0.1 s to `import symbp`, and nobody can hold one without importing it
+    m = sys.modules.get("sympy.tensor.array.expressions.array_expressions")
+    return getattr(m, "ArraySymbol", None)
 
 
 def same_dim(a, b) -> bool:
@@ -54,21 +69,38 @@ def same_dim(a, b) -> bool:
 
 
 def broadcast_shape(shapes, culprit: str = "elementwise map") -> tuple:
-    """NumPy's broadcast of 2-D symbolic shapes; ``None`` stands for a scalar."""
-    rows, cols = sp.Integer(1), sp.Integer(1)
+    """NumPy's broadcast of symbolic shapes of one rank; ``None`` stands for a scalar.
+
+    A size 1 stretches to the other's size: a (1, C) row repeats down the rows, a
+    (1, F, 1, 1) bias over a batch of images.  Shapes of different ranks are an error
+    (reshape first): NumPy's silent right-alignment would hide a transposed operand."""
+    shapes = [tuple(s) for s in shapes if s is not None]
+    if not shapes:
+        return (sp.Integer(1), sp.Integer(1))
+    rank = len(shapes[0])
+    if any(len(s) != rank for s in shapes):
+        raise ShapeError(f"{culprit}: operands of shapes {', '.join(map(str, shapes))} have "
+                         "different ranks; reshape one (sb.flatten, sb.reshape) first")
+    out = [sp.Integer(1)] * rank
     for s in shapes:
-        if s is None:
-            continue
-        r, c = s
-        if r != 1:
-            if rows != 1 and not same_dim(rows, r):
-                raise ShapeError(f"{culprit}: row counts {rows} and {r} disagree")
-            rows = r
-        if c != 1:
-            if cols != 1 and not same_dim(cols, c):
-                raise ShapeError(f"{culprit}: column counts {cols} and {c} disagree")
-            cols = c
-    return rows, cols
+        for k, d in enumerate(s):
+            if d != 1:
+                if out[k] != 1 and not same_dim(out[k], d):
+                    what = {0: "row counts", 1: "column counts"}.get(k, f"sizes of axis {k}") \
+                        if rank == 2 else f"sizes of axis {k}"
+                    raise ShapeError(f"{culprit}: {what} {out[k]} and {d} disagree")
+                out[k] = d
+    return tuple(out)
+
+
+def rank(e) -> int:
+    """The number of axes of an array-valued expression (2 for a matrix, 0 for a scalar)."""
+    return len(e.shape) if is_matrix(e) else 0
+
+
+def shape_text(shape) -> str:
+    """``3×N``, ``N×1×8×8``."""
+    return "×".join(str(d) for d in shape)
 
 
 def _as_scalar(x):
@@ -80,25 +112,41 @@ def _as_scalar(x):
     return x if isinstance(x, sp.Expr) and not is_matrix(x) else None
 
 
+def _nd(M, other) -> bool:
+    """Whether ``M op other`` involves an array that is not a matrix (rank other than 2)."""
+    return is_matrix(other) and (len(M.shape) != 2 or len(other.shape) != 2)
+
+
 class _ScalarArith:
     """``1 + M``, ``M - c`` for symbp's matrix expressions: the scalar is added to every
     entry (a map), where SymPy's own MatAdd refuses a scalar ("Mix of Matrix and Scalar
     symbols").  SymPy's classes (MatrixSymbol, MatMul) keep SymPy's rule; write
-    ``sb.elementwise(lambda z: z + c, Z)`` or ``Z + sb.fill(c, Z)`` for those."""
+    ``sb.elementwise(lambda z: z + c, Z)`` or ``Z + sb.fill(c, Z)`` for those.
+
+    Between arrays of other ranks (images N×C×H×W), ``+ - * /`` are entrywise maps with
+    broadcasting (a (1, F, 1, 1) bias over a batch): SymPy's matrix algebra is 2-D only."""
 
     def __add__(self, other):
+        if _nd(self, other):
+            return elementwise(sp.Add, self, other)
         c = _as_scalar(other)
         return super().__add__(other) if c is None else with_scalar(self, c, sp.Add)
 
     def __radd__(self, other):
+        if _nd(self, other):
+            return elementwise(sp.Add, other, self)
         c = _as_scalar(other)
         return super().__radd__(other) if c is None else with_scalar(self, c, sp.Add)
 
     def __sub__(self, other):
+        if _nd(self, other):
+            return elementwise(lambda a, b: a - b, self, other)
         c = _as_scalar(other)
         return super().__sub__(other) if c is None else with_scalar(self, -c, sp.Add)
 
     def __rsub__(self, other):
+        if _nd(self, other):
+            return elementwise(lambda a, b: a - b, other, self)
         c = _as_scalar(other)
         return super().__rsub__(other) if c is None else \
             with_scalar(self, c, lambda x, k: k - x)
@@ -106,14 +154,20 @@ class _ScalarArith:
     # c*M stays a map (SymPy would make it a MatMul, to which no scalar can then be added):
     # so 2*sb.tanh(Z) - 1 reads as written
     def __mul__(self, other):
+        if _nd(self, other):  # entrywise: there is no matrix product of images
+            return elementwise(sp.Mul, self, other)
         c = _as_scalar(other)
         return super().__mul__(other) if c is None else with_scalar(self, c, sp.Mul)
 
     def __rmul__(self, other):
+        if _nd(self, other):
+            return elementwise(sp.Mul, other, self)
         c = _as_scalar(other)
         return super().__rmul__(other) if c is None else with_scalar(self, c, sp.Mul)
 
     def __truediv__(self, other):
+        if _nd(self, other):
+            return elementwise(lambda a, b: a / b, self, other)
         c = _as_scalar(other)
         return super().__truediv__(other) if c is None else \
             with_scalar(self, 1 / c, sp.Mul)
@@ -207,7 +261,7 @@ class Elementwise(_ScalarArith, MatrixExpr):
             )
         shape = sp.Tuple(*shape)
         full = broadcast_shape([a.shape if is_matrix(a) else None for a in args] + [tuple(shape)])
-        if not (same_dim(full[0], shape[0]) and same_dim(full[1], shape[1])):
+        if not all(same_dim(x, y) for x, y in zip(full, shape)):
             raise ShapeError(f"map {lam}: arguments broadcast to {full}, not {tuple(shape)}")
         return super().__new__(cls, lam, shape, *args)
 
@@ -300,7 +354,7 @@ def elementwise(f, *args):
     adds 1 to every entry of Z; ``elementwise(lambda z, b: z + b, X*W, b)`` adds a scalar
     bias.  Without a matrix argument it is ``f(*args)``, a scalar.
     """
-    args = [sp.sympify(a) for a in args]
+    args = [as_array(sp.sympify(a)) for a in args]
     if not any(is_matrix(a) for a in args):
         return f(*args)
     shapes = [a.shape if is_matrix(a) else None for a in args]
@@ -338,14 +392,16 @@ def _latex_operand(printer, M) -> str:
 
 
 class AxisSum(_ScalarArith, MatrixExpr):
-    """Sum over one axis, keeping it: axis 0 gives a (1, C) row, axis 1 an (R, 1) column.
+    """Sum over one axis, keeping it: on a matrix, axis 0 gives a (1, C) row, axis 1 an
+    (R, 1) column; on an array of any rank, that axis becomes 1.
 
     ``AxisSum(G, 0)`` is the textbook ``1ᵀ G`` (the bias gradient)."""
 
     def __new__(cls, M, axis):
         axis = sp.Integer(axis)
-        if axis not in (0, 1):
-            raise ShapeError(f"AxisSum axis must be 0 or 1, got {axis}")
+        n = len(M.shape) if is_matrix(M) else 2
+        if not 0 <= axis < n:
+            raise ShapeError(f"AxisSum axis must be one of 0..{n - 1} for {M}, got {axis}")
         return super().__new__(cls, M, axis)
 
     @property
@@ -354,8 +410,9 @@ class AxisSum(_ScalarArith, MatrixExpr):
 
     @property
     def shape(self):
-        r, c = self.args[0].shape
-        return (sp.Integer(1), c) if self.axis == 0 else (r, sp.Integer(1))
+        s = list(self.args[0].shape)
+        s[self.axis] = sp.Integer(1)
+        return tuple(s)
 
     def _sympystr(self, printer):
         return f"sum({printer._print(self.args[0])}, axis={self.axis})"
@@ -481,3 +538,69 @@ class Constant(sp.MatrixSymbol):
         if isinstance(v, sp.Identity):
             return np.eye(int(sp.sympify(v.shape[0]).xreplace(dims)), dtype=dtype)
         return np.array([[float(x) for x in row] for row in v.tolist()], dtype=dtype)
+
+
+def is_constant(e) -> bool:
+    return isinstance(e, sp.Basic) and not is_matrix(e) and e.is_number
+
+
+def make_map(lam: sp.Lambda, shape, args) -> Elementwise:
+    """An Elementwise map with constant arguments folded into its body."""
+    body, keep, keep_vars = lam.expr, [], []
+    used = body.free_symbols
+    for v, a in zip(lam.variables, args):
+        if v not in used:  # an argument the body does not read
+            continue
+        if is_constant(a):
+            body = body.xreplace({v: a})
+        else:
+            keep.append(a)
+            keep_vars.append(v)
+    new = placeholders(len(keep))
+    body = body.xreplace(dict(zip(keep_vars, new)))
+    return Elementwise(sp.Lambda(new, body), shape, *keep)
+
+
+class Tensor(_ScalarArith, sp.MatrixSymbol):
+    """A named array of any rank: ``Tensor("X", N, 1, 8, 8)`` is a batch of 8×8 images.
+
+    A ``MatrixSymbol`` with more (or fewer) axes, so everything that names, binds and
+    passes a matrix by name does the same for it; ``sb.tensor`` makes one, and a SymPy
+    ``ArraySymbol`` given to a symbp operation becomes one of the same name and shape."""
+
+    def __new__(cls, name, *shape):
+        shape = tuple(sp.sympify(d) for d in shape)
+        if isinstance(name, str):
+            name = Str(name)
+        return sp.Basic.__new__(cls, name, *shape)
+
+    @property
+    def shape(self):
+        return tuple(self.args[1:])
+
+    def _sympystr(self, printer):
+        return self.name
+
+    def _latex(self, printer):
+        return printer._print(sp.Symbol(self.name))
+
+
+def tensor(name: str, *shape) -> sp.MatrixSymbol:
+    """A named input array: ``tensor("X", N, 1, 8, 8)``; two sizes give a MatrixSymbol."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return sp.MatrixSymbol(name, *shape) if len(shape) == 2 else Tensor(name, *shape)
+
+
+def array_symbol(name: str, shape) -> sp.MatrixSymbol:
+    """The IR's name for a value of ``shape``: a MatrixSymbol, or a Tensor of other rank."""
+    shape = tuple(shape)
+    return sp.MatrixSymbol(name, *shape) if len(shape) == 2 else Tensor(name, *shape)
+
+
+def as_array(x):
+    """A SymPy ``ArraySymbol`` as the Tensor of its name and shape; anything else as is."""
+    A = _array_symbol_class()
+    if A is not None and isinstance(x, A):
+        return Tensor(x.name, *x.shape)
+    return x

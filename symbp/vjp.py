@@ -1,5 +1,5 @@
-"""Vector-Jacobian rules, one per head: the one table the reverse pass and the printed
-derivations share.
+"""Vector-Jacobian products: the one entry point the reverse pass and the printed
+derivations share, and the helpers the heads' rules (symbp/heads) are written with.
 
 ``vjp(e, y, g, wants)`` says what a node ``e`` with value ``y`` and adjoint ``g`` sends to
 each of its operands: ``[(x, x̄ contribution), ...]``.  It is pure: a contribution is an
@@ -17,18 +17,11 @@ from __future__ import annotations
 import sympy as sp
 
 from .errors import SymbpError
-from .ir import _names_in, make_map
-from .matrix import (
-    AxisSum,
-    Elementwise,
-    LogSoftmax,
-    Softmax,
-    SoftmaxCrossEntropy,
-    Total,
-    is_matrix,
-)
+from .heads import rule
+from .ir import _names_in
+from .matrix import AxisSum, Elementwise, SoftmaxCrossEntropy, Total, is_matrix, make_map
 
-_G, _Y, _S, _R, _T, _N = sp.symbols("_g _y _s _r _t _n", real=True)
+_G, _Y = sp.symbols("_g _y", real=True)
 OWN = _Y  # the node's own value in a map's local derivative: σ' = OWN (1 − OWN)
 
 
@@ -57,64 +50,21 @@ def local_factor(e: Elementwise, d, y):
 def vjp(e, y, g, wants, local=None) -> list:
     """``[(operand, contribution)]``: the vector-Jacobian product of node ``e`` with ``g``.
 
-    ``local(e, d)`` may restate a map's local derivative ``d`` as ``(body, variables,
-    operands)`` (the printed derivations name σ′ or fold a size into it); None keeps
-    ``local_factor``.  Raises SymbpError for a matrix head without a rule.
+    The rule is the head's own (``symbp/heads``).  ``local(e, d)`` may restate a map's
+    local derivative ``d`` as ``(body, variables, operands)`` (the printed derivations name
+    σ′ or fold a size into it); None keeps ``local_factor``.  Raises SymbpError for a head
+    without a rule.
     """
-    out = []
-    if isinstance(e, sp.MatMul):  # C = A B:  Ā = Ḡ Bᵀ,  B̄ = Aᵀ Ḡ
-        A, B = e.args[0], sp.MatMul(*e.args[1:]) if len(e.args) > 2 else e.args[1]
-        G = broadcast(g, e.shape)
-        if wants(A):
-            out.append((A, sp.MatMul(G, tr(B))))
-        if wants(B):
-            out.append((B, sp.MatMul(tr(A), G)))
-    elif isinstance(e, sp.Transpose):
-        out.append((e.arg, tr(broadcast(g, e.shape))))
-    elif isinstance(e, Elementwise):
-        out = _map(e, y, g, wants, local or (lambda m, d: local_factor(m, d, y)))
-    elif isinstance(e, AxisSum):  # every entry of the summed axis gets the same ḡ
-        x = e.args[0]
-        out.append((x, make_map(sp.Lambda((_G,), _G), x.shape, [g])))
-    elif isinstance(e, Total):  # every entry gets g (the receiver spreads it)
-        out.append((e.args[0], g))
-    elif isinstance(e, Softmax):  # z̄ = y ⊙ (ḡ − rowsum(ḡ ⊙ y))
-        Y = e if y is None else y
-        s = AxisSum(make_map(sp.Lambda((_G, _Y), _G * _Y), e.shape, [g, Y]), 1)
-        out.append((e.args[0], make_map(sp.Lambda((_G, _Y, _S), _Y * (_G - _S)), e.shape,
-                                        [g, Y, s])))
-    elif isinstance(e, LogSoftmax):  # z̄ = ḡ − softmax(z) ⊙ rowsum(ḡ); softmax(z) = exp(y)
-        G = broadcast(g, e.shape)
-        P, Y = (_Y, Softmax(e.args[0])) if y is None else (sp.exp(_Y), y)
-        out.append((e.args[0], make_map(sp.Lambda((_G, _Y, _S), _G - P * _S), e.shape,
-                                        [G, Y, AxisSum(G, 1)])))
-    elif isinstance(e, SoftmaxCrossEntropy):
-        # L = Σ_n (r_n lse(Z_n) − Σ_j T_nj Z_nj)/N with r = T𝟏 the row sums of T: exactly
-        # −Σ T ⊙ log softmax(Z)/N for every T (one-hot and probability rows have r = 1)
-        Z, T = e.args
-        n = Z.shape[0]
-        if wants(Z):  # Z̄ = g (Y ⊙ r − T)/N, Y = softmax(Z): the familiar (Y − T)/N when r = 1
-            out.append((Z, make_map(sp.Lambda((_S, _R, _T, _G, _N), _G * (_S * _R - _T) / _N),
-                                    Z.shape, [Softmax(Z), AxisSum(T, 1), T, g, n])))
-        if wants(T):  # T̄ = −g log softmax(Z)/N
-            out.append((T, make_map(sp.Lambda((_S, _G, _N), -_G * _S / _N), Z.shape,
-                                    [LogSoftmax(Z), g, n])))
-    elif is_matrix(e):
-        raise SymbpError(f"no vector-Jacobian rule for the matrix head {type(e).__name__} "
-                         f"in {e}: add one to symbp/vjp.py")
-    else:  # scalar arithmetic: ordinary partial derivatives by its operands
-        for x in operands(e):
-            if not wants(x):
-                continue
-            d = partial(e, x)
-            if y is not None and isinstance(e, (sp.Function, sp.Pow)):
-                d = d.xreplace({e: y})  # reuse the node's own value: tanh' = 1 - y**2
-            if d != 0:
-                out.append((x, g * d))
-    return out
+    h = rule(e)
+    if h is None or h.vjp is None:
+        raise SymbpError(f"no vector-Jacobian rule for the head {type(e).__name__} in {e}: "
+                         "register one with symbp.heads.register(..., vjp=...)")
+    return h.vjp(e, y, g, wants, local)
 
 
-def _map(e: Elementwise, y, g, wants, local) -> list:
+def map_vjp(e: Elementwise, y, g, wants, local=None) -> list:
+    """A map's rule: x̄ = ḡ ⊙ ∂f/∂x for each operand, summed back over broadcast axes."""
+    local = local or (lambda m, d: local_factor(m, d, y))
     body, out = e.lam.expr, []
     for v, x in zip(e.lam.variables, e.operands):
         if not wants(x):
@@ -134,10 +84,9 @@ def unbroadcast(C, x, shape):
     """Sum a contribution of the map's ``shape`` back down to operand ``x``'s shape."""
     if not is_matrix(x):
         return Total(broadcast(C, shape))
-    if x.shape[0] == 1 and shape[0] != 1:
-        C = AxisSum(broadcast(C, shape), 0)
-    if x.shape[1] == 1 and shape[1] != 1:
-        C = AxisSum(broadcast(C, shape), 1)
+    for k, (d, full) in enumerate(zip(x.shape, shape)):
+        if d == 1 and full != 1:  # a broadcast axis: every entry along it sent x̄ a share
+            C = AxisSum(broadcast(C, shape), k)
     return C
 
 

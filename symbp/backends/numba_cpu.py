@@ -1,8 +1,8 @@
 """The Numba CPU backends: ``cpu`` (serial njit) and ``parallel`` (njit with prange).
 
 A Program becomes one Python module of readable source (``fn.source``), imported from a
-content-hashed file so Numba caches the machine code on disk (``symbp.cache``).  The
-lowering, one rule per head:
+content-hashed file so Numba caches the machine code on disk (``symbp.cache``).  Each
+head's lowering is its ``cpu`` rule in symbp/heads, printed through ``_Gen``'s helpers:
 
     MatMul         _gemm(A, B, out, 1, 0) (symbp.backends.blas): BLAS, operands such as
                    X.T transposed for free
@@ -39,17 +39,9 @@ from .. import cache, optim
 from ..api import bind_inputs
 from ..errors import InputError, SymbpError
 from ..functions import Activation
+from ..heads import require, rule
 from ..ir import Program, _names_in, is_constant
-from ..matrix import (
-    AxisSum,
-    Constant,
-    Elementwise,
-    LogSoftmax,
-    Softmax,
-    SoftmaxCrossEntropy,
-    Total,
-    is_matrix,
-)
+from ..matrix import Constant, is_matrix
 from ..passes import optimize
 from . import Kernel, identifiers
 from .scalar import ScalarPrinter, helpers
@@ -263,6 +255,9 @@ class _Gen:
     def idx(self, d) -> str:
         return _idx(d, self.ids)
 
+    def cost(self, body) -> int:
+        return _cost(body, self.dt)
+
     def est(self, n) -> int:
         # a symbolic batch size counts as 128 rows for the prange decision
         n = sp.sympify(n)
@@ -273,50 +268,13 @@ class _Gen:
         for a in self.p.body:
             if a.name in self.done or a.name in self.into:
                 continue
-            e = a.expr
-            if isinstance(e, sp.MatMul):
-                self.matmul(a)
-            elif isinstance(e, Elementwise):
-                self.map(a)
-            elif isinstance(e, (AxisSum, Total)):
-                self.reduction(a)
-            elif isinstance(e, sp.Transpose):
-                self.transpose(a)
-            elif isinstance(e, (Softmax, LogSoftmax, SoftmaxCrossEntropy)):
-                self.rows(a)
-            elif is_matrix(a.name):
-                raise SymbpError(f"the Numba backends cannot lower {a.name} = {e}")
-            else:
-                self.head(a)
-                self.emit(f"{self.ids[a.name]} = {self.expr(e)}")
+            rule(a.expr).cpu(self, a)  # the head's own lowering (symbp/heads)
             self.done.add(a.name)
 
     def operand(self, x) -> str:
         if isinstance(x, sp.Transpose):
             return f"{self.ids[x.arg]}.T"
         return self.ids[x]
-
-    def matmul(self, a):
-        """BLAS, or loops for a product whose fixed sizes are tiny (a call costs ~1 µs)."""
-        self.head(a)
-        A, B = a.expr.args
-        C = self.buffer(a.name)
-        m, k = A.shape
-        n = B.shape[1]
-        if self.blas_product(A, B):
-            self.emit(f"_gemm({self.operand(A)}, {self.operand(B)}, {C}, DT(1), DT(0))")
-            return
-
-        def at(x, i, j):
-            return f"{self.ids[x.arg]}[{j}, {i}]" if isinstance(x, sp.Transpose) \
-                else f"{self.ids[x]}[{i}, {j}]"
-
-        self.emit(f"for _i in range({self.idx(m)}):")
-        self.emit(f"for _j in range({self.idx(n)}):", 2)
-        self.emit("_acc = ACC(0.0)", 3)
-        self.emit(f"for _k in range({self.idx(k)}):", 3)
-        self.emit(f"_acc += {at(A, '_i', '_k')} * {at(B, '_k', '_j')}", 4)
-        self.emit(f"{C}[_i, _j] = DT(_acc)", 3)
 
     @staticmethod
     def blas_product(A, B) -> bool:
@@ -328,170 +286,32 @@ class _Gen:
             fixed *= int(d) if d.is_Integer else 1
         return fixed > SMALL_PRODUCT
 
-    def transpose(self, a):
-        self.head(a)
-        r, c = a.name.shape
-        y, x = self.buffer(a.name), self.ids[a.expr.arg]
-        self.emit(self.loop("_i", r, 0, 1))
-        self.emit(f"for _j in range({self.idx(c)}):", 2)
-        self.emit(f"{y}[_i, _j] = {x}[_j, _i]", 3)
+    @staticmethod
+    def index_vars(rank: int) -> list[str]:
+        """Loop variables over an array's axes: _i, _j for a matrix, _i0, _i1, ... else."""
+        return ["_i", "_j"] if rank == 2 else [f"_i{k}" for k in range(rank)]
 
     def load(self, x, shape) -> str:
-        """How entry (i, j) of a map's operand reads: broadcasting rows, columns, scalars."""
+        """How an entry of a map's operand reads: broadcasting rows, columns, scalars (an
+        axis of size 1 is read at 0)."""
         if not is_matrix(x):
             return f"DT({self.ids[x]})" if x in self.p.dims else self.ids[x]
-        r, c = x.shape
-        i = "_i" if not (r == 1 and shape[0] != 1) else "0"
-        j = "_j" if not (c == 1 and shape[1] != 1) else "0"
-        return f"{self.ids[x]}[{i}, {j}]"
+        at = [v if not (d == 1 and full != 1) else "0"
+              for v, d, full in zip(self.index_vars(len(shape)), x.shape, shape)]
+        return f"{self.ids[x]}[{', '.join(at)}]"
 
-    def map(self, a):
-        """One loop nest for a map, with the sums that read it fused in."""
-        e = a.expr
-        R, C = e.shape
-        users = self.users.get(a.name, [])
-        sums = [u for u in users if isinstance(u.expr, (AxisSum, Total))]
-        store = a.name in self.outputs or any(u not in sums for u in users)
-        self.head(a)
-        for s in sums:
-            self.head(s)
-        loads = {v: sp.Symbol(f"_ld{k}") for k, v in enumerate(e.lam.variables)}
-        extra = {loads[v]: self.load(x, e.shape) for v, x in zip(e.lam.variables, e.operands)}
-        body = e.lam.expr.xreplace(loads)
-        temps, (value,) = sp.cse([body], symbols=sp.numbered_symbols("_x"), optimizations=None)
-        extra.update({t: str(t) for t, _ in temps})
-        axis0 = [s for s in sums if isinstance(s.expr, AxisSum) and s.expr.axis == 0]
-        axis1 = [s for s in sums if isinstance(s.expr, AxisSum) and s.expr.axis == 1]
-        totals = [s for s in sums if isinstance(s.expr, Total)]
-        acc = {s.name: f"_acc_{self.ids[s.name]}" for s in sums}
-        for s in axis0:
-            self.acc_vector(acc[s.name], C)
-        for s in totals:
-            self.emit(f"{acc[s.name]} = ACC(0.0)")
-        work = self.est(R) * self.est(C) * max(_cost(body, self.dt), 1)
-        # prange over rows would race on the column sums: keep those loops serial
-        self.emit(self.loop("_i", R, work, 1, serial=bool(axis0)))
-        for s in axis1:
-            self.emit(f"{acc[s.name]} = ACC(0.0)", 2)
-        self.emit(f"for _j in range({self.idx(C)}):", 2)
-        for t, v in temps:
-            self.emit(f"{t} = {self.expr(v, extra)}", 3)
-        val = self.expr(value, extra)
-        y = self.buffer(a.name) if store else None
-        if sums:
-            self.emit(f"_v = {val}", 3)
-            val = "_v"
-        if store:
-            self.emit(f"{y}[_i, _j] = {val}", 3)
-        for s in sums:
-            k = "[_j]" if s in axis0 else ""
-            self.emit(f"{acc[s.name]}{k} += {val}", 3)
-        for s in axis1:
-            self.emit(f"{self.buffer(s.name)}[_i, 0] = DT({acc[s.name]})", 2)
-        for s in axis0:
-            self.emit(f"for _j in range({self.idx(C)}):")
-            self.emit(f"{self.buffer(s.name)}[0, _j] = DT({acc[s.name]}[_j])", 2)
-        for s in totals:
-            self.emit(f"{self.ids[s.name]} = DT({acc[s.name]})")
-        self.done.update(s.name for s in sums)
+    def nest(self, shape, work, serial=False) -> int:
+        """Loops over every axis of ``shape`` (prange over the first where it pays); the
+        depth of the innermost body."""
+        for k, (v, n) in enumerate(zip(self.index_vars(len(shape)), shape)):
+            if k == 0:
+                self.emit(self.loop(v, n, work, 1, serial=serial))
+            else:
+                self.emit(f"for {v} in range({self.idx(n)}):", k + 1)
+        return len(shape) + 1
 
-    def reduction(self, a):
-        """A sum of a value that is not a map (a product, an input): float64 loops."""
-        self.head(a)
-        M = a.expr.args[0]
-        R, C = M.shape
-        x, acc = self.ids[M], f"_acc_{self.ids[a.name]}"
-        if isinstance(a.expr, Total):
-            self.emit(f"{acc} = ACC(0.0)")
-            self.emit(f"for _i in range({self.idx(R)}):")
-            self.emit(f"for _j in range({self.idx(C)}):", 2)
-            self.emit(f"{acc} += {x}[_i, _j]", 3)
-            self.emit(f"{self.ids[a.name]} = DT({acc})")
-        elif a.expr.axis == 0:
-            y = self.buffer(a.name)
-            self.acc_vector(acc, C)
-            self.emit(f"for _i in range({self.idx(R)}):")
-            self.emit(f"for _j in range({self.idx(C)}):", 2)
-            self.emit(f"{acc}[_j] += {x}[_i, _j]", 3)
-            self.emit(f"for _j in range({self.idx(C)}):")
-            self.emit(f"{y}[0, _j] = DT({acc}[_j])", 2)
-        else:
-            y = self.buffer(a.name)
-            self.emit(self.loop("_i", R, self.est(R) * self.est(C), 1))
-            self.emit(f"{acc} = ACC(0.0)", 2)
-            self.emit(f"for _j in range({self.idx(C)}):", 2)
-            self.emit(f"{acc} += {x}[_i, _j]", 3)
-            self.emit(f"{y}[_i, 0] = DT({acc})", 2)
 
-    def rows(self, a):
-        """Softmax, log-softmax and softmax-CE: per row, shift by the max, sum exps in float64.
 
-        A softmax of the logits of a softmax-CE (the backward pass asks for it) is computed
-        in the CE's loop: one exp per entry for both; so are the row sums T𝟏 of its targets
-        (the gradient (Y ⊙ T𝟏 − T)/N reads them)."""
-        e = a.expr
-        Z = e.args[0]
-        R, C = Z.shape
-        z = self.ids[Z]
-        sm = rs = None
-        ce = isinstance(e, SoftmaxCrossEntropy)
-        if ce:
-            T = e.args[1]
-            sm = next((u for u in self.users.get(Z, []) if isinstance(u.expr, Softmax)
-                       and u.name not in self.done), None)
-            rs = next((u for u in self.users.get(T, []) if u.expr == AxisSum(T, 1)
-                       and u.name not in self.done), None)
-        self.head(a)
-        for u in (sm, rs):
-            if u is not None:
-                self.head(u)
-        work = self.est(R) * self.est(C) * 25  # an exp and a division per entry
-        if ce:
-            self.emit("_acc_loss = ACC(0.0)")
-        self.emit(self.loop("_i", R, work, 1))
-        # a NaN anywhere in the row reaches every output through the sum of exps below,
-        # whether or not this max saw it
-        self.emit(f"_m = {z}[_i, 0]", 2)
-        self.emit(f"for _j in range(1, {self.idx(C)}):", 2)
-        self.emit(f"if {z}[_i, _j] > _m:", 3)  # not max(): ~0.05 s less compile time
-        self.emit(f"_m = {z}[_i, _j]", 4)
-        self.emit("_acc_s = ACC(0.0)", 2)
-        y = None
-        if isinstance(e, Softmax):
-            y = self.buffer(a.name)
-        elif sm is not None:
-            y = self.buffer(sm.name)
-        if ce:
-            t = self.ids[T]
-            self.emit("_acc_t = ACC(0.0)", 2)
-            self.emit("_acc_tm = ACC(0.0)", 2)
-        self.emit(f"for _j in range({self.idx(C)}):", 2)
-        self.emit(f"_ez = math.exp({z}[_i, _j] - _m)", 3)
-        if y is not None:
-            self.emit(f"{y}[_i, _j] = _ez", 3)
-        self.emit("_acc_s += _ez", 3)
-        if ce:
-            # −Σ_j t_j log softmax(z)_j = Σ_j t_j (m − z_j) + (Σ_j t_j) log s: exact for
-            # every t, and no cancellation between lse ≈ z at large logits
-            self.emit(f"_acc_t += {t}[_i, _j]", 3)
-            self.emit(f"_acc_tm += {t}[_i, _j] * (_m - {z}[_i, _j])", 3)
-            self.emit("_acc_loss += _acc_tm + _acc_t * math.log(_acc_s)", 2)
-            if rs is not None:
-                self.emit(f"{self.buffer(rs.name)}[_i, 0] = DT(_acc_t)", 2)
-        if y is not None:
-            self.emit("_s = DT(_acc_s)", 2)
-            self.emit(f"for _j in range({self.idx(C)}):", 2)
-            self.emit(f"{y}[_i, _j] = {y}[_i, _j] / _s", 3)
-        if isinstance(e, LogSoftmax):
-            y = self.buffer(a.name)
-            # (z - m) - log s, not z - (m + log s): in float32 m + log s rounds to the
-            # spacing of m (6e-5 at |z| = 1000), an error every entry of the row inherits
-            self.emit("_ls = DT(math.log(_acc_s))", 2)
-            self.emit(f"for _j in range({self.idx(C)}):", 2)
-            self.emit(f"{y}[_i, _j] = ({z}[_i, _j] - _m) - _ls", 3)
-        if ce:
-            self.emit(f"{self.ids[a.name]} = DT(_acc_loss / {self.idx(R)})")
-        self.done.update(u.name for u in (sm, rs) if u is not None)
 
     # --- the optimizer update, fused after the gradient ------------------------------------
     def fusable_updates(self, opt) -> dict:
@@ -605,6 +425,7 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
     float64 accumulators ``_f64`` if any, fresh output arrays (a gradient function); a
     step takes the optimizer state, then ``_f64`` (the optimizer's constants followed by
     the accumulators) and the step number ``_t``."""
+    require(p, "cpu", target)
     dt = np.dtype(dtype).name
     g = _Gen(p, dtype, target, update=opt)
     g.run()
@@ -626,7 +447,7 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
             types.append(_array_type(dt, 1))
         else:
             params.append(ids[x])
-            types.append(_array_type(dt, 2) if is_matrix(x) else dt)
+            types.append(_array_type(dt, len(x.shape)) if is_matrix(x) else dt)
     if opt is None:
         params += [ids[d] for d in p.dims]
         types += ["int64"] * len(p.dims)
@@ -636,14 +457,14 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
         params += ["_f64"]
         types += ["float64[::1]"]
     params += [ids[b] for b in outs]
-    types += [_array_type(dt, 2)] * len(outs)
+    types += [_array_type(dt, len(b.shape)) for b in outs]
     state = []
     if opt is not None:
         for buf in opt.buffers:
             for w in p.wrt:
                 state.append((buf, w))
                 params.append(f"_{buf}_{ids[w]}")
-                types.append(_array_type(dt, 2 if is_matrix(w) else 1))
+                types.append(_array_type(dt, len(w.shape) if is_matrix(w) else 1))
         params += ["_f64", "_t"]
         types += ["float64[::1]", "int64"]
     name = "train_step" if opt is not None else ("loss_and_grad" if p.wrt else "forward")
@@ -671,7 +492,14 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
         lines.append("    _o = 0")
         widths: dict = {}
         for b in scratch:
-            widths.setdefault(_idx(b.shape[1], ids), []).append(b)
+            if len(b.shape) == 2:
+                widths.setdefault(_idx(b.shape[1], ids), []).append(b)
+        for b in scratch:  # an array of another rank: its own slice, reshaped
+            if len(b.shape) != 2:
+                size = _idx(sp.Mul(*[sp.sympify(d) for d in b.shape]), ids)
+                dims = ", ".join(_idx(d, ids) for d in b.shape) + ("," if len(b.shape) == 1 else "")
+                lines.append(f"    {ids[b]} = _ws[_o:_o + {size}].reshape(({dims}))")
+                lines.append(f"    _o += {size}")
         for k, (c, group) in enumerate(widths.items()):
             rows = _idx(sum((sp.sympify(b.shape[0]) for b in group), sp.Integer(0)), ids)
             lines.append(f"    _w{k} = _ws[_o:_o + ({rows}) * {c}].reshape(({rows}, {c}))")
@@ -702,13 +530,13 @@ def _bind_in_kernel(p: Program, ids: dict, scratch) -> list[str]:
     mats = [x for x in p.inputs if is_matrix(x)]
     out, checks = [], []
     for d in p.dims:
-        at = next(((x, k) for x in mats for k in (0, 1) if x.shape[k] == d), None)
+        at = next(((x, k) for x in mats for k in range(len(x.shape)) if x.shape[k] == d), None)
         out.append(f"    {ids[d]} = {ids[at[0]]}.shape[{at[1]}]" if at else f"    {ids[d]} = 0")
         checks.append(f"{ids[d]} == 0")
     for x in mats:
-        for k in (0, 1):
+        for k in range(len(x.shape)):
             checks.append(f"{ids[x]}.shape[{k}] != {_idx(x.shape[k], ids)}")
-    need = sum((sp.sympify(b.shape[0]) * sp.sympify(b.shape[1]) for b in scratch), sp.Integer(0))
+    need = sum((sp.Mul(*[sp.sympify(d) for d in b.shape]) for b in scratch), sp.Integer(0))
     checks.append(f"_ws.size < {_idx(need, ids)}")
     out.append("    # sizes from the inputs; a mismatch goes back to Python's full check")
     rows = [" or ".join(checks[k:k + 4]) for k in range(0, len(checks), 4)]

@@ -1,7 +1,8 @@
 """The CUDA backend: a Program printed as Numba CUDA kernels plus a host driver.
 
 Each assignment becomes one kernel launch, in program order, on device buffers that are
-allocated once per batch size and reused:
+allocated once per batch size and reused.  A head's ``cuda`` rule (symbp/heads) is its
+launch, or "maps"/"scalars" for the heads this module groups into one kernel:
 
     Elementwise       one kernel per fused group: ``passes.fuse`` composes single-use
                       chains, then consecutive maps of one shape share a kernel (a value
@@ -39,16 +40,9 @@ import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 
 from ..errors import SymbpError, UnsupportedError
+from ..heads import require, rule
 from ..ir import Program
-from ..matrix import (
-    AxisSum,
-    Elementwise,
-    LogSoftmax,
-    Softmax,
-    SoftmaxCrossEntropy,
-    Total,
-    is_matrix,
-)
+from ..matrix import Elementwise, is_matrix
 from ..passes import optimize
 from . import Kernel, identifiers
 from .scalar import ScalarPrinter, helpers
@@ -397,30 +391,31 @@ class _Gen:
         k = 0
         while k < len(body):
             a = body[k]
-            if isinstance(a.expr, Elementwise):
+            how = rule(a.expr).cuda  # "maps", "scalars" or the head's own launch rule
+            if how == "maps":
                 group = [a]
                 while (self.fuse and k + len(group) < len(body)
                        and self._fusable(group, body[k + len(group)])):
                     group.append(body[k + len(group)])
                 self.elementwise(group, k)
                 k += len(group)
-            elif not is_matrix(a.name) and not isinstance(a.expr, (Total, SoftmaxCrossEntropy)):
+            elif how == "scalars":
                 run = [a]
-                while (k + len(run) < len(body) and not is_matrix(body[k + len(run)].name)
-                       and not isinstance(body[k + len(run)].expr, (Total, SoftmaxCrossEntropy))):
+                while (k + len(run) < len(body)
+                       and rule(body[k + len(run)].expr).cuda == "scalars"):
                     run.append(body[k + len(run)])
                 self.scalars(run)
                 k += len(run)
             else:
                 if a.name not in self.skip:
-                    self.structural(a)
+                    how(self, a)
                 k += 1
         return self.module()
 
     def _fusable(self, group, b) -> bool:
         """b joins the group if it is a map of the same shape that reads the group's
         values only at its own entry (never transposed)."""
-        if not isinstance(b.expr, Elementwise):
+        if rule(b.expr).cuda != "maps":
             return False
         if tuple(b.expr.shape) != tuple(group[0].expr.shape):
             return False
@@ -533,75 +528,17 @@ class _Gen:
         what = ", ".join(self.ids[a.name] for a in run)
         self.driver.append(f"{name}[1, 1]({', '.join(args)})  # {what}")
 
-    # structural heads --------------------------------------------------------------------
-    def structural(self, a):
-        e, out = a.expr, self.ids[a.name]
-        if isinstance(e, sp.MatMul):
-            A, B = e.args
-            ta, tb = isinstance(A, sp.Transpose), isinstance(B, sp.Transpose)
-            name, src = _matmul_kernel(ta, tb)
-            if name not in self.fixed:
-                self.fixed[name] = src
-                self.sigs[name] = self.sig("MMMiii")
-            M, N = self.shape_src(a.name.shape)
-            (K,) = self.shape_src([A.shape[1]])
-            ops = [self.d(x.arg if isinstance(x, sp.Transpose) else x) for x in (A, B)]
-            self.driver.append(
-                f"{name}[_grid2({M}, {N}), (_TILE, _TILE)]({ops[0]}, {ops[1]}, {self.d(a.name)}, "
-                f"{M}, {N}, {K})  # {out} = {_doc(e, self.ids)}")
-        elif isinstance(e, AxisSum):
-            M = e.args[0]
-            R, C = self.shape_src(M.shape)
-            kernel = f"_axis_sum{e.axis}"
-            self.use_fixed(kernel)
-            grid = f"_grid_tiles({C})" if e.axis == 0 else f"_grid_tiles({R})"
-            self.driver.append(f"{kernel}[{grid}, (_TILE, _TILE)]({self.d(M)}, {self.d(a.name)}, "
-                               f"{R}, {C})  # {out} = {_doc(e, self.ids)}")
-        elif isinstance(e, (Softmax, LogSoftmax)):
-            Z = e.args[0]
-            R, C = self.shape_src(Z.shape)
-            kernel = "_softmax" if isinstance(e, Softmax) else "_log_softmax"
-            self.use_fixed(kernel)
-            self.driver.append(f"{kernel}[_grid_tiles({R}), (_TILE, _TILE)]({self.d(Z)}, "
-                               f"{self.d(a.name)}, {R}, {C})  # {out} = {_doc(e, self.ids)}")
-        elif isinstance(e, sp.Transpose):
-            R, C = self.shape_src(a.name.shape)
-            self.use_fixed("_transpose")
-            self.driver.append(f"_transpose[_grid1({R} * {C}), _BLOCK]({self.d(e.arg)}, "
-                               f"{self.d(a.name)}, {R}, {C})  # {out} = {_doc(e, self.ids)}")
-        elif isinstance(e, Total):
-            M = e.args[0]
-            R, C = self.shape_src(M.shape)
-            self.use_fixed("_total")
-            self.driver.append(f"_total[1, _BLOCK]({self.d(M)}, {R}, {C}, _scalars, "
-                               f"{self.slot[a.name]}, _HT(1))  # {out} = {_doc(e, self.ids)}")
-        elif isinstance(e, SoftmaxCrossEntropy):
-            Z, T = e.args
-            R, C = self.shape_src(Z.shape)
-            rows = f"_rows_{out}"
-            self.scratch.append((rows, f"({R}, 1)"))
-            # the row sums T𝟏 come out of the same kernel: into the gradient's AxisSum(T, 1)
-            # when a later assignment asks for it (it is then not launched again)
-            later = self.p.body[self.pos[a.name] + 1:]
-            rs = next((b.name for b in later if b.expr == AxisSum(T, 1)), None)
-            if rs is None:
-                rs_buf = f"_rsum_{out}"
-                self.scratch.append((rs_buf, f"({R}, 1)"))
-            else:
-                rs_buf = self.d(rs)
-                self.skip.add(rs)
-            self.use_fixed("_sce_rows")
-            self.use_fixed("_total")
-            self.driver.append(f"_sce_rows[_grid_tiles({R}), (_TILE, _TILE)]({self.d(Z)}, "
-                               f"{self.d(T)}, {rows}, {rs_buf}, {R}, {C})"
-                               f"  # {out}: cross-entropy and target sum per row")
-            self.driver.append(f"_total[1, _BLOCK]({rows}, {R}, 1, _scalars, "
-                               f"{self.slot[a.name]}, _HT(1 / ({R})))  # {out} = mean of rows")
-        else:
-            raise UnsupportedError(
-                f"the CUDA backend has no kernel for {type(e).__name__} in `{out} = {e}`: "
-                "compile this program for target 'numpy' or 'cpu'"
-            )
+    # what the heads' launch rules (symbp/heads) print with ----------------------------
+    def matmul_kernel(self, ta: bool, tb: bool) -> str:
+        """The tiled product kernel for op(A) op(B), op a transpose where flagged."""
+        name, src = _matmul_kernel(ta, tb)
+        if name not in self.fixed:
+            self.fixed[name] = src
+            self.sigs[name] = self.sig("MMMiii")
+        return name
+
+    def doc(self, e) -> str:
+        return _doc(e, self.ids)
 
     # the module ----------------------------------------------------------------------
     def module(self) -> str:
@@ -752,6 +689,13 @@ def generate(program: Program, dtype=numpy.float32, tile: int = 16, block: int =
         raise SymbpError(f"CUDA option block={block} exceeds CUDA's 1024 threads per block")
     if fuse:  # compose single-use chains of maps first (passes.fuse), drop dead code
         program = optimize(program)
+    require(program, "cuda")
+    nd = next((a for a in program.body if is_matrix(a.name) and len(a.name.shape) != 2), None)
+    if nd is not None:
+        raise UnsupportedError(
+            f"the CUDA backend computes with matrices only, and {nd.name} = {nd.expr} is a "
+            f"{len(nd.name.shape)}-D array: compile this program for 'cpu', 'parallel' or "
+            "'numpy'")
     return _Gen(program, dtype, tile, block, fuse).run()
 
 

@@ -14,15 +14,8 @@ import scipy.special
 import sympy as sp
 from sympy.printing.numpy import SciPyPrinter
 
+from ..heads import require, rule
 from ..ir import Program
-from ..matrix import (
-    AxisSum,
-    Elementwise,
-    LogSoftmax,
-    Softmax,
-    SoftmaxCrossEntropy,
-    Total,
-)
 from . import Kernel, identifiers
 
 # The table: each function's stable NumPy routine, keyed by its `helper` name.
@@ -96,48 +89,36 @@ def _shape(printer, shape, ids):
     return "(" + ", ".join(printer.doprint(sp.sympify(d).xreplace(env)) for d in shape) + ",)"
 
 
-def _line(a, ids, pr) -> str:
-    e = a.expr
+class _Ctx:
+    """What a head's NumPy rule prints with: operand names, the printer, shapes."""
 
-    def op(x):
+    def __init__(self, ids, pr):
+        self.ids, self.pr = ids, pr
+
+    def op(self, x) -> str:
         if isinstance(x, sp.Transpose):
-            return f"{ids[x.arg]}.T"
-        return ids[x] if x in ids else pr.doprint(x)
+            return f"{self.ids[x.arg]}.T"
+        return self.ids[x] if x in self.ids else self.pr.doprint(x)
 
-    if isinstance(e, sp.MatMul):
-        return f"{op(e.args[0])} @ {op(e.args[1])}"
-    if isinstance(e, sp.Transpose):
-        return f"numpy.ascontiguousarray({op(e.arg)}.T)"
-    if isinstance(e, Elementwise):
-        names = {v: sp.Symbol(op(x)) for v, x in zip(e.lam.variables, e.operands)}
-        body = e.lam.expr.xreplace(names)
-        return f"_full({pr.doprint(body)}, {_shape(pr, e.shape, ids)})"
-    if isinstance(e, AxisSum):
-        return f"numpy.sum({op(e.args[0])}, axis={e.axis}, keepdims=True)"
-    if isinstance(e, Total):
-        return f"DTYPE(numpy.sum({op(e.args[0])}))"
-    if isinstance(e, Softmax):
-        return f"_softmax({op(e.args[0])})"
-    if isinstance(e, LogSoftmax):
-        return f"_log_softmax({op(e.args[0])})"
-    if isinstance(e, SoftmaxCrossEntropy):
-        return f"DTYPE(_sce({op(e.args[0])}, {op(e.args[1])}))"
-    # a scalar head: print it over the names
-    return f"DTYPE({pr.doprint(e.xreplace({n: sp.Symbol(ids[n]) for n in ids if n in _atoms(e)}))})"
+    def shape(self, shape) -> str:
+        return _shape(self.pr, shape, self.ids)
 
-
-def _atoms(e):
-    return e.atoms(sp.Symbol, sp.MatrixSymbol)
+    def names_in(self, e) -> dict:
+        """Names of ``e`` as their identifiers, for printing a scalar expression."""
+        return {n: sp.Symbol(self.ids[n]) for n in e.atoms(sp.Symbol, sp.MatrixSymbol)
+                if n in self.ids}
 
 
 def build(program: Program, dtype=numpy.float64, **options) -> Kernel:
+    require(program, "numpy")
     names = list(program.inputs) + list(program.dims) + [a.name for a in program.body]
     ids = identifiers(names, RESERVED)
     pr = NumpyPrinter({"fully_qualified_modules": True, "allow_unknown_functions": False})
     params = ", ".join(ids[n] for n in list(program.inputs) + list(program.dims))
     lines = [f"def symbp_numpy({params}):"]
+    ctx = _Ctx(ids, pr)
     for a in program.body:
-        lines.append(f"    {ids[a.name]} = {_line(a, ids, pr)}  # {type(a.expr).__name__}")
+        lines.append(f"    {ids[a.name]} = {rule(a.expr).numpy(ctx, a)}  # {type(a.expr).__name__}")
     # a constant output (a scalar gradient that is 0) prints as a number
     outs = [ids[o] if o in ids else f"DTYPE({pr.doprint(o)})" for o in program.outputs]
     lines.append(f"    return ({', '.join(outs)},)")

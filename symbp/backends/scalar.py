@@ -37,7 +37,6 @@ from sympy.printing.pycode import PythonCodePrinter
 
 from ..functions import Activation
 
-
 # One routine per `helper` name.  Each is written in forms fast on both targets (no libm
 # tanh, one exp), and passes NaN through as NumPy does (see the module docstring).
 HELPERS = {

@@ -29,13 +29,14 @@ import sympy as sp
 
 from ..api import _wrt_tuple, gradient_program
 from ..errors import SymbpError
+from ..heads import rule
 from ..ir import Program, _names_in, is_constant, make_map
 from ..matrix import (
     Elementwise,
     LogSoftmax,
     Softmax,
     SoftmaxCrossEntropy,
-    Total,
+    array_symbol,
     is_matrix,
     placeholders,
 )
@@ -302,8 +303,8 @@ def format_value(v, style="text", digits: int = 4, max_entries: int = 24) -> str
     if a.size > max_entries:
         with np.errstate(all="ignore"):
             mean = _g(a.mean(), 4, style)
-        return f"[{a.shape[0]}×{a.shape[1]} array, mean {mean}]" if style != "tex" else \
-            r"\left[%d\times %d,\ \text{mean } %s\right]" % (a.shape[0], a.shape[1], mean)
+        return f"[{'×'.join(map(str, a.shape))} array, mean {mean}]" if style != "tex" else \
+            r"\left[%s,\ \text{mean } %s\right]" % (r"\times ".join(map(str, a.shape)), mean)
     if style == "tex":
         rows = [" & ".join(_g(x, digits, style) for x in row) for row in a]
         return r"\begin{bmatrix}%s\end{bmatrix}" % r" \\ ".join(rows)
@@ -323,11 +324,11 @@ def _g(x: float, digits: int = 4, style: str = "text") -> str:
 
 
 def _shape_tex(shape, names) -> str:
-    return r"%s\times %s" % tuple(T.tex(sp.sympify(d), names) for d in shape)
+    return r"\times ".join(T.tex(sp.sympify(d), names) for d in shape)
 
 
 def _shape_text(shape, names) -> str:
-    return "%s×%s" % tuple(T.text(sp.sympify(d), names) for d in shape)
+    return "×".join(T.text(sp.sympify(d), names) for d in shape)
 
 
 # --- which values get a name ----------------------------------------------------------------
@@ -335,11 +336,9 @@ def _shape_text(shape, names) -> str:
 
 def _is_function_head(e) -> bool:
     """An activation-like head: a function application, softmax, a loss head."""
-    if isinstance(e, (Softmax, LogSoftmax, SoftmaxCrossEntropy)):
-        return True
-    if isinstance(e, Elementwise):
-        return bool(e.lam.expr.atoms(sp.Function)) or isinstance(e.lam.expr, sp.Piecewise)
-    return isinstance(e, (sp.Function, sp.Piecewise)) and not isinstance(e, Total)
+    h = rule(e)
+    f = h.function if h is not None else False
+    return bool(f(e) if callable(f) else f)
 
 
 def _layers(fwd, named, fn):
@@ -378,7 +377,7 @@ class _Builder:
 
     def symbol(self, label: str, shape=None):
         internal = f"__{label}"
-        s = sp.MatrixSymbol(internal, *shape) if shape is not None else sp.Symbol(internal,
+        s = array_symbol(internal, shape) if shape is not None else sp.Symbol(internal,
                                                                                   real=True)
         base = label.replace("'", "")
         primes = label.count("'")
@@ -389,10 +388,10 @@ class _Builder:
     def adjoint_symbol(self, v, label_tex: str, label_text: str, delta: str | None):
         shape = tuple(v.shape) if is_matrix(v) else None
         if delta is not None:
-            s = sp.MatrixSymbol(f"__D_{v.name}", *shape)
+            s = array_symbol(f"__D_{v.name}", shape)
             self.names.set(s, T.name_latex(delta), T.name_text(delta))
             return s
-        s = sp.MatrixSymbol(f"__d_{v.name}", *shape) if shape else sp.Symbol(
+        s = array_symbol(f"__d_{v.name}", shape) if shape else sp.Symbol(
             f"__d_{v.name}", real=True)
         L = self.names.tex(self.loss_sym)
         self.names.set(s, r"\frac{\partial^{+} %s}{\partial %s}" % (L, label_tex),
@@ -512,7 +511,7 @@ class _Builder:
             self.adjoint[s] = self.adjoint_symbol(s, self.names.tex(s), label, delta)
         for w in self.p.wrt:
             shape = tuple(w.shape) if is_matrix(w) else None
-            g = sp.MatrixSymbol(f"__grad_{w.name}", *shape) if shape else sp.Symbol(
+            g = array_symbol(f"__grad_{w.name}", shape) if shape else sp.Symbol(
                 f"__grad_{w.name}", real=True)
             Ltex, Ltext = self.names.tex(L), self.names.text(L)
             self.names.set(g, r"\frac{\partial %s}{\partial %s}" % (Ltex, self.names.tex(w)),
@@ -614,7 +613,7 @@ def _activation_derivative(body, e, own, d, yv, b: _Builder):
     """A named local factor σ′(Z₁), defined as H₁ ⊙ (1 − H₁) (its own-value form)."""
     f = type(body)
     arg = e.operands[0]
-    s = sp.MatrixSymbol(f"__dact_{own.name}", *e.shape)
+    s = array_symbol(f"__dact_{own.name}", e.shape)
     fname = getattr(f, "latex_name", None) or "\\" + f.__name__
     if fname.startswith("\\") and not fname[1:].isalpha():
         fname = r"\operatorname{%s}" % f.__name__

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import sympy as sp
 
 from ..errors import ShapeError, SymbpError
-from ..matrix import AxisSum, Elementwise, Softmax, Total, is_matrix, same_dim
+from ..heads import rule
+from ..matrix import is_matrix, same_dim
 from . import tex as T
 from .derive import Derivation, derive
 
@@ -71,7 +72,7 @@ class Formulas:
                     continue
                 out.append((self._p(r.index_lhs, style), self._p(r.index, style), ""))
             else:
-                shape = (r"%s\times %s" if style == "tex" else "%s×%s") % tuple(
+                shape = (r"\times " if style == "tex" else "×").join(
                     self._p(sp.sympify(d), style) for d in r.shape)
                 out.append((self._p(r.lhs, style), self._p(r.expr, style), shape))
         return out
@@ -164,6 +165,10 @@ def _checked_shape(lhs, expr) -> tuple:
     return shape
 
 
+class _NoEntry(SymbpError):
+    pass
+
+
 class _Indexer:
     """Entry-by-entry forms of matrix formulas: (A B)[i,j] = Σₖ A[i,k] B[k,j]."""
 
@@ -184,12 +189,15 @@ class _Indexer:
         return self.base(M)[tuple(idx)] if idx else self.base(M).label
 
     def row(self, lhs, expr):
-        if not is_matrix(lhs):
+        if not is_matrix(lhs) or len(lhs.shape) != 2:
             return None, None
         self.used = set()
         i = self.letter(lhs.shape[0], ("k", "i"))
         j = self.letter(lhs.shape[1], ("l", "j", "c"))
-        return self.at(lhs, i, j), self.entry(expr, i, j)
+        try:
+            return self.at(lhs, i, j), self.entry(expr, i, j)
+        except _NoEntry:  # a head with no index form (a reshape): the matrix form only
+            return None, None
 
     def letter(self, dim, prefer=("m", "p", "q", "r", "s")):
         # n runs over the batch (a symbolic size), other sizes take k, l, m, ...
@@ -202,37 +210,17 @@ class _Indexer:
         raise SymbpError("index form: ran out of index letters")
 
     def entry(self, e, i, j):
+        """Entry (i, j) of ``e``: a name's entry, or its head's ``entry`` rule."""
         if isinstance(e, sp.MatrixSymbol):
             return self.at(e, i, j)
-        if isinstance(e, sp.Transpose):
-            return self.entry(e.arg, j, i)
-        if isinstance(e, sp.MatMul):
-            A, B = e.args[0], (sp.MatMul(*e.args[1:]) if len(e.args) > 2 else e.args[1])
-            k = self.letter(A.shape[1])
-            return sp.Sum(self.entry(A, i, k) * self.entry(B, k, j), (k, 0, A.shape[1] - 1))
-        if isinstance(e, AxisSum):
-            M = e.args[0]
-            if e.axis == 0:
-                n = self.letter(M.shape[0])
-                return sp.Sum(self.entry(M, n, j), (n, 0, M.shape[0] - 1))
-            m = self.letter(M.shape[1])
-            return sp.Sum(self.entry(M, i, m), (m, 0, M.shape[1] - 1))
-        if isinstance(e, Elementwise):
-            sub = {v: (self.entry(a, i, j) if is_matrix(a) else a)
-                   for v, a in zip(e.lam.variables, e.operands)}
-            return _no_piecewise(e.lam.expr.xreplace(sub))
-        if isinstance(e, Total):
-            M = e.args[0]
-            n, m = self.letter(M.shape[0]), self.letter(M.shape[1])
-            return sp.Sum(self.entry(M, n, m), (n, 0, M.shape[0] - 1), (m, 0, M.shape[1] - 1))
-        if isinstance(e, Softmax):
-            Z = e.args[0]
-            c = self.letter(Z.shape[1])
-            return sp.exp(self.entry(Z, i, j)) / sp.Sum(sp.exp(self.entry(Z, i, c)),
-                                                         (c, 0, Z.shape[1] - 1))
-        if isinstance(e, sp.ZeroMatrix):
-            return sp.Integer(0)
-        raise SymbpError(f"index form: no entry rule for {type(e).__name__}")
+        h = rule(e)
+        if h is None or h.entry is None:
+            raise _NoEntry(f"index form: no entry rule for {type(e).__name__}")
+        return h.entry(self, e, i, j)
+
+    @staticmethod
+    def no_piecewise(e):
+        return _no_piecewise(e)
 
 
 def _no_piecewise(e):

@@ -24,14 +24,9 @@ import sympy as sp
 
 from ..api import gradient_program
 from ..errors import SymbpError
+from ..heads import rule
 from ..ir import _names_in, is_constant
 from ..matrix import (
-    AxisSum,
-    Elementwise,
-    LogSoftmax,
-    Softmax,
-    SoftmaxCrossEntropy,
-    Total,
     is_matrix,
 )
 from . import tex as T
@@ -49,31 +44,9 @@ RED = "red"  # the gradient's colour on edges, sums and the legend
 
 def _op_label(e) -> str:
     """The operation a node performs, in one or two characters where possible."""
-    if isinstance(e, sp.MatMul):
-        return "@"
-    if isinstance(e, sp.Transpose):
-        return "ᵀ"
-    if isinstance(e, AxisSum):
-        return "𝟏ᵀ·" if e.axis == 0 else "·𝟏"
-    if isinstance(e, Total):
-        return "Σ"
-    if isinstance(e, Softmax):
-        return "softmax"
-    if isinstance(e, LogSoftmax):
-        return "log softmax"
-    if isinstance(e, SoftmaxCrossEntropy):
-        return "CE∘softmax"
-    if isinstance(e, Elementwise):
-        body = e.lam.expr
-        if body.is_Add:
-            return "+"
-        if body.is_Mul:
-            return "⊙"
-        if not e.lam.variables:
-            return str(body)
-        if body in e.lam.variables:
-            return "broadcast"
-        return _op_label(body) if not body.is_Symbol else "map"
+    h = rule(e)
+    if h is not None and h.label is not None:
+        return h.label(e)
     if isinstance(e, sp.Add):
         consts = [a for a in e.args if is_constant(a)]
         return "+" + (T.text(sp.Add(*consts)) if consts else "")
@@ -163,7 +136,7 @@ def to_dot(f, at=None, wrt=None, *, loss: str = "L", digits: int = 4, order=None
                 continue
             share = None
             if values is not None and not is_matrix(v) and not is_matrix(a.name) and \
-                    not isinstance(a.expr, (Total, SoftmaxCrossEntropy)) and a.name in adj \
+                    rule(a.expr).kind == "scalar" and a.name in adj \
                     and v in adj:
                 share = _share(a, v, gval(a.name), values)
             lab = label(v, share)
@@ -185,7 +158,7 @@ def to_dot(f, at=None, wrt=None, *, loss: str = "L", digits: int = 4, order=None
         '  edge [fontname="Helvetica", fontsize=13];',
     ]
     for s in inputs:
-        shape = f"  {T.text(s.shape[0])}×{T.text(s.shape[1])}" if is_matrix(s) else ""
+        shape = "  " + "×".join(T.text(d) for d in s.shape) if is_matrix(s) else ""
         name = _esc(T.name_text(s.name) + shape)
         sigma = total(s)
         lab = f"<{name}<br/>{sigma}>" if sigma else f'"{name}"'

@@ -16,7 +16,7 @@ import sympy as sp
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
-from ..matrix import Elementwise, is_matrix
+from ..matrix import AxisSum, Elementwise, is_matrix
 
 _GREEK = {
     "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa",
@@ -98,6 +98,15 @@ def _order(f) -> int:
     return min(ks) if ks else -1
 
 
+def _summed_axes(e):
+    """Nested sums over axes of one array, as (sorted axes, the summed array)."""
+    axes = []
+    while isinstance(e, AxisSum) and len(e.shape) != 2:
+        axes.append(e.axis)
+        e = e.args[0]
+    return sorted(axes), e
+
+
 def _is_mat_factor(f) -> bool:
     return any(s.matrix for s in f.atoms(_Entry))
 
@@ -109,22 +118,28 @@ class _Shared:
 
     def map_body(self, e: Elementwise):
         """The map's body with each operand replaced by an ``_Entry`` that prints as it."""
-        R, C = e.shape
+        flat = len(e.shape) != 2  # arrays of other ranks broadcast without 𝟏 factors
+        R, C = e.shape[:2] if not flat else (None, None)
         subs = {}
         for k, (v, a) in enumerate(zip(e.lam.variables, e.operands)):
             s = self._print(a)
-            if is_matrix(a):
+            if is_matrix(a) and not flat:
                 r, c = a.shape
                 if r == 1 and R != 1 and not (c == 1 and C == 1):  # a row broadcast down
                     s = self.ones() + (s if _is_atom_name(a) else self.paren(s))
                 elif c == 1 and C != 1 and r != 1:  # a column broadcast across
                     s = (s if _is_atom_name(a) else self.paren(s)) + self.ones_t()
+            if is_matrix(a):
                 if self.needs_parens(a) or (isinstance(a, sp.MatMul) and e.lam.expr.is_Mul):
                     s = self.paren(s)
             elif isinstance(a, (sp.Add, sp.Mul)) and e.lam.expr != v:
                 s = self.paren(s)
             subs[v] = _Entry(k, s, s, is_matrix(a))
         return e.lam.expr.xreplace(subs)
+
+    def _operand(self, a) -> str:
+        s = self._print(a)
+        return self.paren(s) if self.needs_parens(a) else s
 
     def needs_parens(self, a) -> bool:
         return isinstance(a, (sp.MatAdd, Elementwise)) and not _is_plain_map(a)
@@ -243,6 +258,10 @@ class TexPrinter(_Shared, LatexPrinter):
                          and not _is_plain_map(a) else self._print(a) for a in e.args)
 
     def _print_AxisSum(self, e):
+        if len(e.shape) != 2:  # Σ over the axes of an array: the bias of a convolution
+            axes, X = _summed_axes(e)
+            word = "axis" if len(axes) == 1 else "axes"
+            return r"\sum_{\text{%s } %s} %s" % (word, ",".join(map(str, axes)), self._operand(X))
         M = self._print(e.args[0])
         M = self.paren(M) if self.needs_parens(e.args[0]) else M
         return r"\mathbf{1}^{\top} %s" % M if e.axis == 0 else r"%s\,\mathbf{1}" % M
@@ -377,6 +396,10 @@ class TextPrinter(_Shared, StrPrinter):
         return " ".join(parts)
 
     def _print_AxisSum(self, e):
+        if len(e.shape) != 2:
+            axes, X = _summed_axes(e)
+            word = "axis" if len(axes) == 1 else "axes"
+            return f"Σ[{word} {','.join(map(str, axes))}] {self._operand(X)}"
         M = self._print(e.args[0])
         M = self.paren(M) if self.needs_parens(e.args[0]) else M
         return f"𝟏ᵀ{M}" if e.axis == 0 else f"{M}𝟏"
