@@ -52,6 +52,7 @@ class Assign:
     expr: sp.Basic
     role: str = "forward"
     of: Name | None = None
+    also: tuple = ()  # more names a fused head assigns in the same loop (symbp/heads/fused.py)
 
 
 @dataclass(frozen=True)
@@ -361,8 +362,9 @@ def verify(p: Program) -> Program:
         # printed only when something is wrong: printing every assignment was most of
         # verify's time on large programs
         where = _Where(a)
-        if a.name in defined:
-            raise SymbpError(f"{a.name} is assigned twice ({where})")
+        for n in (a.name, *a.also):
+            if n in defined:
+                raise SymbpError(f"{n} is assigned twice ({where})")
         used = _names_in(a.expr)
         missing = [u for u in used if u not in defined]
         if missing:
@@ -380,6 +382,7 @@ def verify(p: Program) -> Program:
         if h is not None and h.check is not None:
             h.check(a.expr, where)
         defined.add(a.name)
+        defined.update(a.also)
     for o in p.outputs:
         if not is_constant(o) and o not in defined:
             raise SymbpError(f"output {o} is never assigned")

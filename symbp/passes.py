@@ -3,8 +3,15 @@
 A pass never changes what a Program computes, only how: every result still passes
 ``ir.verify`` and has the same inputs and outputs.
 
-    dce    drop assignments no output depends on
-    fuse   compose chains of elementwise maps into one map (one loop in a backend)
+    dce               drop assignments no output depends on
+    fuse              compose chains of elementwise maps into one map (one loop)
+    fuse_sums         a map and the sums of it: one loop (a MapSums head)
+    share_softmax_ce  softmax-CE, the softmax of its logits and the row sums of its
+                      targets that its gradient reads: one row loop (a SoftmaxCE head)
+
+A fusing pass makes heads only some backends can lower: ``optimize(p, target)`` runs it
+only where the target has a rule for them (the NumPy reference runs none: it stays the
+plain definition every compiled target is checked against).
 """
 
 from __future__ import annotations
@@ -13,8 +20,19 @@ from dataclasses import replace
 
 import sympy as sp
 
+from .heads import of_class
+from .heads.fused import MapSums, SoftmaxCE
 from .ir import Assign, Program, _names_in, verify
-from .matrix import Elementwise, is_matrix, placeholders, same_dim
+from .matrix import (
+    AxisSum,
+    Elementwise,
+    Softmax,
+    SoftmaxCrossEntropy,
+    Total,
+    is_matrix,
+    placeholders,
+    same_dim,
+)
 
 
 def uses(p: Program) -> dict:
@@ -33,7 +51,7 @@ def dce(p: Program) -> Program:
     live = {o for o in p.outputs}
     keep = []
     for a in reversed(p.body):
-        if a.name in live:
+        if a.name in live or any(n in live for n in a.also):
             keep.append(a)
             live.update(_names_in(a.expr))
     if len(keep) == len(p.body):
@@ -99,12 +117,85 @@ def fuse(p: Program) -> Program:
     return verify(replace(p, body=tuple(body)))
 
 
-# The standard sequence every compiled backend runs before printing.
-PIPELINE = (dce, fuse)
+def fuse_sums(p: Program) -> Program:
+    """``y = f(x); s = 𝟏ᵀy; t = Σ y`` -> ``y, s, t = MapSums(f(x))``: one loop.
+
+    Every AxisSum (over rows or columns) and Total of a matrix-valued map is computed in
+    the map's loop; the map itself is stored only if something else reads it (a sum of
+    squared errors never writes its squares)."""
+    users: dict = {}
+    for a in p.body:
+        for n in _names_in(a.expr):
+            users.setdefault(n, []).append(a)
+    outputs = set(p.outputs)
+    fused: dict = {}  # sum name -> the map that computes it
+    body: list[Assign] = []
+    for a in p.body:
+        e = a.expr
+        if not (isinstance(e, Elementwise) and len(e.shape) == 2):
+            body.append(a)
+            continue
+        mine = users.get(a.name, [])
+        sums = [u for u in mine if isinstance(u.expr, (AxisSum, Total))
+                and u.expr.args[0] == a.name]
+        if not sums:
+            body.append(a)
+            continue
+        store = a.name in outputs or any(u not in sums for u in mine)
+        kinds = [-1 if isinstance(u.expr, Total) else u.expr.axis for u in sums]
+        body.append(replace(a, expr=MapSums(e, kinds, store),
+                            also=tuple(u.name for u in sums)))
+        fused.update({u.name: a.name for u in sums})
+    body = [a for a in body if a.name not in fused]
+    return verify(replace(p, body=tuple(body)))
 
 
-def optimize(p: Program, passes=PIPELINE) -> Program:
-    """Run ``passes`` in order (by default: dce, fuse)."""
+fuse_sums.makes = (MapSums,)
+
+
+def share_softmax_ce(p: Program) -> Program:
+    """``L = CE(softmax(Z), T); …; Y = softmax(Z); r = T𝟏`` -> ``L, Y, r = SoftmaxCE(Z, T)``.
+
+    The gradient (Y ⊙ r − T)/N reads softmax(Z) and the row sums of T: the loss's row
+    loop has every exp and every target already.  Only assignments after the loss move
+    into it (one before it may be read before the loss)."""
+    taken: set = set()
+    repl: dict = {}
+    for k, a in enumerate(p.body):
+        if not isinstance(a.expr, SoftmaxCrossEntropy):
+            continue
+        Z, T = a.expr.args
+        extras, names = [], []
+        for kind, want in (("softmax", Softmax(Z)), ("rowsum", AxisSum(T, 1))):
+            b = next((b for b in p.body[k + 1:] if b.expr == want and b.name not in taken),
+                     None)
+            if b is not None:
+                extras.append(kind)
+                names.append(b.name)
+                taken.add(b.name)
+        if extras:
+            repl[a.name] = replace(a, expr=SoftmaxCE(Z, T, extras), also=tuple(names))
+    if not repl:
+        return p
+    body = [repl.get(a.name, a) for a in p.body if a.name not in taken]
+    return verify(replace(p, body=tuple(body)))
+
+
+share_softmax_ce.makes = (SoftmaxCE,)
+
+
+# The one list of passes, in order: every target runs those it can lower (see optimize).
+PIPELINE = (dce, fuse, fuse_sums, share_softmax_ce)
+
+
+def optimize(p: Program, passes=PIPELINE, target: str | None = None) -> Program:
+    """Run ``passes`` in order; for a ``target`` ("cpu", "cuda", ...), a fusing pass only
+    where the target's backend has a rule for every head the pass makes."""
+    backend = {"parallel": "cpu"}.get(target, target)
     for f in passes:
+        makes = getattr(f, "makes", ())
+        if backend is not None and any(getattr(of_class(h), backend, None) is None
+                                       for h in makes):
+            continue
         p = f(p)
     return p

@@ -1,4 +1,5 @@
-"""passes: every pass keeps the Program's value (checked on the NumPy reference backend)."""
+"""passes: every pass keeps the Program's value (checked on the NumPy reference backend;
+a program with fused heads, which the reference does not lower, on the cpu target)."""
 
 import numpy as np
 import pytest
@@ -8,8 +9,10 @@ from conftest import N
 import symbp as sb
 from symbp import passes
 from symbp.backends import numpy as ref
+from symbp.heads import lacking
+from symbp.heads.fused import MapSums, SoftmaxCE
 from symbp.ir import Assign, verify
-from symbp.matrix import Elementwise
+from symbp.matrix import AxisSum, Elementwise, Softmax, Total
 
 X = sp.MatrixSymbol("X", N, 3)
 W1 = sp.MatrixSymbol("W1", 3, 5)
@@ -46,7 +49,12 @@ def _arrays(rng, prog, n=4):
 
 
 def _run(prog, arrays):
-    fn = ref.build(prog, np.float64).fn
+    if lacking(prog, "numpy"):  # fused heads: the cpu target lowers them
+        from symbp.backends import numba_cpu
+
+        fn = numba_cpu.build(prog, np.float64, "cpu").fn
+    else:
+        fn = ref.build(prog, np.float64).fn
     return fn(*sb.api.bind_inputs(prog, arrays, np.float64))
 
 
@@ -112,3 +120,57 @@ def test_dce_drops_dead_assignments():
     ))
     q = passes.dce(p)
     assert [a.name for a in q.body] == [u, s]
+
+
+@pytest.mark.parametrize("case", ["tanh_ce", "relu_mse", "elu_bce"])
+def test_fuse_sums_makes_one_loop_of_a_map_and_its_sums(case, rng):
+    p = passes.fuse(sb.gradient_program(*CASES[case]))
+    q = passes.fuse_sums(p)
+    fused = [a for a in q.body if isinstance(a.expr, MapSums)]
+    assert fused
+    names = {a.name for a in q.body}
+    for a in fused:
+        for s, k in zip(a.also, a.expr.kinds):
+            assert s not in names  # the sum's own assignment is gone ...
+            orig = next(b.expr for b in p.body if b.name == s)
+            assert orig == (Total(a.name) if k < 0 else AxisSum(a.name, k))  # ... it was this
+        readers = [b for b in q.body if a.name in passes._names_in(b.expr)]
+        assert a.expr.store == bool(readers or a.name in q.outputs)
+    arrays = _arrays(rng, p)
+    for u, v in zip(_run(p, arrays), _run(q, arrays)):
+        np.testing.assert_allclose(v, u, rtol=1e-12, atol=1e-15)
+
+
+def test_share_softmax_ce_moves_only_later_softmax_and_row_sums(rng):
+    p = sb.gradient_program(*CASES["tanh_ce"])
+    q = passes.share_softmax_ce(p)
+    (a,) = [a for a in q.body if isinstance(a.expr, SoftmaxCE)]
+    assert a.expr.extras == ("softmax", "rowsum")
+    Z, T_ = a.expr.args[:2]
+    gone = {b.name for b in p.body} - {b.name for b in q.body}
+    assert gone == set(a.also)
+    assert {b.expr for b in p.body if b.name in gone} == {Softmax(Z), AxisSum(T_, 1)}
+    arrays = _arrays(rng, p)
+    for u, v in zip(_run(p, arrays), _run(q, arrays)):
+        np.testing.assert_allclose(v, u, rtol=1e-12, atol=1e-15)
+    # a softmax computed before the loss stays where it is (here it is the loss's own
+    # targets, read by the loss): only the backward pass's copy moves into the loop
+    Zs = sb.dense(X, W1, b1)
+    p2 = sb.gradient_program(sb.softmax_cross_entropy(Zs, sb.softmax(Zs)), [W1])
+    q2 = passes.share_softmax_ce(p2)
+    soft = [b for b in p2.body if isinstance(b.expr, Softmax)]
+    assert len(soft) == 2
+    assert [b for b in q2.body if isinstance(b.expr, Softmax)] == soft[:1]
+    arrays = _arrays(rng, p2)
+    for u, v in zip(_run(p2, arrays), _run(q2, arrays)):
+        np.testing.assert_allclose(v, u, rtol=1e-12, atol=1e-15)
+
+
+def test_each_target_runs_the_fusions_it_can_lower():
+    p = sb.gradient_program(*CASES["tanh_ce"])
+    heads = {t: {type(a.expr) for a in passes.optimize(p, target=t).body}
+             for t in ("numpy", "cpu", "parallel", "cuda")}
+    assert MapSums not in heads["numpy"] and SoftmaxCE not in heads["numpy"]
+    assert {MapSums, SoftmaxCE} <= heads["cpu"] and heads["cpu"] == heads["parallel"]
+    assert SoftmaxCE in heads["cuda"] and MapSums not in heads["cuda"]
+    assert not lacking(passes.optimize(p, target="cuda"), "cuda")

@@ -188,7 +188,7 @@ class _Gen:
         self.dt = np.dtype(dtype)
         self.parallel = target == "parallel"
         self.update = update  # an optimizer: print a training step
-        names = list(p.inputs) + list(p.dims) + [a.name for a in p.body]
+        names = list(p.inputs) + list(p.dims) + [n for a in p.body for n in (a.name, *a.also)]
         self.ids = identifiers(names, _RESERVED)
         self.users: dict = {}
         for a in p.body:
@@ -270,6 +270,7 @@ class _Gen:
                 continue
             rule(a.expr).cpu(self, a)  # the head's own lowering (symbp/heads)
             self.done.add(a.name)
+            self.done.update(a.also)
 
     def operand(self, x) -> str:
         if isinstance(x, sp.Transpose):
@@ -705,7 +706,7 @@ def _compile(p, dtype, target, opt, options):
             'blas_threads=n or "auto"'
         )
     blas_threads(target, options)  # refuse a bad value before compiling
-    p = optimize(p)
+    p = optimize(p, target=target)
     source, layout = generate(p, dtype, target, opt, options.get("boundscheck", False),
                               options.get("cache", True))
     module = cache.load(source)

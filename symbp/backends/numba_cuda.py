@@ -322,7 +322,8 @@ class CudaPrinter(ScalarPrinter):
 
 
 def _ids(program: Program) -> dict:
-    names = list(program.inputs) + list(program.dims) + [a.name for a in program.body]
+    names = list(program.inputs) + list(program.dims) + [
+        n for a in program.body for n in (a.name, *a.also)]
     return identifiers(names, _RESERVED)
 
 
@@ -346,11 +347,10 @@ class _Gen:
         # scalar slots on the device: scalar inputs first (uploaded as one slice)
         scalars = [s for s in program.inputs if not is_matrix(s)]
         self.n_scalar_inputs = len(scalars)
-        scalars += [a.name for a in program.body if not is_matrix(a.name)]
+        scalars += [n for a in program.body for n in (a.name, *a.also) if not is_matrix(n)]
         self.slot = {s: k for k, s in enumerate(scalars)}
         self.uses = self._uses()
         self.pos = {a.name: k for k, a in enumerate(program.body)}
-        self.skip: set = set()  # assignments another kernel already computed
 
     # names ---------------------------------------------------------------------------
     def d(self, name) -> str:
@@ -407,8 +407,7 @@ class _Gen:
                 self.scalars(run)
                 k += len(run)
             else:
-                if a.name not in self.skip:
-                    how(self, a)
+                how(self, a)
                 k += 1
         return self.module()
 
@@ -544,7 +543,7 @@ class _Gen:
     def module(self) -> str:
         p, ids = self.p, self.ids
         unbuffered = self.unbuffered
-        mats = [n for n in list(p.inputs) + [a.name for a in p.body]
+        mats = [n for n in list(p.inputs) + [n for a in p.body for n in (a.name, *a.also)]
                 if is_matrix(n) and n not in unbuffered]
         dims = [ids[d] for d in p.dims]
         key = "(" + "".join(f"{d}, " for d in dims) + ")"
@@ -688,7 +687,7 @@ def generate(program: Program, dtype=numpy.float32, tile: int = 16, block: int =
     if block > 1024:
         raise SymbpError(f"CUDA option block={block} exceeds CUDA's 1024 threads per block")
     if fuse:  # compose single-use chains of maps first (passes.fuse), drop dead code
-        program = optimize(program)
+        program = optimize(program, target="cuda")
     require(program, "cuda")
     nd = next((a for a in program.body if is_matrix(a.name) and len(a.name.shape) != 2), None)
     if nd is not None:

@@ -75,7 +75,7 @@ def _load():
     global _loaded
     if not _loaded:
         _loaded = True
-        from . import frontend, linalg, maps, scalar, shape, softmax, sums  # noqa: F401
+        from . import frontend, fused, linalg, maps, scalar, shape, softmax, sums  # noqa: F401
 
 
 def rule(e) -> Head | None:
@@ -86,6 +86,12 @@ def rule(e) -> Head | None:
         if h is not None:
             return h
     return None
+
+
+def of_class(cls: type) -> Head | None:
+    """The record registered for exactly ``cls``."""
+    _load()
+    return REGISTRY.get(cls)
 
 
 def lacking(program, backend: str) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sympy as sp
 
 from ..errors import SymbpError
-from ..matrix import AxisSum, Elementwise, Total, broadcast_shape, is_matrix
+from ..matrix import AxisSum, Elementwise, Total, broadcast_shape, is_matrix  # noqa: F401
 from ..vjp import map_vjp
 from . import register
 
@@ -47,14 +47,17 @@ def cpu_nd(gen, a):
 
 
 def cpu(gen, a):
-    """One loop nest for a map, with the sums that read it fused in."""
-    e = a.expr
-    if len(e.shape) != 2:
+    """One loop nest for a map (the sums that read it are fused in by passes.fuse_sums)."""
+    if len(a.expr.shape) != 2:
         return cpu_nd(gen, a)
+    map_loop(gen, a, a.expr, [], store=True)
+
+
+def map_loop(gen, a, e, sums, store: bool):
+    """The loop nest of map ``e`` assigned by ``a``; ``sums`` are assignments of sums of
+    it (AxisSum over rows or columns, Total) accumulated, in float64, in the same loop;
+    ``store`` whether the map's own value is written (something else reads it)."""
     R, C = e.shape
-    users = gen.users.get(a.name, [])
-    sums = [u for u in users if isinstance(u.expr, (AxisSum, Total))]
-    store = a.name in gen.outputs or any(u not in sums for u in users)
     gen.head(a)
     for s in sums:
         gen.head(s)
@@ -96,7 +99,6 @@ def cpu(gen, a):
         gen.emit(f"{gen.buffer(s.name)}[0, _j] = DT({acc[s.name]}[_j])", 2)
     for s in totals:
         gen.emit(f"{gen.ids[s.name]} = DT({acc[s.name]})")
-    gen.done.update(s.name for s in sums)
 
 
 def label(e) -> str:

@@ -46,23 +46,21 @@ def sce_vjp(e, y, g, wants, local=None):
 
 
 def cpu(gen, a):
+    rows(gen, a, a.expr)
+
+
+def rows(gen, a, e, sm=None, rs=None):
     """Softmax, log-softmax and softmax-CE: per row, shift by the max, sum exps in float64.
 
-    A softmax of the logits of a softmax-CE (the backward pass asks for it) is computed
-    in the CE's loop: one exp per entry for both; so are the row sums T𝟏 of its targets
-    (the gradient (Y ⊙ T𝟏 − T)/N reads them)."""
-    e = a.expr
+    ``sm``, ``rs``: assignments of softmax(Z) and of the row sums T𝟏 of a softmax-CE's
+    targets that the CE's loop computes too (passes.share_softmax_ce puts them there: the
+    backward pass reads both, and the loop already has every exp and every T entry)."""
     Z = e.args[0]
     R, C = Z.shape
     z = gen.ids[Z]
-    sm = rs = None
     ce = isinstance(e, SoftmaxCrossEntropy)
     if ce:
         T = e.args[1]
-        sm = next((u for u in gen.users.get(Z, []) if isinstance(u.expr, Softmax)
-                   and u.name not in gen.done), None)
-        rs = next((u for u in gen.users.get(T, []) if u.expr == AxisSum(T, 1)
-                   and u.name not in gen.done), None)
     gen.head(a)
     for u in (sm, rs):
         if u is not None:
@@ -113,10 +111,9 @@ def cpu(gen, a):
         gen.emit(f"{y}[_i, _j] = ({z}[_i, _j] - _m) - _ls", 3)
     if ce:
         gen.emit(f"{gen.ids[a.name]} = DT(_acc_loss / {gen.idx(R)})")
-    gen.done.update(u.name for u in (sm, rs) if u is not None)
 
 
-def rows_cuda(gen, a):
+def softmax_cuda_rows(gen, a):
     e = a.expr
     Z = e.args[0]
     R, C = gen.shape_src(Z.shape)
@@ -126,22 +123,19 @@ def rows_cuda(gen, a):
                       f"{gen.d(a.name)}, {R}, {C})  # {gen.ids[a.name]} = {gen.doc(e)}")
 
 
-def sce_cuda(gen, a):
-    e, out = a.expr, gen.ids[a.name]
+def sce_cuda(gen, a, e=None, rs=None):
+    e, out = e if e is not None else a.expr, gen.ids[a.name]
     Z, T = e.args
     R, C = gen.shape_src(Z.shape)
     rows = f"_rows_{out}"
     gen.scratch.append((rows, f"({R}, 1)"))
     # the row sums T𝟏 come out of the same kernel: into the gradient's AxisSum(T, 1)
-    # when a later assignment asks for it (it is then not launched again)
-    later = gen.p.body[gen.pos[a.name] + 1:]
-    rs = next((b.name for b in later if b.expr == AxisSum(T, 1)), None)
+    # when passes.share_softmax_ce put it here
     if rs is None:
         rs_buf = f"_rsum_{out}"
         gen.scratch.append((rs_buf, f"({R}, 1)"))
     else:
         rs_buf = gen.d(rs)
-        gen.skip.add(rs)
     gen.use_fixed("_sce_rows")
     gen.use_fixed("_total")
     gen.driver.append(f"_sce_rows[_grid_tiles({R}), (_TILE, _TILE)]({gen.d(Z)}, "
@@ -161,7 +155,7 @@ def softmax_entry(ix, e, i, j):
 def _one(cls):
     return dict(lower=lambda lw, e: lw.emit(cls(lw.L(e.args[0])), tuple(e.shape)),
                 children=lambda e: [e.args[0]], operands=lambda e: [e.args[0]],
-                rebuild=lambda e, ops: cls(ops[0]), cpu=cpu, cuda=rows_cuda, function=True)
+                rebuild=lambda e, ops: cls(ops[0]), cpu=cpu, cuda=softmax_cuda_rows, function=True)
 
 
 register(Softmax, vjp=softmax_vjp, numpy=lambda ctx, a: f"_softmax({ctx.op(a.expr.args[0])})",
