@@ -17,7 +17,7 @@ Guarantees:
   RNG state, epoch and position in the epoch's permutation) and ends with exactly the
   parameters of an uninterrupted run with the same seed.
 - ``fit(..., distributed='mpi')`` under ``mpiexec -n K`` ends with the parameters of one
-  process with the same global ``batch_size`` (``symbp.distributed``), on every rank.
+  process with the same global ``batch_size`` (``symbp.runtime.mpi``), on every rank.
 """
 
 from __future__ import annotations
