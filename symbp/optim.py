@@ -93,6 +93,8 @@ class Adam(Optimizer):
     buffers = ("m", "v")
     per_step = ((_a1, 1 - beta1), (_a2, 1 - beta2),    # 1 − β rounded once, from float64
                 (_c1, 1 - beta1**t), (_c2, 1 - beta2**t))  # the bias corrections of step t
+    # the temporaries u and m̂ fix the order of rounding (SymPy would write g² and
+    # lr·m/(c1·(...))), the order the reference has always used
     update = ((m, beta1 * m + _a1 * g),                 # m ← β₁ m + (1 − β₁) g
               (_u, _a2 * g), (v, beta2 * v + _u * g),   # v ← β₂ v + ((1 − β₂) g) g
               (_mh, m / _c1),                           # m̂ = m / (1 − β₁ᵗ)
@@ -116,6 +118,15 @@ def _rule(cls) -> Rule:
             raise SymbpError(f"{name}.per_step: {s} = {e} reads {sorted(map(str, extra))}; "
                              f"a per-step scalar reads only the hyperparameters {hyper} and t")
     known = hyp | {w, g} | {sp.Symbol(b) for b in state} | {s for s, _ in cls.per_step}
+    # a per-step scalar is a new name; an entry's assignment may rewrite w and the
+    # buffers, never g, t, a hyperparameter or a per-step scalar
+    steps = [s for s, _ in cls.per_step]
+    bufs = {sp.Symbol(b) for b in state}
+    clash = [s for s in steps if s in hyp | {w, g, t} | bufs or steps.count(s) > 1]
+    clash += [x for x, _ in cls.update if x in hyp | {g, t} | set(steps)]
+    if clash:
+        raise SymbpError(f"{name}: {clash[0]} is assigned, but it is g, t, a buffer, a "
+                         "hyperparameter or a per-step scalar: give it another name")
     for x, e in cls.update:
         extra = sp.sympify(e).free_symbols - known
         if extra:

@@ -220,6 +220,18 @@ def test_formulas_below_the_fields_are_refused():
         optim.rule(Late())
 
 
+def test_a_rule_cannot_overwrite_a_hyperparameter():
+    # printed into the kernel, `lr = ...` inside the loop would change the learning rate
+    # of every later entry
+    @dataclass(frozen=True)
+    class Clobber(optim.Optimizer):
+        update = ((optim.lr, optim.lr * 0.5), (w, w - optim.lr * g))
+        lr: float = 0.1
+
+    with pytest.raises(SymbpError, match="Clobber: lr is assigned"):
+        optim.rule(Clobber())
+
+
 def test_not_an_optimizer():
     with pytest.raises(SymbpError, match="unknown optimizer"):
         optim.rule("adam")
