@@ -603,7 +603,13 @@ def _entry_lines(rule, assigns, refs, gx, expr) -> list[str]:
         gx = "_opt_g"
     names[rule.g] = gx
     for x, e in assigns:
-        out.append(f"{names[x]} = {expr(e, names)}")
+        # x ← x − d reads as x -= d (one term d: x − d rounds as written)
+        d = e - x if x in refs else None
+        if d is not None and not isinstance(d, sp.Add) and x not in d.free_symbols:
+            op, d = ("-=", -d) if d.could_extract_minus_sign() else ("+=", d)
+            out.append(f"{names[x]} {op} {expr(d, names)}")
+        else:
+            out.append(f"{names[x]} = {expr(e, names)}")
     return out
 
 
