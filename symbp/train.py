@@ -17,7 +17,7 @@ Guarantees:
   RNG state, epoch and position in the epoch's permutation) and ends with exactly the
   parameters of an uninterrupted run with the same seed.
 - ``fit(..., distributed='mpi')`` under ``mpiexec -n K`` ends with the parameters of one
-  process with the same global ``batch_size`` (``symbp.distributed``), on every rank.
+  process with the same global ``batch_size`` (``symbp.runtime.mpi``), on every rank.
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import api as sb
 from . import checkpoint as ckpt
-from . import distributed as dist
 from . import optim
 from .errors import SymbpError, TrainingError
+from .runtime import mpi as dist
 
 
 @dataclass
@@ -209,7 +209,7 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
         target: str = "numpy", dtype=np.float32, seed: int = 0, shuffle: bool = True,
         target_loss: float | None = None, progress: bool = True, checkpoint=None,
         resume=False, validation=None, callback=None, guard: bool = True,
-        distributed: str | None = None) -> History:
+        distributed: str | None = None, lr_schedule=None) -> History:
     """Train ``model`` on rows ``X`` with targets ``y``; returns the ``History``.
 
     optimizer    ``symbp.SGD`` (default, lr 0.1), ``Momentum`` or ``Adam``.
@@ -232,6 +232,10 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                  them, every rank applies the same update.  Only rank 0 prints and writes
                  the checkpoint; an exception on one rank aborts them all.  None (default):
                  this process alone, unless the environment sets SYMBP_DISTRIBUTED=mpi.
+    lr_schedule  ``lr_schedule(epoch) -> float``: the learning rate of each epoch (epochs
+                 count from 0, over the whole run: a resumed run goes on where it
+                 stopped), e.g. ``lambda e: 0.1 * 0.5**e``; the optimizer's ``lr`` is
+                 then unused.  The compiled step reads it at every call: no recompiling.
     """
     dtype = _dtype(dtype)
     ranks = dist.choose(distributed)
@@ -251,6 +255,7 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
         step = ranks.step(_gradient(model, target, dtype), optimizer, params, flat)
         progress = progress and ranks.root
     _set_opt_state(step, None)
+    step.optimizer = optimizer  # a cached step may still hold an earlier run's schedule
 
     rng = np.random.default_rng(seed)
     hist, epoch0, row0, perm = History(), 0, 0, None
@@ -277,6 +282,8 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
         with fails, _DeferSigint() as sigint, np.errstate(all="ignore"):
             for epoch in range(epoch0, epochs):
                 t0 = time.perf_counter()
+                if lr_schedule is not None:
+                    step.optimizer = _scheduled(optimizer, lr_schedule, epoch)
                 if not guard:
                     np.copyto(good, flat)
                 if perm is None:
@@ -326,6 +333,18 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
         if bar is not None:
             bar.close()
     return hist
+
+
+def _scheduled(optimizer, lr_schedule, epoch: int):
+    """The optimizer of this epoch: ``optimizer`` with the learning rate of the schedule."""
+    if "lr" not in optim.rule(optimizer).hyper:
+        raise SymbpError(f"lr_schedule: {type(optimizer).__name__} has no hyperparameter lr")
+    lr = lr_schedule(epoch)
+    if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, (int, float, np.number)) \
+            or not math.isfinite(lr) or lr < 0:
+        raise SymbpError(f"lr_schedule({epoch}) returned {lr!r}: a learning rate is a finite "
+                         "number >= 0")
+    return replace(optimizer, lr=float(lr))
 
 
 def _flatten(params: dict, dtype) -> np.ndarray:

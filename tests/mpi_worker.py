@@ -49,8 +49,13 @@ def run(args, distributed=None, rank=0):
                   optimizer=OPTIMIZERS[args.opt], dtype=np.dtype(args.dtype),
                   target=args.target, seed=3, progress=args.progress, callback=fail,
                   checkpoint=args.checkpoint, resume=bool(args.checkpoint) and args.resume,
-                  distributed=distributed)
+                  distributed=distributed, lr_schedule=halving(args) if args.schedule else None)
     return m, h
+
+
+def halving(args):
+    lr0 = OPTIMIZERS[args.opt].lr
+    return lambda epoch: lr0 * 0.5**epoch
 
 
 def parser():
@@ -71,6 +76,7 @@ def parser():
     p.add_argument("--fail-step", type=int, default=0)
     p.add_argument("--nan-row", type=int)
     p.add_argument("--kill", action="store_true")
+    p.add_argument("--schedule", action="store_true")  # the learning rate halves per epoch
     return p
 
 

@@ -406,7 +406,7 @@ def test_unknown_option_is_named():
 
 
 def test_thread_tuner_keeps_more_threads_only_when_clearly_faster():
-    from symbp.backends.numba_cpu import _ThreadTuner
+    from symbp.runtime.threads import ThreadTuner as _ThreadTuner
 
     now = [0.0]
     tuner = _ThreadTuner(2, clock=lambda: now[0])
@@ -438,7 +438,7 @@ def test_auto_blas_threads_step_matches_reference():
     trains and matches the reference step throughout, so does a loss-and-gradient
     function; a 'parallel' kernel with prange loops keeps one BLAS thread, one without is
     tuned like 'cpu'."""
-    from symbp.backends.numba_cpu import _cores
+    from symbp.runtime.threads import cores as _cores
 
     f, params = mlp(["relu"], "ce", n_in=20, hidden=32, n_out=4)
     step = sb.compile_step(f, params, sb.SGD(0.1), target="cpu", dtype=np.float64)

@@ -208,3 +208,12 @@ def test_missing_mpi4py_says_what_to_install(monkeypatch):
 def test_import_symbp_does_not_import_mpi4py():
     code = "import sys, symbp, symbp.train; assert 'mpi4py' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.needs(have("numba"), "numba")
+def test_a_schedule_is_followed_by_every_rank(tmp_path):
+    # the ranks' compiled flat update reads the learning rate of each epoch
+    r = train_mpi(tmp_path, 2, "--opt", "adam", "--target", "cpu", "--schedule")
+    assert_close(train_one("--opt", "adam", "--schedule")[0], r, 1e-12)
+    fixed, _ = train_one("--opt", "adam")
+    assert not np.allclose(fixed["W1"], r["W1"], rtol=1e-6)

@@ -348,3 +348,77 @@ def test_progress_bar_or_lines(capsys):
     train.fit(nn.mlp([4, 3]), X, y, epochs=2, progress=True)
     err = capsys.readouterr()
     assert "2/2" in err.err + err.out
+
+
+# --- learning-rate schedule ---------------------------------------------------------------
+
+
+def halving(lr0):
+    return lambda epoch: lr0 * 0.5**epoch
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("opt", [sb.SGD(0.3), sb.Adam(0.02)], ids=["sgd", "adam"])
+def test_schedule_equals_epochs_run_one_at_a_time(tmp_path, opt, target):
+    # Reference: each epoch its own fit with the halved lr fixed, continued from the
+    # checkpoint of the epoch before (parameters, Adam's buffers and step count, batch order)
+    X, y = blobs(n=30)
+    kw = dict(batch_size=7, seed=3, progress=False, target=target, dtype=np.float64)
+    one, path = rrelu_model(), tmp_path / "run.npz"
+    for e in range(3):
+        train.fit(one, X, y, epochs=e + 1, optimizer=type(opt)(lr=opt.lr * 0.5**e), **kw,
+                  checkpoint=path, resume=True)
+    sched = rrelu_model()
+    train.fit(sched, X, y, epochs=3, optimizer=opt, lr_schedule=halving(opt.lr), **kw)
+    for k in one.params:
+        np.testing.assert_allclose(sched.params[k], one.params[k], rtol=1e-12, atol=0,
+                                   err_msg=k)
+    fixed = rrelu_model()  # and the schedule did change something
+    train.fit(fixed, X, y, epochs=3, optimizer=opt, **kw)
+    assert not np.allclose(fixed.params["W1"], sched.params["W1"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_resume_continues_the_schedule(tmp_path, target):
+    # interrupted in epoch 3 (lr 0.02/4) and resumed: the schedule goes on at that epoch
+    X, y = blobs(n=30)
+    kw = dict(epochs=4, batch_size=7, optimizer=sb.Adam(0.02), seed=3, progress=False,
+              target=target, lr_schedule=halving(0.02))
+    full = rrelu_model()
+    train.fit(full, X, y, **kw)
+
+    def cb(epoch, step, loss):
+        if (epoch, step) == (2, 1):
+            signal.raise_signal(signal.SIGINT)
+
+    part, path = rrelu_model(), tmp_path / "run.npz"
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(part, X, y, **kw, checkpoint=path, callback=cb)
+    fresh = rrelu_model()
+    train.fit(fresh, X, y, **kw, checkpoint=path, resume=True)
+    assert_same(fresh.params, full.params)
+
+
+@NEEDS_CPU
+def test_a_cached_step_forgets_the_last_schedule():
+    # fit caches the compiled step on the model: a later fit without a schedule must not
+    # keep the learning rate the schedule reached
+    X, y = blobs(n=20)
+    kw = dict(epochs=2, batch_size=5, optimizer=sb.SGD(0.2), seed=1, progress=False,
+              target="cpu", dtype=np.float64)
+    a, b = nn.mlp([4, 5, 3], seed=2), nn.mlp([4, 5, 3], seed=2)
+    train.fit(a, X, y, **kw, lr_schedule=lambda e: 1e-3)
+    p0 = copy(a.params)
+    train.fit(a, X, y, **kw)
+    b.params.update(copy(p0))
+    train.fit(b, X, y, **kw)  # a fresh model: compiles its own step
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+
+
+@pytest.mark.parametrize("value", [float("nan"), -0.1, "0.1", None])
+def test_a_bad_schedule_value_is_named(value):
+    X, y = blobs(n=10)
+    with pytest.raises(SymbpError, match=r"lr_schedule\(0\) returned"):
+        train.fit(nn.mlp([4, 3, 3], seed=0), X, y, epochs=1, progress=False,
+                  lr_schedule=lambda e: value)

@@ -24,7 +24,6 @@ first).
 from __future__ import annotations
 
 import os
-import time
 
 # OpenMP threads that spin while they wait steal both cores from BLAS on a busy 2-core
 # machine (a parallel W1 step took 2-30 ms instead of 0.3): let idle threads sleep.  Set
@@ -35,14 +34,15 @@ import numba  # noqa: E402, F401  (fail at import when Numba is missing: target 
 import numpy as np  # noqa: E402
 import sympy as sp  # noqa: E402
 
-from .. import cache, optim
-from ..api import bind_inputs
-from ..errors import InputError, SymbpError
+from .. import cache
+from ..errors import SymbpError
 from ..functions import Activation
 from ..heads import require, rule
 from ..ir import Program, _names_in, is_constant
-from ..matrix import Constant, is_matrix
+from ..matrix import is_matrix
 from ..passes import optimize
+from ..runtime.step import FusedStep, gradient_call
+from ..runtime.threads import blas_threads
 from . import Kernel, identifiers
 from .scalar import ScalarPrinter, helpers
 
@@ -99,8 +99,8 @@ class NumbaPrinter(ScalarPrinter):
 
     helpers = HELPERS
 
-    def __init__(self, names: dict):
-        super().__init__("DT")
+    def __init__(self, names: dict, dt: str = "DT"):
+        super().__init__(dt)  # "ACC": float64 arithmetic (an optimizer's per-step scalars)
         self.names = names
 
     def _print_Symbol(self, e):
@@ -187,7 +187,7 @@ class _Gen:
         self.p = p
         self.dt = np.dtype(dtype)
         self.parallel = target == "parallel"
-        self.update = update  # an optimizer: print a training step
+        self.update = update  # an optimizer's rule: print a training step
         names = list(p.inputs) + list(p.dims) + [n for a in p.body for n in (a.name, *a.also)]
         self.ids = identifiers(names, _RESERVED)
         self.users: dict = {}
@@ -201,7 +201,7 @@ class _Gen:
         self.buffers: list = []  # matrix names the kernel writes: passed in preallocated
         self.scalar_params = [w for w in p.wrt if not is_matrix(w)] if update else []
         # the float64 array _f64: a step's optimizer constants, then the fixed accumulators
-        self.f64_base = len(hyper_values(update)) if update is not None else 0
+        self.f64_base = len(update.hyper) if update is not None else 0
         self.acc64: list[int] = []
         self.into = self.fusable_updates(update)  # gradient name -> its MatMul
 
@@ -312,15 +312,14 @@ class _Gen:
         return len(shape) + 1
 
 
-
-
     # --- the optimizer update, fused after the gradient ------------------------------------
-    def fusable_updates(self, opt) -> dict:
-        """Gradients that are one BLAS product read by nothing else: an SGD or momentum
-        step adds the product straight into the parameter (or its velocity) with gemm's
-        alpha and beta, so the gradient is never stored and read back.  Only where the
-        product reads no parameter: the updates then cannot see each other's writes."""
-        if not isinstance(opt, (optim.SGD, optim.Momentum)):
+    def fusable_updates(self, rule) -> dict:
+        """Gradients that are one BLAS product read by nothing else, where the update reads
+        g once, as x ← α x + γ g (SGD: w ← w − lr g; momentum: m ← β m + g): gemm's alpha
+        and beta add the product straight into x, so the gradient is never stored and
+        read back.  Only where the product reads no parameter: the updates then cannot
+        see each other's writes."""
+        if rule is None or _axpby(rule) is None:
             return {}
         defs = {a.name: a.expr for a in self.p.body}
         params = set(self.p.wrt)
@@ -336,68 +335,122 @@ class _Gen:
             out[g] = e
         return out
 
-    def step(self, opt):
+    def step(self, rule):
+        """The optimizer's update of every parameter, printed from its rule's formulas."""
         self.emit("# the optimizer update: every read of the parameters is above this line")
+        names = _rule_names(rule)
         for w, g in zip(self.p.wrt, self.p.outputs[1:]):
             wi = self.ids[w]
-            if g in self.into:  # w -= lr * A @ B, or m = beta m + A @ B, in the product
-                A, B = (self.operand(x) for x in self.into[g].args)
+            # the parameter and its buffers, entry (i, j) of a matrix, a scalar's 1-element view
+            at = f"[{', '.join(self.index_vars(len(w.shape)))}]" if is_matrix(w) else "[0]"
+            arrays = {rule.w: wi if is_matrix(w) else f"_ref_{wi}"}
+            arrays.update({sp.Symbol(b): f"_{b}_{wi}" for b in rule.state})
+            refs = {x: a + at for x, a in arrays.items()}
+            if g in self.into:  # x <- alpha x + gamma A @ B in one BLAS call
+                k, x, alpha, gamma = _axpby(rule)
+                A, B = (self.operand(y) for y in self.into[g].args)
                 self.emit(f"# {g} = {A}*{B}, added into the update by BLAS   [MatMul]")
-                if isinstance(opt, optim.SGD):
-                    self.emit(f"_gemm({A}, {B}, {wi}, -_lr, DT(1))")
-                    continue
-                self.emit(f"_gemm({A}, {B}, _m_{wi}, DT(1), _beta)")
-                r, c = w.shape
-                self.emit(self.loop("_i", r, self.est(r) * self.est(c) * 2, 1))
-                self.emit(f"for _j in range({self.idx(c)}):", 2)
-                self.emit(f"{wi}[_i, _j] -= _lr * _m_{wi}[_i, _j]", 3)
-                continue
-            if is_matrix(w):
-                r, c = w.shape
+                self.entries(w, rule, rule.update[:k], refs, None, 2)
+                self.emit(f"_gemm({A}, {B}, {arrays[x]}, {self.rule_expr(gamma, names)}, "
+                          f"{self.rule_expr(alpha, names)})")
+                self.entries(w, rule, rule.update[k + 1:], refs, None, 2)
+            elif is_matrix(w):
                 gi = self.operand(g) if g in self.ids else None
-                gx = f"{gi}[_i, _j]" if gi else "DT(0)"
-                self.emit(self.loop("_i", r, self.est(r) * self.est(c) * 4, 1))
-                self.emit(f"for _j in range({self.idx(c)}):", 2)
-                ref, d = f"{wi}[_i, _j]", 3
-                m, v = f"_m_{wi}[_i, _j]", f"_v_{wi}[_i, _j]"
+                self.entries(w, rule, rule.update, refs, f"{gi}{at}" if gi else "DT(0)", 4)
             else:
                 gx = self.ids[g] if g in self.ids else self.expr(g)
-                ref, d = f"_ref_{wi}[0]", 1
-                m, v = f"_m_{wi}[0]", f"_v_{wi}[0]"
-            if isinstance(opt, optim.SGD):
-                self.emit(f"{ref} -= _lr * {gx}", d)
-            elif isinstance(opt, optim.Momentum):  # m <- beta m + g; w <- w - lr m
-                self.emit(f"{m} = {m} * _beta + {gx}", d)
-                self.emit(f"{ref} -= _lr * {m}", d)
-            elif isinstance(opt, optim.Adam):  # bias corrections bc1, bc2 come per step
-                self.emit(f"_g = {gx}", d)
-                self.emit(f"{m} = {m} * _beta1 + _omb1 * _g", d)
-                self.emit(f"{v} = {v} * _beta2 + _omb2 * _g * _g", d)
-                self.emit(f"{ref} -= _lr * ({m} / _bc1) / (math.sqrt({v} / _bc2) + _eps)", d)
-            else:
-                raise SymbpError(f"unknown optimizer {opt!r}: use SGD, Momentum or Adam")
+                self.entries(w, rule, rule.update, refs, gx, 4)
+
+    def entries(self, w, rule, assigns, refs, gx, work):
+        """``assigns`` of the rule for every entry of parameter ``w``: a loop nest over a
+        matrix (``work`` arithmetic per entry for the prange decision), one line each
+        for a scalar."""
+        if not assigns:
+            return
+        lines = _entry_lines(rule, assigns, refs, gx, self.rule_expr)
+        depth = 1
+        if is_matrix(w):  # one loop per axis (a kernel F×C×kh×kw has four)
+            size = 1
+            for d in w.shape:
+                size *= self.est(d)
+            depth = self.nest(w.shape, size * work)
+        for line in lines:
+            self.emit(line, depth)
+
+    def rule_expr(self, e, names) -> str:
+        """A formula of the update: only the rule's own names (a program symbol called
+        ``lr`` is not the learning rate)."""
+        pr = NumbaPrinter(names)
+        out = pr.doprint(e)
+        self.used |= pr.used
+        return out
 
 
-def hyper_values(opt) -> np.ndarray:
-    """The optimizer's constants, float64 (the kernel casts, as NumPy casts Python floats)."""
-    if isinstance(opt, optim.SGD):
-        return np.array([opt.lr])
-    if isinstance(opt, optim.Momentum):
-        return np.array([opt.lr, opt.beta])
-    if isinstance(opt, optim.Adam):
-        return np.array([opt.lr, opt.beta1, opt.beta2, opt.eps])
-    raise SymbpError(f"unknown optimizer {opt!r}: use SGD, Momentum or Adam")
+# --- the optimizer's rule, printed ---------------------------------------------------------
+# A rule (symbp.optim.Rule) is data: hyperparameter and buffer names, per-step scalars, and
+# ordered assignments per parameter entry.  Its names get the prefix _opt_ in the kernel, so
+# none can meet the kernel's own (_i, _m, _s, ...) or a program's.
 
 
-# the update's constants inside the kernel, read from the float64 array _f64
-_HYPER = {
-    optim.SGD: ["_lr = DT(_f64[0])"],
-    optim.Momentum: ["_lr = DT(_f64[0])", "_beta = DT(_f64[1])"],
-    optim.Adam: ["_lr = DT(_f64[0])", "_beta1 = DT(_f64[1])", "_omb1 = DT(1.0 - _f64[1])",
-                 "_beta2 = DT(_f64[2])", "_omb2 = DT(1.0 - _f64[2])", "_eps = DT(_f64[3])",
-                 "_bc1 = DT(1.0 - math.pow(_f64[1], _t))  # bias corrections of step _t",
-                 "_bc2 = DT(1.0 - math.pow(_f64[2], _t))"],
-}
+def _rule_names(rule) -> dict:
+    names = {sp.Symbol(h): f"_opt_{h}" for h in rule.hyper}
+    names.update({s: f"_opt_{s}" for s, _ in rule.per_step})
+    entry = {rule.w} | {sp.Symbol(b) for b in rule.state}
+    names.update({x: f"_opt_{x}" for x, _ in rule.update if x not in entry})  # temporaries
+    return names
+
+
+def _rule_prologue(rule) -> tuple[list[str], set]:
+    """The update's scalars, once per call: the hyperparameters from the float64 array
+    ``_f64``, and the per-step scalars computed from them and the step count ``_t`` in
+    float64 (as NumPy computes with Python floats), each then rounded to DT once."""
+    f64 = {sp.Symbol(h): f"_f64[{k}]" for k, h in enumerate(rule.hyper)}
+    f64[rule.t] = "_t"
+    pr = NumbaPrinter(f64, dt="ACC")
+    lines = [f"_opt_{h} = DT(_f64[{k}])" for k, h in enumerate(rule.hyper)]
+    lines += [f"_opt_{s} = DT({pr.doprint(e)})" for s, e in rule.per_step]
+    return lines, pr.used
+
+
+def _entry_lines(rule, assigns, refs, gx, expr) -> list[str]:
+    """One entry's update: ``refs`` names the entries of w and the buffers (``W[_i, _j]``),
+    ``gx`` the gradient's; a buffer written and then read is read back from its array,
+    as the rule says."""
+    names = {**_rule_names(rule), **refs}
+    out = []
+    if sum(rule.g in e.free_symbols for _, e in assigns) > 1:  # load g once
+        out.append(f"_opt_g = {gx}")
+        gx = "_opt_g"
+    names[rule.g] = gx
+    for x, e in assigns:
+        # x ← x − d reads as x -= d (one term d: x − d rounds as written)
+        d = e - x if x in refs else None
+        if d is not None and not isinstance(d, sp.Add) and x not in d.free_symbols:
+            op, d = ("-=", -d) if d.could_extract_minus_sign() else ("+=", d)
+            out.append(f"{names[x]} {op} {expr(d, names)}")
+        else:
+            out.append(f"{names[x]} = {expr(e, names)}")
+    return out
+
+
+def _axpby(rule):
+    """``(k, x, α, γ)`` when the update reads g once, in its k-th assignment, as
+    x ← α·x + γ·g with x the parameter or a buffer and α, γ free of every entry (numbers,
+    hyperparameters, per-step scalars): a product's gemm can then compute it."""
+    reads = [k for k, (_, e) in enumerate(rule.update) if rule.g in e.free_symbols]
+    if len(reads) != 1:
+        return None
+    k = reads[0]
+    x, e = rule.update[k]
+    entry = {rule.w, rule.g} | {sp.Symbol(b) for b in rule.state} | {y for y, _ in rule.update}
+    if x not in {rule.w} | {sp.Symbol(b) for b in rule.state}:
+        return None
+    gamma = sp.diff(e, rule.g)
+    alpha = sp.cancel((e - gamma * rule.g) / x)
+    if (alpha.free_symbols | gamma.free_symbols) & entry or sp.expand(
+            e - alpha * x - gamma * rule.g) != 0:
+        return None
+    return k, x, alpha, gamma
 
 
 _HEADER = '''\
@@ -418,28 +471,31 @@ def _array_type(dt, ndim):
     return f"{dt}[{', '.join([':'] * (ndim - 1) + ['::1'])}]"
 
 
-def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_=True):
+def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache_=True):
     """The module source and the kernel's calling convention for Program ``p``.
 
     Arguments: inputs, sizes, the workspace ``_ws`` (every scratch array is a view into
     it: one argument instead of one per array, since each costs ~0.3 µs per call), the
     float64 accumulators ``_f64`` if any, fresh output arrays (a gradient function); a
-    step takes the optimizer state, then ``_f64`` (the optimizer's constants followed by
-    the accumulators) and the step number ``_t``."""
+    step (``rule``: an optimizer's ``symbp.optim.Rule``) takes the optimizer state, then
+    ``_f64`` (the hyperparameters followed by the accumulators) and the step number ``_t``."""
     require(p, "cpu", target)
     dt = np.dtype(dtype).name
-    g = _Gen(p, dtype, target, update=opt)
+    g = _Gen(p, dtype, target, update=rule)
     g.run()
-    if opt is not None:
-        g.step(opt)
+    prologue = []
+    if rule is not None:
+        g.step(rule)
+        prologue, used = _rule_prologue(rule)
+        g.used |= used
     ids = g.ids
     scalar_out = [o for o in p.outputs if o in ids and not is_matrix(o)
                   and o not in p.inputs]
-    if opt is not None and len(scalar_out) == 1:  # a step returns its loss as a float:
+    if rule is not None and len(scalar_out) == 1:  # a step returns its loss as a float:
         g.emit(f"return ACC({ids[scalar_out[0]]})")  # no tuple to box and unpack per call
     else:
         g.emit(f"return ({''.join(ids[o] + ', ' for o in scalar_out)})")
-    outs = [b for b in g.buffers if b in g.outputs] if opt is None else []
+    outs = [b for b in g.buffers if b in g.outputs] if rule is None else []
     scratch = [b for b in g.buffers if b not in outs]
     params, types = [], []
     for x in p.inputs:
@@ -449,26 +505,26 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
         else:
             params.append(ids[x])
             types.append(_array_type(dt, len(x.shape)) if is_matrix(x) else dt)
-    if opt is None:
+    if rule is None:
         params += [ids[d] for d in p.dims]
         types += ["int64"] * len(p.dims)
     params += ["_ws"]
     types += [_array_type(dt, 1)]
-    if opt is None and g.acc64:
+    if rule is None and g.acc64:
         params += ["_f64"]
         types += ["float64[::1]"]
     params += [ids[b] for b in outs]
     types += [_array_type(dt, len(b.shape)) for b in outs]
     state = []
-    if opt is not None:
-        for buf in opt.buffers:
+    if rule is not None:
+        for buf in rule.state:
             for w in p.wrt:
                 state.append((buf, w))
                 params.append(f"_{buf}_{ids[w]}")
                 types.append(_array_type(dt, len(w.shape) if is_matrix(w) else 1))
         params += ["_f64", "_t"]
         types += ["float64[::1]", "int64"]
-    name = "train_step" if opt is not None else ("loss_and_grad" if p.wrt else "forward")
+    name = "train_step" if rule is not None else ("loss_and_grad" if p.wrt else "forward")
     flags = ['error_model="numpy"', f"cache={bool(cache_)}"]
     if boundscheck:
         flags.append("boundscheck=True")
@@ -483,7 +539,7 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
         lines.append(f"\n@njit({', '.join(flags)})" + table[h])
     lines.append(f"\n@njit({sig}, {', '.join(kflags)})")
     lines.append(f"def {name}({', '.join(params)}):")
-    if opt is not None:
+    if rule is not None:
         lines += _bind_in_kernel(p, ids, scratch)
     if scratch:
         # One reshape per column count, then row slices of it: a Numba reshape costs
@@ -512,13 +568,43 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
                 at = end
     for w in g.scalar_params:  # a scalar parameter arrives as a 1-element view
         lines.append(f"    {ids[w]} = _ref_{ids[w]}[0]")
-    if opt is not None:
-        lines += ["    " + h for h in _HYPER[type(opt)]]
+    lines += ["    " + h for h in prologue]
     lines += g.lines
     source = "\n".join(lines) + "\n"
     layout = {"name": name, "scratch": scratch, "outs": outs, "scalar_out": scalar_out,
               "state": state, "f64": g.f64_base + sum(g.acc64)}
     return source, layout
+
+
+def generate_update(rule, dtype, cache_=True) -> str:
+    """The module source of ``flat_update(w, g, *buffers, _f64, _t)``: ``rule`` applied to
+    every entry of flat arrays (all the parameters, concatenated).  Data-parallel training
+    takes it where the reduction comes between the gradient and the update."""
+    dt = np.dtype(dtype).name
+    prologue, used = _rule_prologue(rule)
+    bufs = [sp.Symbol(b) for b in rule.state]
+    refs = {rule.w: "w[_i]", **{b: f"_{b}_w[_i]" for b in bufs}}
+    pr_used: set = set()
+
+    def expr(e, names):
+        pr = NumbaPrinter(names)
+        out = pr.doprint(e)
+        pr_used.update(pr.used)
+        return out
+
+    body = _entry_lines(rule, rule.update, refs, "g[_i]", expr)
+    flags = ['error_model="numpy"', f"cache={bool(cache_)}"]
+    types = [_array_type(dt, 1)] * (2 + len(bufs)) + ["float64[::1]", "int64"]
+    lines = [_HEADER.format(target="cpu", dtype=dt)]
+    table = {**HELPERS, **(HELPERS_F32 if dt == "float32" else {})}
+    for h in sorted(used | pr_used):
+        lines.append(f"\n@njit({', '.join(flags)})" + table[h])
+    lines.append(f'\n@njit("({", ".join(types)},)", {", ".join(flags)})')
+    lines.append(f"def flat_update(w, g, {''.join(f'_{b}_w, ' for b in bufs)}_f64, _t):")
+    lines += ["    " + h for h in prologue]
+    lines.append("    for _i in range(w.size):")
+    lines += ["        " + ln for ln in body]
+    return "\n".join(lines) + "\n"
 
 
 def _bind_in_kernel(p: Program, ids: dict, scratch) -> list[str]:
@@ -549,155 +635,7 @@ def _bind_in_kernel(p: Program, ids: dict, scratch) -> list[str]:
 # --- the callables ------------------------------------------------------------------------
 
 
-class _Blas:
-    """The thread count of the OpenBLAS the kernels call (SciPy's copy, as njit's np.dot).
-
-    Whether a second thread pays depends on the moment, not the program: on this
-    project's 2-core machine the W2 step (two 128x784x256 products) took 1.0-1.1 ms on
-    two threads against 1.45-1.5 ms on one while the machine was otherwise idle, and
-    3.9 ms against 2.1 ms while one other busy process ran (a GEMM split in two waits
-    for its slower half; an earlier shared session saw 3.1-6.8 ms against 1.5-1.7).  So
-    a compiled function measures it while it is called (``_ThreadTuner``,
-    ``blas_threads="auto"``, the default); a fixed ``blas_threads=n`` is kept as given.
-    A 'parallel' kernel with prange loops keeps one BLAS thread: its loops own the cores,
-    and two pools would fight.  NumPy's OpenBLAS (the user's matmuls) is left alone.
-    Needs threadpoolctl; without it the library default stays.
-    """
-
-    def __init__(self):
-        self.libs = None
-        self.now = None
-
-    def use(self, n: int) -> None:
-        if n == self.now:
-            return
-        if self.libs is None:
-            try:
-                import scipy.linalg.cython_blas  # noqa: F401  (load it, so it can be found)
-                from threadpoolctl import ThreadpoolController
-
-                self.libs = [c for c in ThreadpoolController().lib_controllers
-                             if c.user_api == "blas" and "scipy" in os.path.basename(
-                                 os.path.dirname(c.filepath))]
-            except ImportError:
-                self.libs = []
-        for c in self.libs:
-            c.set_num_threads(n)
-        self.now = n
-
-
-BLAS = _Blas()
-
-
-def blas_threads(target: str, options: dict, prange: bool = False):
-    """The BLAS thread count to use: an int, or "auto" (more than one core and no prange
-    loop in the kernel: measured while it runs, ``_ThreadTuner``).  A kernel with prange
-    loops uses 1 for "auto"."""
-    n = options.get("blas_threads", "auto")
-    if n == "auto":
-        return "auto" if not prange and _cores() > 1 else 1
-    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
-        raise SymbpError(f'blas_threads must be a positive int or "auto", not {n!r}')
-    return n
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-class _ThreadTuner:
-    """``blas_threads="auto"``: time the calls on 1 and on all cores, keep the faster.
-
-    A trial runs blocks of ``BLOCK`` calls (training steps) per candidate, alternating
-    (1, n, 1, n: a machine whose speed drifts meets both alike), and drops each block's
-    first call (it wakes or parks the BLAS threads).  More threads are kept only when
-    their median is at least ``GAIN`` faster: one thread disturbs the rest of the machine
-    least.  The trial is repeated every ``PERIOD`` seconds, since other processes come
-    and go; it costs 8 calls on the slower setting every 30 s.
-    """
-
-    BLOCK, ROUNDS, GAIN, PERIOD = 4, 2, 0.9, 30.0
-
-    def __init__(self, n: int, clock=None):
-        self.clock = clock or time.monotonic
-        self.cands = (1, n)
-        self.best = 1
-        self.retrial_at = 0.0
-        self.plan: list = []
-        self.times: dict = {}
-
-    def next(self) -> tuple[int, bool]:
-        """Threads for the next step, and whether to time it."""
-        if not self.plan:
-            if self.clock() < self.retrial_at:
-                return self.best, False
-            self.plan = [(c, k > 0) for _ in range(self.ROUNDS) for c in self.cands
-                         for k in range(self.BLOCK)]
-            self.times = {c: [] for c in self.cands}
-        return self.plan[0][0], self.plan[0][1]
-
-    def start(self) -> float | None:
-        """Before a call: set the BLAS threads for it; its start time if it is timed."""
-        n, timed = self.next()
-        BLAS.use(n)
-        return time.perf_counter() if timed else None
-
-    def stop(self, t0: float | None) -> None:
-        """After a call started with ``start`` (``t0`` None: it is not to be counted)."""
-        self.record(None if t0 is None else time.perf_counter() - t0)
-
-    def record(self, seconds: float | None) -> None:
-        """After a step: its time (None when it was not timed or did not run)."""
-        if not self.plan:
-            return
-        c, timed = self.plan.pop(0)
-        if timed and seconds is not None:
-            self.times[c].append(seconds)
-        if not self.plan:
-            med = {c: float(np.median(v)) for c, v in self.times.items() if v}
-            many = self.cands[1]
-            self.best = many if (1 in med and many in med
-                                 and med[many] < self.GAIN * med[1]) else 1
-            self.retrial_at = self.clock() + self.PERIOD
-
-
-def _shape_fn(shape, dims):
-    """A function of the dims' values giving a buffer's shape (sizes may be 2*N)."""
-    parts = []
-    for d in shape:
-        d = sp.sympify(d)
-        parts.append(int(d) if d.is_Integer else d)
-
-    def f(vals):
-        env = dict(zip(dims, vals))
-        return tuple(x if isinstance(x, int) else int(x.xreplace(env)) for x in parts)
-
-    return f
-
-
-class _Workspace:
-    """One preallocated array per batch size holding every scratch array (a few sizes
-    are kept: the last batch of an epoch is smaller)."""
-
-    def __init__(self, names, dims, dtype, keep=4):
-        self.dtype, self.keep = dtype, keep
-        self.sizes = [_shape_fn(n.shape, dims) for n in names]
-        self.sets: dict = {}
-
-    def get(self, dim_vals: tuple) -> np.ndarray:
-        ws = self.sets.get(dim_vals)
-        if ws is None:
-            if len(self.sets) >= self.keep:
-                self.sets.pop(next(iter(self.sets)))
-            n = sum(int(np.prod(s(dim_vals))) for s in self.sizes)
-            ws = self.sets[dim_vals] = np.empty(n, self.dtype)
-        return ws
-
-
-def _compile(p, dtype, target, opt, options):
+def _compile(p, dtype, target, rule, options):
     unknown = set(options) - {"boundscheck", "cache", "blas_threads"}
     if unknown:
         raise SymbpError(
@@ -707,7 +645,7 @@ def _compile(p, dtype, target, opt, options):
         )
     blas_threads(target, options)  # refuse a bad value before compiling
     p = optimize(p, target=target)
-    source, layout = generate(p, dtype, target, opt, options.get("boundscheck", False),
+    source, layout = generate(p, dtype, target, rule, options.get("boundscheck", False),
                               options.get("cache", True))
     module = cache.load(source)
     return p, source, layout, getattr(module, layout["name"])
@@ -719,196 +657,32 @@ def build(program: Program, dtype=np.float64, target: str = "cpu", **options) ->
     Options: ``boundscheck=True`` (IndexError instead of silent out-of-bounds reads, for
     tests), ``cache=False`` (do not keep machine code on disk), ``blas_threads=n`` (threads
     of the matrix products; "auto", the default, measures 1 against all cores while the
-    function is called: see ``_Blas``).  Scratch arrays are kept
-    per batch size; returned arrays are fresh for every call.
+    function is called: see ``symbp.runtime.threads``).  Scratch arrays are kept per batch
+    size; returned arrays are fresh for every call.
     """
     dt = np.dtype(dtype)
     p, source, layout, kern = _compile(program, dt, target, None, options)
-    n_in, n_dims = len(p.inputs), len(p.dims)
-    ws = _Workspace(layout["scratch"], p.dims, dt)
-    out_shapes = [_shape_fn(o.shape, p.dims) for o in layout["outs"]]
-    plan = []  # where each output comes from
-    for o in p.outputs:
-        if o in layout["scalar_out"]:
-            plan.append(("ret", layout["scalar_out"].index(o), None))
-        elif o in layout["outs"]:
-            plan.append(("out", layout["outs"].index(o), None))
-        elif o in p.inputs:
-            plan.append(("in", p.inputs.index(o), None))
-        else:  # a constant: a gradient that is identically zero
-            shape = _shape_fn(o.shape, p.dims) if is_matrix(o) else None
-            plan.append(("const", float(o) if not is_matrix(o) else 0.0, shape))
-
-    threads = blas_threads(target, options, prange="in prange(" in source)
-    tuner = _ThreadTuner(_cores()) if threads == "auto" and "_gemm(" in source else None
-    if threads == "auto":
-        threads = 1
-
-    f64 = (np.zeros(layout["f64"]),) if layout["f64"] else ()
-
-    def fn(*args):
-        if tuner is None:
-            BLAS.use(threads)
-        else:
-            t0 = tuner.start()
-        dims = tuple(int(d) for d in args[n_in:n_in + n_dims])
-        outs = [np.empty(f(dims), dt) for f in out_shapes]
-        ret = kern(*args[:n_in], *dims, ws.get(dims), *f64, *outs)
-        if tuner is not None:
-            tuner.stop(t0)
-        result = []
-        for kind, i, shape in plan:
-            if kind == "ret":
-                result.append(dt.type(ret[i]))
-            elif kind == "out":
-                result.append(outs[i])
-            elif kind == "in":
-                result.append(np.array(args[i], dtype=dt))
-            elif shape is not None:
-                result.append(np.full(shape(dims), i, dt))
-            else:
-                result.append(dt.type(i))
-        return tuple(result)
-
-    fn.source = source
-    fn.kernel = kern
-    fn.tuner = tuner
-    return Kernel(fn=fn, source=source)
-
-
-class FusedStep:
-    """A training step compiled into one call: ``loss = step(params, **data)``.
-
-    Forward, backward and the optimizer update run in one Numba call; ``params`` (arrays
-    of the step's dtype, C-contiguous; scalar parameters as 0-d arrays) are updated in
-    place; ``state`` holds the optimizer buffers like ``symbp.optim.init_state``.
-    ``blas_threads`` is the BLAS thread count in use (see ``_Blas``).
-    """
-
-    def __init__(self, program: Program, optimizer, dtype, target, options):
-        self.optimizer, self.dtype, self.target = optimizer, np.dtype(dtype), target
-        p, self.source, layout, self.kernel = _compile(program, self.dtype, target,
-                                                       optimizer, options)
-        self.program = p
-        self.state = None
-        self._wrt = {w.name for w in p.wrt}
-        self._spec = [(s.name, s.name in self._wrt, is_matrix(s)) for s in p.inputs]
-        self._ws = _Workspace(layout["scratch"], p.dims, self.dtype)
-        self._state_keys = [(b, w.name) for b, w in layout["state"]]
-        self._wsa = np.empty(0, self.dtype)  # the workspace: grown by _bind when too small
-        self._names = [(name, is_p) for name, is_p, _ in self._spec]
-        self._scalar_params = [is_p and not is_m for _, is_p, is_m in self._spec]
-        if not any(self._scalar_params):
-            self._scalar_params = None
-        # float64 words: the optimizer's constants, then the kernel's accumulators
-        self._f64 = np.zeros(layout["f64"])
-        hp = hyper_values(optimizer)
-        self._f64[:len(hp)] = hp
-        self._threads = blas_threads(target, options, prange="in prange(" in self.source)
-        self._blas = "_gemm(" in self.source  # small products are loops: no BLAS at all
-        self._tuner = _ThreadTuner(_cores()) if self._blas and self._threads == "auto" \
-            else None
-        if self._threads == "auto":
-            self._threads = 1
-        self._float = opt_returns_float(layout)
-        # constants of fixed shape (Identity(3), a Matrix of numbers) are made once and
-        # join the data of every call, so the fast path below finds them
-        self._consts = {s.name: s.array({}, self.dtype) for s in p.inputs
-                        if isinstance(s, Constant) and all(d.is_Integer for d in s.shape)}
-
-    @property
-    def fn(self):
-        return self
-
-    @property
-    def blas_threads(self) -> int:
-        """The BLAS threads the step uses now (``blas_threads="auto"`` picks as it runs)."""
-        return self._tuner.best if self._tuner is not None else self._threads
-
-    def __call__(self, params: dict, /, **data) -> float:
-        st = self.state
-        if st is None:
-            st = self.state = optim.init_state(self.optimizer, params)
-        # The fast path (a W3 step is ~1 µs of kernel, so every Python line counts): arrays
-        # go in as they come; the kernel binds and checks the sizes itself, Numba checks
-        # dtypes and layouts.  Anything they refuse is converted or named below.
-        try:
-            d = {**data, **self._consts} if self._consts else data
-            xs = [params[n] if p else d[n] for n, p in self._names]
-            if len(params) + len(data) + len(self._consts) != len(xs):
-                raise KeyError
-        except (KeyError, TypeError):
-            xs = self._bind(params, data)
-        if self._scalar_params:  # a 0-d parameter travels as a 1-element view of itself
-            xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
-        t = st["t"] + 1  # counted once the step ran: a refused call leaves the state alone
-        if self._state_keys:
-            sv = [st[b][k] for b, k in self._state_keys]
-            if self._scalar_params:
-                sv = [v.reshape(1) if v.ndim == 0 else v for v in sv]
-        else:
-            sv = ()
-        tuner = self._tuner
-        if tuner is None:
-            if self._blas and BLAS.now != self._threads:
-                BLAS.use(self._threads)
-        else:
-            t0 = tuner.start()
-        try:
-            ret = self.kernel(*xs, self._wsa, *sv, self._f64, t)
-        except (TypeError, ValueError):  # other types or sizes: check, convert, retry
-            t0 = None  # binding and converting are not the step's time
-            self._check_params(params)
-            xs = self._bind(params, data)
-            if self._scalar_params:
-                xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
-            ret = self.kernel(*xs, self._wsa, *sv, self._f64, t)
-        if tuner is not None:
-            tuner.stop(t0)
-        st["t"] = t
-        return ret if self._float else float(ret[0])
-
-    def _bind(self, params, data):
-        """Full check and documented conversion; grows the workspace for these sizes."""
-        both = dict(data)
-        for k, v in params.items():
-            if k in both:
-                raise InputError(f"{k} is given both as a parameter and as data")
-            both[k] = v
-        self._check_params(params)
-        args = bind_inputs(self.program, both, self.dtype)
-        n = len(self.program.inputs)
-        ws = self._ws.get(tuple(args[n:]))
-        if ws.size > self._wsa.size:  # one workspace, as big as the largest batch seen
-            self._wsa = ws
-        return [params[name] if is_p else a for a, (name, is_p, _) in zip(args[:n], self._spec)]
-
-    def _check_params(self, params):
-        for name in self._wrt:
-            w = params.get(name)
-            if w is None:
-                raise InputError(f"parameter {name} is missing from params")
-            if not (isinstance(w, np.ndarray) and w.dtype == self.dtype
-                    and w.flags.c_contiguous and w.flags.writeable):
-                raise InputError(
-                    f"parameter {name} must be a writeable C-contiguous {self.dtype} array "
-                    f"(a 0-d array for a scalar) to be updated in place; got "
-                    f"{type(w).__name__} {getattr(w, 'dtype', '')}: convert it once with "
-                    f"np.ascontiguousarray(w, dtype=np.{self.dtype})"
-                )
-
-
-def opt_returns_float(layout) -> bool:
-    """Whether a step kernel returns its loss as a bare float (see ``generate``)."""
-    return len(layout["scalar_out"]) == 1
+    return Kernel(fn=gradient_call(p, source, layout, kern, dt, target, options), source=source)
 
 
 def build_step(program: Program, optimizer, dtype=np.float64, target: str = "cpu",
                **options) -> FusedStep:
-    """A training step of the gradient ``program`` with ``optimizer`` fused in.
+    """A training step of the gradient ``program`` with ``optimizer``'s update fused in.
 
     Used by ``sb.compile_step`` for the 'cpu' and 'parallel' targets.
     """
     if not program.wrt:
         raise SymbpError("build_step needs a gradient Program (sb.gradient_program(f, params))")
-    return FusedStep(program, optimizer, dtype, target, options)
+    dt = np.dtype(dtype)
+    rule = getattr(optimizer, "rule", None)
+    if rule is None:
+        raise SymbpError(f"unknown optimizer {optimizer!r}: use SGD, Momentum or Adam")
+    p, source, layout, kern = _compile(program, dt, target, rule, options)
+    return FusedStep(p, source, layout, kern, optimizer, dt, target, options)
+
+
+def build_update(rule, dtype=np.float64, **options):
+    """``flat_update(w, g, *buffers, hyper, t)`` compiled (``generate_update``); ``hyper``
+    the float64 hyperparameters, ``t`` the 1-based step count."""
+    source = generate_update(rule, dtype, options.get("cache", True))
+    return cache.load(source).flat_update

@@ -1,0 +1,194 @@
+"""Data-parallel training over MPI (mpi4py): every rank holds the whole model, computes the
+gradient of its shard of each global batch, and one Allreduce makes them agree.
+
+This is Horovod's scheme.  With a global batch of B rows split into shards of n_r rows
+(Σ n_r = B) and a loss that is the mean over the batch's rows (plus terms in the
+parameters alone, such as a penalty),
+
+    L(batch) = Σ_r (n_r / B) · L(shard r),   so   ∇L(batch) = Σ_r (n_r / B) · ∇L(shard r).
+
+Each rank scales its shard's gradient by n_r / B and one ``Allreduce(SUM)`` over a single
+contiguous buffer (all gradients, then the loss) yields the gradient of the global batch
+on every rank, exactly, also when B does not divide by the number of ranks.  Every rank
+then applies the same optimizer update to the same parameters (broadcast from rank 0 at
+the start), so the parameters stay identical without ever being sent again.
+
+The backends' fused step (``compile_step`` with 'cpu'/'parallel') cannot be used here:
+it applies the update inside the kernel right after the backward pass, and the reduction
+has to come between the gradient and the update.  So a rank calls the compiled gradient
+(``symbp.compile``, same target), then the reference ``optim.update``.
+
+``import symbp`` never imports mpi4py: it is imported when ``fit(..., distributed='mpi')``
+asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import traceback
+
+import numpy as np
+
+from .. import api as sb
+from .. import optim
+from ..errors import SymbpError, TrainingError
+
+INSTALL = "pip install 'symbp[mpi]'"
+
+
+def world():
+    """MPI's COMM_WORLD, or a SymbpError saying what to install."""
+    try:
+        from mpi4py import MPI
+    except ImportError as err:
+        raise SymbpError(
+            f"distributed='mpi' needs mpi4py and an MPI library ({err}): {INSTALL} "
+            "installs both (MPICH's wheel, with its mpiexec); then run the script with "
+            "`mpiexec -n K python script.py`") from None
+    return MPI.COMM_WORLD
+
+
+def choose(distributed) -> Ranks | None:
+    """``fit``'s ``distributed`` argument: 'mpi'; False (this process alone); or None
+    (this process alone unless the environment variable SYMBP_DISTRIBUTED says 'mpi')."""
+    if isinstance(distributed, Ranks):
+        return distributed
+    if distributed is False:
+        return None
+    if distributed is None:
+        distributed = os.environ.get("SYMBP_DISTRIBUTED", "") or None
+    if distributed is None:
+        return None
+    if distributed != "mpi":
+        raise SymbpError(f"distributed={distributed!r}: use 'mpi' (data-parallel over "
+                         "mpiexec's processes) or None (this process alone)")
+    return Ranks(world())
+
+
+def shard(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Rows [lo, hi) of a batch of ``n`` rows that ``rank`` of ``size`` takes: the first
+    n mod size ranks take one row more (a rank may take none in a batch of < size rows)."""
+    q, extra = divmod(n, size)
+    lo = rank * q + min(rank, extra)
+    return lo, lo + q + (rank < extra)
+
+
+class Ranks:
+    """This process's place among the ranks of a communicator."""
+
+    def __init__(self, comm):
+        self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
+
+    @property
+    def root(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, flat: np.ndarray) -> None:
+        """Rank 0's values of a buffer, in place on every rank."""
+        self.comm.Bcast(flat, root=0)
+
+    def sum(self, a: np.ndarray) -> None:
+        """The sum over ranks of a buffer, in place on every rank."""
+        from mpi4py import MPI
+
+        self.comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+
+    def step(self, fn: sb.Compiled, optimizer, params: dict, flat: np.ndarray) -> Step:
+        return Step(fn, optimizer, params, flat, self)
+
+    @contextlib.contextmanager
+    def stop_all_on_error(self):
+        """An exception on one rank alone would leave the others waiting in the next
+        collective forever: report it and abort the whole job instead.  A TrainingError
+        of the loop is raised on every rank alike (it comes from the reduced loss and the
+        identical parameters), so it propagates normally."""
+        try:
+            yield
+        except TrainingError:
+            raise
+        except BaseException as err:
+            tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+            sys.stderr.write(f"symbp: rank {self.rank} of {self.size} failed; stopping every "
+                             f"rank (MPI Abort):\n{tb}")
+            sys.stderr.flush()
+            self.comm.Abort(1)
+
+
+class Step:
+    """``loss = step(params, **data)`` on the *global* batch ``data``: this rank takes its
+    shard of the rows, and every rank returns the loss of the global batch and holds the
+    same updated parameters.  ``state`` holds the optimizer buffers, as for one process.
+
+    ``params`` are views of ``flat`` in order (``fit`` keeps them so).  On the 'numpy'
+    target the update is the reference ``optim.update``; on the Numba targets one compiled
+    loop over the flat buffers applies the same rule (``numba_cpu.build_update``; NumPy's
+    update makes a temporary per operation: for Adam on W2 it took longer than the
+    gradient itself).  ``optimizer`` is read on every call: a schedule may replace it by
+    one of the same kind with another learning rate.
+    """
+
+    def __init__(self, fn: sb.Compiled, optimizer, params: dict, flat: np.ndarray,
+                 ranks: Ranks):
+        self.fn, self.optimizer, self.ranks, self.flat = fn, optimizer, ranks, flat
+        self.state = None
+        self._kernel = None
+        if fn.target != "numpy":  # the update runs on the host's flat buffers
+            from ..backends.numba_cpu import build_update
+
+            self._kernel = build_update(optim.rule(optimizer), flat.dtype)
+        self._flat_state = None  # (state dict, {buffer: flat array}) when the kernel runs
+        # One buffer [∇w1 … ∇wk, loss] so a step makes a single Allreduce.
+        dtype = next(iter(params.values())).dtype
+        self.buf = np.zeros(sum(v.size for v in params.values()) + 1, dtype=dtype)
+        self.grads, at = {}, 0
+        for k, v in params.items():
+            self.grads[k] = self.buf[at:at + v.size].reshape(v.shape)
+            at += v.size
+
+    @property
+    def source(self) -> str:
+        return self.fn.source
+
+    def __call__(self, params: dict, /, **data) -> float:
+        from mpi4py import MPI
+
+        if self.state is None:
+            self.state = optim.init_state(self.optimizer, params)
+        B = len(next(iter(data.values())))
+        lo, hi = shard(B, self.ranks.rank, self.ranks.size)
+        if hi > lo:
+            loss, grads = self.fn(**params, **{k: v[lo:hi] for k, v in data.items()})
+            w = (hi - lo) / B
+            for k, g in self.grads.items():
+                np.multiply(grads[k], w, out=g)
+            self.buf[-1] = loss * w
+        else:  # fewer rows than ranks: this rank adds nothing to the sum
+            self.buf[...] = 0
+        self.ranks.comm.Allreduce(MPI.IN_PLACE, self.buf, op=MPI.SUM)
+        if self._kernel is None:
+            optim.update(self.optimizer, params, self.grads, self.state)
+        else:
+            self.state["t"] += 1
+            bufs = self._buffers(params)
+            self._kernel(self.flat, self.buf[:-1], *bufs, optim.hyper(self.optimizer),
+                         self.state["t"])
+        return float(self.buf[-1])
+
+    def _buffers(self, params) -> list:
+        # The optimizer buffers as flat arrays whose per-parameter views are the state's, so
+        # checkpoints see them; a state set from outside (resume) is copied in once.
+        if self._flat_state is None or self._flat_state[0] is not self.state:
+            flats = {}
+            for b in self.optimizer.buffers:
+                flats[b] = np.concatenate([self.state[b][k].ravel() for k in params])
+                at = 0
+                for k, v in params.items():
+                    self.state[b][k] = flats[b][at:at + v.size].reshape(v.shape)
+                    at += v.size
+            self._flat_state = (self.state, flats)
+        return [self._flat_state[1][b] for b in self.optimizer.buffers]
+
+
+__all__ = ["Ranks", "Step", "choose", "shard", "world"]

@@ -1,0 +1,214 @@
+"""The compiled calls: a loss-and-gradient function and the fused training step.
+
+The Numba CPU backend generates and compiles a kernel (``symbp.backends.numba_cpu``); the
+objects here call it: they bind the arrays, hand it its workspace and optimizer state,
+set the BLAS threads, and turn its results into what the user sees.  A call of a small
+network is a few microseconds of kernel, so the hot paths here are kept to a few lines.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import optim
+from ..api import bind_inputs
+from ..errors import InputError, SymbpError
+from ..ir import Program
+from ..matrix import Constant, is_matrix
+from . import threads as _threads
+from .threads import BLAS
+from .workspace import Workspace, shape_fn
+
+
+def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
+                  options: dict):
+    """``fn(*inputs, *dims)`` -> ``(value, *grads)`` around a compiled gradient (or forward)
+    kernel.  Scratch arrays are kept per batch size; returned arrays are fresh."""
+    n_in, n_dims = len(p.inputs), len(p.dims)
+    ws = Workspace(layout["scratch"], p.dims, dt)
+    out_shapes = [shape_fn(o.shape, p.dims) for o in layout["outs"]]
+    plan = []  # where each output comes from
+    for o in p.outputs:
+        if o in layout["scalar_out"]:
+            plan.append(("ret", layout["scalar_out"].index(o), None))
+        elif o in layout["outs"]:
+            plan.append(("out", layout["outs"].index(o), None))
+        elif o in p.inputs:
+            plan.append(("in", p.inputs.index(o), None))
+        else:  # a constant: a gradient that is identically zero
+            shape = shape_fn(o.shape, p.dims) if is_matrix(o) else None
+            plan.append(("const", float(o) if not is_matrix(o) else 0.0, shape))
+
+    threads, tuner = _threads.for_kernel(target, options, source)
+    f64 = (np.zeros(layout["f64"]),) if layout["f64"] else ()
+
+    def fn(*args):
+        if tuner is None:
+            BLAS.use(threads)
+        else:
+            t0 = tuner.start()
+        dims = tuple(int(d) for d in args[n_in:n_in + n_dims])
+        outs = [np.empty(f(dims), dt) for f in out_shapes]
+        ret = kern(*args[:n_in], *dims, ws.get(dims), *f64, *outs)
+        if tuner is not None:
+            tuner.stop(t0)
+        result = []
+        for kind, i, shape in plan:
+            if kind == "ret":
+                result.append(dt.type(ret[i]))
+            elif kind == "out":
+                result.append(outs[i])
+            elif kind == "in":
+                result.append(np.array(args[i], dtype=dt))
+            elif shape is not None:
+                result.append(np.full(shape(dims), i, dt))
+            else:
+                result.append(dt.type(i))
+        return tuple(result)
+
+    fn.source = source
+    fn.kernel = kern
+    fn.tuner = tuner
+    return fn
+
+
+class FusedStep:
+    """A training step compiled into one call: ``loss = step(params, **data)``.
+
+    Forward, backward and the optimizer update run in one Numba call; ``params`` (arrays
+    of the step's dtype, C-contiguous; scalar parameters as 0-d arrays) are updated in
+    place; ``state`` holds the optimizer buffers like ``symbp.optim.init_state``.
+    ``blas_threads`` is the BLAS thread count in use (see ``threads.Blas``).
+
+    The kernel reads the optimizer's hyperparameters from ``hyper`` (float64, in
+    ``optim.rule(optimizer).hyper`` order) on every call: assigning ``step.optimizer``
+    another optimizer of the same kind (a learning-rate schedule) changes them, with no
+    recompilation.
+    """
+
+    def __init__(self, p: Program, source: str, layout: dict, kernel, optimizer, dtype,
+                 target: str, options: dict):
+        self.dtype, self.target = np.dtype(dtype), target
+        self.program, self.source, self.kernel = p, source, kernel
+        self.state = None
+        self._wrt = {w.name for w in p.wrt}
+        self._spec = [(s.name, s.name in self._wrt, is_matrix(s)) for s in p.inputs]
+        self._ws = Workspace(layout["scratch"], p.dims, self.dtype)
+        self._state_keys = [(b, w.name) for b, w in layout["state"]]
+        self._wsa = np.empty(0, self.dtype)  # the workspace: grown by _bind when too small
+        self._names = [(name, is_p) for name, is_p, _ in self._spec]
+        self._scalar_params = [is_p and not is_m for _, is_p, is_m in self._spec]
+        if not any(self._scalar_params):
+            self._scalar_params = None
+        # float64 words: the optimizer's hyperparameters, then the kernel's accumulators
+        self._f64 = np.zeros(layout["f64"])
+        self.hyper = self._f64[:len(optim.rule(optimizer).hyper)]
+        self._optimizer = None
+        self.optimizer = optimizer
+        self._threads, self._tuner = _threads.for_kernel(target, options, source)
+        self._blas = "_gemm(" in self.source  # small products are loops: no BLAS at all
+        self._float = opt_returns_float(layout)
+        # constants of fixed shape (Identity(3), a Matrix of numbers) are made once and
+        # join the data of every call, so the fast path below finds them
+        self._consts = {s.name: s.array({}, self.dtype) for s in p.inputs
+                        if isinstance(s, Constant) and all(d.is_Integer for d in s.shape)}
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, opt) -> None:
+        # the kernel prints one kind's update: only its hyperparameters may change
+        if self._optimizer is not None and type(opt) is not type(self._optimizer):
+            raise SymbpError(
+                f"this step was compiled for {type(self._optimizer).__name__}, not "
+                f"{type(opt).__name__}: compile another step (sb.compile_step) for it")
+        self.hyper[:] = optim.hyper(opt)
+        self._optimizer = opt
+
+    @property
+    def fn(self):
+        return self
+
+    @property
+    def blas_threads(self) -> int:
+        """The BLAS threads the step uses now (``blas_threads="auto"`` picks as it runs)."""
+        return self._tuner.best if self._tuner is not None else self._threads
+
+    def __call__(self, params: dict, /, **data) -> float:
+        st = self.state
+        if st is None:
+            st = self.state = optim.init_state(self.optimizer, params)
+        # The fast path (a W3 step is ~1 µs of kernel, so every Python line counts): arrays
+        # go in as they come; the kernel binds and checks the sizes itself, Numba checks
+        # dtypes and layouts.  Anything they refuse is converted or named below.
+        try:
+            d = {**data, **self._consts} if self._consts else data
+            xs = [params[n] if p else d[n] for n, p in self._names]
+            if len(params) + len(data) + len(self._consts) != len(xs):
+                raise KeyError
+        except (KeyError, TypeError):
+            xs = self._bind(params, data)
+        if self._scalar_params:  # a 0-d parameter travels as a 1-element view of itself
+            xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
+        t = st["t"] + 1  # counted once the step ran: a refused call leaves the state alone
+        if self._state_keys:
+            sv = [st[b][k] for b, k in self._state_keys]
+            if self._scalar_params:
+                sv = [v.reshape(1) if v.ndim == 0 else v for v in sv]
+        else:
+            sv = ()
+        tuner = self._tuner
+        if tuner is None:
+            if self._blas and BLAS.now != self._threads:
+                BLAS.use(self._threads)
+        else:
+            t0 = tuner.start()
+        try:
+            ret = self.kernel(*xs, self._wsa, *sv, self._f64, t)
+        except (TypeError, ValueError):  # other types or sizes: check, convert, retry
+            t0 = None  # binding and converting are not the step's time
+            self._check_params(params)
+            xs = self._bind(params, data)
+            if self._scalar_params:
+                xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
+            ret = self.kernel(*xs, self._wsa, *sv, self._f64, t)
+        if tuner is not None:
+            tuner.stop(t0)
+        st["t"] = t
+        return ret if self._float else float(ret[0])
+
+    def _bind(self, params, data):
+        """Full check and documented conversion; grows the workspace for these sizes."""
+        both = dict(data)
+        for k, v in params.items():
+            if k in both:
+                raise InputError(f"{k} is given both as a parameter and as data")
+            both[k] = v
+        self._check_params(params)
+        args = bind_inputs(self.program, both, self.dtype)
+        n = len(self.program.inputs)
+        ws = self._ws.get(tuple(args[n:]))
+        if ws.size > self._wsa.size:  # one workspace, as big as the largest batch seen
+            self._wsa = ws
+        return [params[name] if is_p else a for a, (name, is_p, _) in zip(args[:n], self._spec)]
+
+    def _check_params(self, params):
+        for name in self._wrt:
+            w = params.get(name)
+            if w is None:
+                raise InputError(f"parameter {name} is missing from params")
+            if not (isinstance(w, np.ndarray) and w.dtype == self.dtype
+                    and w.flags.c_contiguous and w.flags.writeable):
+                raise InputError(
+                    f"parameter {name} must be a writeable C-contiguous {self.dtype} array "
+                    f"(a 0-d array for a scalar) to be updated in place; got "
+                    f"{type(w).__name__} {getattr(w, 'dtype', '')}: convert it once with "
+                    f"np.ascontiguousarray(w, dtype=np.{self.dtype})"
+                )
+
+
+def opt_returns_float(layout) -> bool:
+    """Whether a step kernel returns its loss as a bare float (see ``generate``)."""
+    return len(layout["scalar_out"]) == 1
