@@ -14,7 +14,9 @@ from .ir import Program, check_names, lower, verify
 from .matrix import Constant, is_matrix
 
 
-def _wrt_tuple(wrt) -> tuple[tuple, bool]:
+def wrt_tuple(wrt) -> tuple[tuple, bool]:
+    """``(symbols, single)``: what to differentiate by, checked; ``single`` when one
+    symbol was passed (the result is then one gradient, not a tuple)."""
     # Anything that is not a sequence (a number, a str, an expression) is one culprit:
     # report it by name below rather than letting tuple() fail with "not iterable".
     single = isinstance(wrt, (sp.Basic, str)) or not hasattr(wrt, "__iter__")
@@ -49,7 +51,7 @@ def _scalar_loss(f):
 
 def gradient_program(f, wrt) -> Program:
     """Lower ``f`` and apply the reverse pass: the ordered-derivative Program."""
-    items, _ = _wrt_tuple(wrt)
+    items, _ = wrt_tuple(wrt)
     p = verify(lower(_scalar_loss(f)))
     check_names(p, items)
     return grad_pass(p, items)
@@ -70,7 +72,7 @@ def grad(f, wrt):
     ``wrt`` is one Symbol/MatrixSymbol (returns one expression) or a sequence (returns a
     tuple).  A MatrixSymbol's gradient is a matrix expression of its shape.
     """
-    items, single = _wrt_tuple(wrt)
+    items, single = wrt_tuple(wrt)
     p = gradient_program(f, items)
     env = raise_to_sympy(p)
     out = tuple(env.get(g, g) for g in p.outputs[1:])

@@ -76,8 +76,6 @@ def test_runtime_is_apart_from_code_generation():
         assert name not in src
 
 
-@pytest.mark.xfail(strict=True, reason="printing/derive.py imports api._wrt_tuple (printing "
-                   "is being restructured; make the name public there, then drop this mark)")
 def test_printing_imports_no_private_name_from_api():
     bad = [(p.name, n) for p in sorted((SYMBP / "printing").glob("*.py"))
            for m, n in _imports(p) if m == "symbp.api" and n.startswith("_")]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
-from ..api import _wrt_tuple, gradient_program
+from ..api import wrt_tuple, gradient_program
 from ..errors import SymbpError
 from ..heads import rule
 from ..ir import Program, _names_in, is_constant, make_map
@@ -738,7 +738,7 @@ def derive(f, wrt, at=None, *, loss: str = "L", symbolic_activations: bool = Fal
     >>> w, x, b, t = sympy.symbols("w x b t")
     >>> print(derive((sigmoid(w*x + b) - t)**2/2, [w, b]).text())    # doctest: +SKIP
     """
-    items, _ = _wrt_tuple(wrt)
+    items, _ = wrt_tuple(wrt)
     p = gradient_program(f, items)
     bld = _Builder(p, loss, symbolic_activations)
     forward = bld.build_forward()
