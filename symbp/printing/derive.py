@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
-from ..api import wrt_tuple, gradient_program
+from ..api import gradient_program, wrt_tuple
 from ..errors import SymbpError
 from ..heads import rule
 from ..ir import Program, _names_in, is_constant, make_map
