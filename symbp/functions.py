@@ -50,8 +50,8 @@ __all__ = [
     "Activation", "sigmoid", "relu", "leaky_relu", "prelu", "rrelu", "softplus", "elu",
     "selu", "gelu", "gelu_tanh", "silu", "identity", "tanh", "exp", "log", "step",
     "softmax", "log_softmax", "dense", "fill", "elementwise", "mse", "binary_cross_entropy",
-    "bce_with_logits", "cross_entropy", "softmax_cross_entropy", "random_slopes", "FUNCTIONS", "ROWS",
-    "bce",
+    "bce_with_logits", "cross_entropy", "softmax_cross_entropy", "random_slopes", "FUNCTIONS",
+    "ROWS", "bce",
 ]
 
 
@@ -72,6 +72,8 @@ class Activation(sp.Function):
 
     latex_name = r"\operatorname{f}"
     text: str  # its plain-text name; the class name unless the row sets one
+    # the weights feeding it: 'he' (variance 2/fan_in) keeps the variance of a ReLU-like
+    # function's output, which zeroes about half its inputs; 'lecun' (1/fan_in) SELU's
     init = "glorot"
     cost = 20  # a libm call: ~5 ns an entry, against ~0.25 ns for vectorised arithmetic
     listed = True  # False: a row the user reaches through another name (bce)
@@ -125,12 +127,12 @@ class Activation(sp.Function):
 
 
 def parameters(f) -> list[str]:
-    """The positional arguments function ``f`` takes by name, as its row spells them."""
+    """The names of the positional arguments of function ``f``, as its row spells them."""
     if isinstance(f, type) and issubclass(f, Activation):
-        own = f.__new__ is not Activation.__new__
-        names = list(inspect.signature(f.__new__ if own else f.formula).parameters)
-        names = names[1:] if own else names  # __new__'s cls
-        return names[:max(f.nargs)]  # gelu's keyword `approximate` is no argument of a call
+        if f.__new__ is Activation.__new__:  # no defaults to fill in: formula's arguments
+            return list(inspect.signature(f.formula).parameters)
+        # __new__(cls, x, alpha=...), past cls; up to nargs (gelu's `approximate` is none)
+        return list(inspect.signature(f.__new__).parameters)[1:max(f.nargs) + 1]
     return [n for n, p in inspect.signature(f).parameters.items()
             if p.kind is p.POSITIONAL_OR_KEYWORD][:getattr(f, "arity", (0, 99))[1]]
 

@@ -40,7 +40,6 @@ from sympy.printing.pycode import PythonCodePrinter
 from ..errors import SymbpError
 from ..functions import ROWS, Activation, parameters
 
-
 # The routines Max and Min print as, written with the dtype's name as ``{DT}``.
 FIXED = {
     # NaN if either is: `a > b` is False for a NaN on either side, `a != a` catches a NaN a
