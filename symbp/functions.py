@@ -26,14 +26,15 @@ elu'(0) = alpha (the x > 0 branch is strict everywhere).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
-from .errors import ShapeError
+from .errors import ShapeError, SymbpError
 from .matrix import (
     Elementwise,
     LogSoftmax,
@@ -109,7 +110,7 @@ class Activation(sp.Function):
 
     def expand_rule(self):
         """The value as code computes it: the row's ``rule``, else its ``formula``."""
-        return (type(self).rule or type(self).formula)(*self.args)
+        return code(type(self))(*self.args)
 
     def _eval_evalf(self, prec):
         return self.expand_formula()._eval_evalf(prec)
@@ -153,6 +154,24 @@ def usage(name: str, f) -> str:
     """How help lists function ``f``: ``sigmoid``, ``leaky_relu(x, alpha)``."""
     names = parameters(f)
     return name if len(names) == 1 else f"{name}({', '.join(names)})"
+
+
+@functools.cache
+def code(row) -> Callable:
+    """What code computes for ``row``: its ``rule``, else its ``formula``.  A row whose code
+    calls itself, directly or through other rows, is refused: its routine would never end."""
+    _no_cycle(row, ())
+    return row.rule or row.formula
+
+
+def _no_cycle(row, path):
+    if row in path:
+        chain = " -> ".join(r.__name__ for r in (*path, row))
+        raise SymbpError(f"the rule of {row.__name__} calls itself ({chain}): write it in "
+                         "other functions")
+    value = (row.rule or row.formula)(*[sp.Symbol(n, real=True) for n in parameters(row)])
+    for f in {type(a) for a in value.atoms(Activation)}:
+        _no_cycle(f, (*path, row))
 
 
 class RowTable(Mapping):
@@ -201,6 +220,11 @@ class relu(Activation):
     @staticmethod
     def formula(x):
         return sp.Max(0, x)
+
+    @staticmethod
+    def rule(x):
+        # one compare and one select, no call (Max prints as a routine); NaN falls to x
+        return sp.Piecewise((0, x <= 0), (x, True))
 
     def fdiff(self, argindex=1):
         # step(relu(x)) == step(x) everywhere (0 at the kink too), and in terms of the
@@ -283,8 +307,9 @@ class softplus(Activation):
 
     @staticmethod
     def rule(x):
-        # finite for every finite x (e^x overflows from x ≈ 710), NaN for NaN
-        return sp.Max(x, 0) + log1p(sp.exp(-sp.Abs(x)))
+        # max(x, 0) + log1p(e^-|x|): finite for every finite x (e^x overflows from x ≈ 710),
+        # NaN for NaN; the max as a select (Max prints as a routine call)
+        return sp.Piecewise((x, x > 0), (0, True)) + log1p(sp.exp(-sp.Abs(x)))
 
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0])
@@ -305,9 +330,9 @@ class elu(Activation):
 
     @staticmethod
     def rule(x, a):
-        # expm1 keeps α(e^x − 1) accurate near 0; min(x, 0): NumPy computes the branch
-        # not taken too, and e^x must not overflow there
-        return sp.Piecewise((x, x > 0), (a * expm1(sp.Min(x, 0)), True))
+        # expm1 keeps α(e^x − 1) accurate near 0; of −|x| (= x where taken): NumPy computes
+        # the branch not taken too, and e^x must not overflow there
+        return sp.Piecewise((x, x > 0), (a * expm1(-sp.Abs(x)), True))
 
     def fdiff(self, argindex=1):
         x, a = self.args

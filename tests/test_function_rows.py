@@ -200,6 +200,26 @@ def test_nan_reaches_the_new_rows(rows, target):
     assert math.isnan(v) and math.isnan(g["Z"][0, 0]) and not math.isnan(g["Z"][0, 1])
 
 
+@pytest.mark.parametrize("target", ["numpy", "cpu"])
+def test_a_rule_that_calls_itself_is_refused_by_name(target):
+    class ouroboros(F.Activation):
+        nargs = 1
+
+        @staticmethod
+        def formula(x):
+            return x
+
+        @staticmethod
+        def rule(x):
+            return 2 * ouroboros(x) - x
+
+    try:
+        with pytest.raises(sb.SymbpError, match=r"rule of ouroboros calls itself"):
+            sb.compile(ouroboros(w) * w, [w], target=target)
+    finally:
+        forget(ouroboros)
+
+
 # --- symbolic: derivatives, printing, parsing, layers, help --------------------------------
 
 POINTS = [-2.3, -0.7, -0.05, 0.3, 0.8, 1.9]  # off hardtanh's kinks at lo = -1, hi = 1

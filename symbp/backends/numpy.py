@@ -54,6 +54,17 @@ class NumpyPrinter(SciPyPrinter):
     """SciPy's printer, NaN-propagating where SymPy's is not; symbp's functions print
     their rule (``Activation._numpycode``)."""
 
+    def _print_Piecewise(self, e):
+        # nested numpy.where when the last condition is True: SciPy's select would compute
+        # in float64 (its default, a float64 NaN), and the rows' rules are mostly such
+        *pairs, (out, cond) = e.args
+        if cond != sp.true:
+            return super()._print_Piecewise(e)  # NaN where no condition holds
+        out = self._print(out)
+        for value, c in reversed(pairs):
+            out = f"numpy.where({self._print(c)}, {self._print(value)}, {out})"
+        return out
+
     def _print_Heaviside(self, e):
         # numpy.heaviside keeps NaN (SymPy's own rule, a select on x <= 0, maps NaN to 1)
         h0 = e.args[1] if len(e.args) > 1 else sp.S.Half

@@ -4,7 +4,8 @@ CUDA device code in a single dtype.
 ``numba_cpu.NumbaPrinter`` and ``numba_cuda.CudaPrinter`` subclass ``ScalarPrinter`` and
 keep only what differs between the two targets: how a typed constant reads, their table
 of helper routines, and a few heads.  The NumPy reference backend does not use this
-module: the tests compare the Numba backends against an independent printing.
+module: the tests compare the Numba backends against an independent printing (of the same
+rows' rules, which tests/test_functions.py checks against their formulas).
 
 The rules, one per head:
 
@@ -37,8 +38,7 @@ from collections.abc import Callable, Mapping
 import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
-from ..errors import SymbpError
-from ..functions import ROWS, Activation, parameters
+from ..functions import ROWS, Activation, code, parameters
 
 # The routines Max and Min print as, written with the dtype's name as ``{DT}``.
 FIXED = {
@@ -87,22 +87,14 @@ class Routines(Mapping):
         return set() if name in self.own else self._row(ROWS[name])[1]
 
     def _row(self, row) -> tuple[str, set[str]]:
-        if self._printed.get(row, ()) is None:
-            raise SymbpError(f"{row.__name__}'s rule calls {row.__name__} itself: write its "
-                             "value in other functions")
         if row not in self._printed:
-            self._printed[row] = None  # being printed
-            try:
-                self._printed[row] = self._print_row(row)
-            finally:
-                if self._printed[row] is None:
-                    del self._printed[row]
+            self._printed[row] = self._print_row(row)
         return self._printed[row]
 
     def _print_row(self, row) -> tuple[str, set[str]]:
         # def _f(x, a): with the rule's repeated subexpressions computed once, one a line
         xs = [sp.Symbol(n, real=True) for n in parameters(row)]
-        steps, (value,) = sp.cse((row.rule or row.formula)(*xs), sp.numbered_symbols("_t"))
+        steps, (value,) = sp.cse(code(row)(*xs), sp.numbered_symbols("_t"))
         pr = self.printer({s: s.name for s in xs + [t for t, _ in steps]})
         lines = [f"def _{row.__name__}({', '.join(s.name for s in xs)}):"]
         lines += [f"    {t} = {pr.doprint(e)}" for t, e in steps]
