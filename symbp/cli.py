@@ -22,14 +22,28 @@ from contextlib import contextmanager
 PROG = "symbp"
 EXPR_HELP = """\
 expressions: numbers, names (w, x1, b_out), + - * / **, parentheses, pi, and calls of
-  sigmoid relu leaky_relu(x, alpha) prelu(x, alpha) rrelu(x, lower, upper) softplus
-  elu(x, alpha) selu gelu gelu_tanh silu swish identity tanh exp log sqrt sin cos tan
-  sinh cosh erf abs max(a, b, ...) min(...) step, and the losses mse(y, t)
-  binary_cross_entropy(p, t) bce_with_logits(z, t) cross_entropy(p, t), and
+{functions}
+  exp log sqrt sin cos tan sinh cosh erf abs max(a, b, ...) min(...) step, and the losses
+  mse(y, t) binary_cross_entropy(p, t) bce_with_logits(z, t) cross_entropy(p, t), and
   cross_entropy(softmax(z1, z2, z3), t1, t2, t3) over classes (softmax only there).
   Nothing else is accepted (no attributes, subscripts, strings, keywords, ...), and
   nothing in the text is ever executed.  Quote the expression for your shell; put
   -- before one that starts with a minus: symbp derive --wrt x -- "-x*w"."""
+
+
+def expr_help() -> str:
+    """EXPR_HELP with every function of ``symbp.functions.FUNCTIONS`` listed as it is
+    called (``leaky_relu(x, alpha)``), rows defined after import included."""
+    from .functions import FUNCTIONS, usage
+
+    lines, line = [], " "
+    for name, f in FUNCTIONS.items():
+        word = usage(name, f)
+        if len(line) + 1 + len(word) > 88:
+            lines.append(line)
+            line = " "
+        line += " " + word
+    return EXPR_HELP.format(functions="\n".join(lines + [line]))
 
 
 def _version() -> str:
@@ -69,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the step-by-step derivation of an expression's gradient",
         description="Print the forward table, the backward table of ordered derivatives and "
                     "the gradients of EXPR, optionally with numbers.",
-        epilog=EXPR_HELP + "\n\nexamples:\n"
+        epilog=expr_help() + "\n\nexamples:\n"
                '  symbp derive "sigmoid(w*x + b)" --wrt w b\n'
                '  symbp derive "sigmoid(w*x + b)" --wrt w b --at w=0.5 x=1 b=0\n'
                '  symbp derive "mse(sigmoid(w*x + b), t)" --wrt w b --format latex\n'
@@ -87,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the forward graph of EXPR as Graphviz DOT; with --at, each edge "
                     "carries its forward value and its backward gradient.  .svg/.png/.pdf "
                     "need Graphviz's `dot`; .dot (or no -o: stdout) does not.",
-        epilog=EXPR_HELP + "\n\nexamples:\n"
+        epilog=expr_help() + "\n\nexamples:\n"
                '  symbp graph "sigmoid(w*x + b)" --at w=0.5 x=1 b=0 -o graph.svg\n'
                '  symbp graph "(x + y)*z" --at x=-2 y=5 z=-4 -o graph.dot\n'
                '  symbp graph "tanh(w*x)" --wrt w --at w=1,x=2 | dot -Tpng > g.png',

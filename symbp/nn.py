@@ -27,10 +27,6 @@ from . import functions as F
 from .errors import SymbpError
 from .matrix import elementwise
 
-# Which initialisation each named activation wants (anything else: Glorot).
-HE = {"relu", "leaky_relu", "prelu", "rrelu", "elu", "gelu", "gelu_tanh", "silu", "swish"}
-LECUN = {"selu"}
-
 LOSSES = {
     # name: (metric, link from logits to prediction)
     "softmax_ce": ("argmax", "softmax"),
@@ -243,11 +239,8 @@ def _init_for(act) -> str:
         return "he"
     if isinstance(act, Activation):
         act = act.fn
-    if isinstance(act, str) and act in HE:
-        return "he"
-    if isinstance(act, str) and act in LECUN:
-        return "lecun"
-    return "glorot"
+    # a named function's row says which initialisation it wants; a formula gets Glorot's
+    return getattr(F.FUNCTIONS.get(act), "init", "glorot") if isinstance(act, str) else "glorot"
 
 
 def _draw(init: str, rng: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:

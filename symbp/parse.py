@@ -99,12 +99,21 @@ REFUSED = {
 }
 ALLOWED = "numbers, names, + - * / **, ( ) and known functions (listed by symbp derive --help)"
 
-# name: (least, most) positional arguments; absent: exactly one.
+# name: (least, most) positional arguments of the functions that are not rows of
+# symbp.functions (a row's are read from the row); absent: exactly one.
 ARITY = {
-    "leaky_relu": (1, 2), "prelu": (2, 2), "rrelu": (1, 3), "elu": (1, 2), "max": (2, 16),
-    "min": (2, 16), "mse": (2, 2), "binary_cross_entropy": (2, 2),
+    "max": (2, 16), "min": (2, 16), "mse": (2, 2), "binary_cross_entropy": (2, 2),
     "bce_with_logits": (2, 2), "cross_entropy": (2, 17), "softmax": (2, 16),
 }
+
+
+def arity(name: str, fn) -> tuple[int, int]:
+    """(least, most) positional arguments of the known function ``name``."""
+    if name in ARITY:
+        return ARITY[name]
+    return F.arity(fn) if F.FUNCTIONS.get(name) is fn else (1, 1)
+
+
 # softmax(z1, ..., zC) is C values, not one: it may only be cross_entropy's first argument,
 # cross_entropy(softmax(z1, z2, z3), t1, t2, t3) = −Σᵢ tᵢ log softmaxᵢ(z), one scalar.
 VECTOR_ARGUMENT = {"cross_entropy": 0}
@@ -230,7 +239,7 @@ class _Builder:
     def __init__(self, src: str, left: int, table: dict[str, Callable]):
         self.src, self.left, self.table = src, left, table
         self.symbols: dict[str, sp.Symbol] = {}
-        defaults = known_functions()  # their arity is in ARITY, or one argument
+        defaults = known_functions()  # their arity is in ARITY or their row, or one argument
         self.builtin = {n for n, fn in table.items() if defaults.get(n) is fn}
 
     def where(self, node) -> str:
@@ -362,7 +371,7 @@ class _Builder:
         if node.keywords:
             raise SymbpError(f"{self.where(node)}: keyword arguments are not allowed; pass "
                              f"arguments by position, as in leaky_relu(x, 0.1)")
-        least, most = ARITY.get(name, (1, 1)) if name in self.builtin else (0, 16)
+        least, most = arity(name, self.table[name]) if name in self.builtin else (0, 16)
         if not least <= len(node.args) <= most:
             want = str(least) if least == most else f"{least} to {most}"
             raise SymbpError(f"{self.where(node)}: {name} takes {want} argument(s), "

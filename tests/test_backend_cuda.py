@@ -115,8 +115,10 @@ def test_float32_source_discipline(case):
     code = re.sub(r'""".*?"""', "", _kernels(src), flags=re.S)  # docstrings quote the math
     assert code.count("@cuda.jit") >= 1
     assert "float64" not in code and "numpy." not in code and "np." not in code
-    # every float literal is wrapped as float32(...): strip those, no literal is left
-    bare = re.sub(r"float32\([^()]*\)", "", code)
+    # every float literal is wrapped as float32(...), or as _DT(...) in the device routines
+    # printed from function rows (_DT = float32 here): strip those, no literal is left
+    assert "_DT = float32" in src
+    bare = re.sub(r"(?:float32|_DT)\([^()]*\)", "", code)
     assert not re.findall(r"(?<![\w.])\d+\.\d*|(?<![\w.])\d+e[-+]?\d+", bare), bare
 
 

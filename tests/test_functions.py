@@ -47,6 +47,26 @@ def test_value_matches_formula_and_prints(name, e):
     assert sp.latex(e**2) == LATEX[name] + "^{2}"
 
 
+# the stable rule every backend prints computes the formula: at moderate points, and far out
+# where the formula's own terms are still finite in 30 digits
+RULE_POINTS = POINTS + [-300.0, -30.0, 30.0, 300.0]
+
+
+@pytest.mark.parametrize("name", sorted(F.ROWS))
+def test_rule_computes_the_formula(name):
+    row = F.ROWS[name]
+    args = [sp.Symbol(n, real=True) for n in F.parameters(row)]
+    rule = (row.rule or row.formula)(*args)
+    for p in RULE_POINTS:
+        if name == "bce" and abs(p) > 30:
+            continue  # its probability σ(p) is 1 to 30 digits
+        # bce's probability σ(p) in (0, 1); slopes and targets anywhere
+        v = sp.Float(p, 30)
+        sub = dict(zip(args, [1 / (1 + sp.exp(-v)) if name == "bce" else v, 0.17, 0.3]))
+        got, want = sp.N(rule.subs(sub), 30), sp.N(row.formula(*args).subs(sub), 30)
+        assert abs(got - want) <= 1e-15 * max(1, abs(want)), (name, p, got, want)
+
+
 _OP = r"\operatorname"
 LATEX = {
     "sigmoid": r"\sigma\left(x\right)", "relu": _OP + r"{ReLU}\left(x\right)",

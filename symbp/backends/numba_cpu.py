@@ -44,12 +44,12 @@ from ..passes import optimize
 from ..runtime.step import FusedStep, gradient_call
 from ..runtime.threads import blas_threads
 from . import Kernel, identifiers
-from .scalar import ScalarPrinter, helpers
+from .scalar import Routines, ScalarPrinter
 
-# --- the table: one stable njit scalar routine per `helper` name ---------------------------
-# The routines both Numba backends share (scalar.HELPERS), plus the CPU's own tanh: libm's
-# tanh costs ~3 exp calls here.
-HELPERS = helpers("", "DT", {
+# --- the table: the njit routines kernels call ----------------------------------------------
+# max, min and one per function row, printed from the row (scalar.Routines), plus the CPU's
+# own tanh: libm's tanh costs ~3 exp calls here.
+HELPERS = Routines(lambda names: NumbaPrinter(names), "", "DT", {
     "tanh": '''
 def _tanh(x):
     # tanh|x| = (1 - e)/(1 + e), e = exp(-2|x|): one exp; expm1 near 0 keeps relative precision
@@ -67,7 +67,7 @@ def _tanh(x):
 # float32 overrides.  tanh: Eigen's rational approximation (clamped to ±7.9, odd degree-13
 # numerator over degree-6 denominator, within 4e-7 relative of tanh in float32): no call
 # and no branch, so the map loop vectorises: 4096 entries in ~5 µs instead of ~40 µs.
-HELPERS_F32 = {
+HELPERS_F32 = HELPERS.replace({
     "tanh": '''
 def _tanh(x):
     # Eigen's float tanh: p(x)/q(x) on [-7.9, 7.9]; x itself below 4e-4
@@ -87,7 +87,7 @@ def _tanh(x):
     q = q * x2 + DT(4.89352518554385e-03)
     return x if abs(x) < DT(0.0004) else p * x / q
 ''',
-}
+})
 
 class NumbaPrinter(ScalarPrinter):
     """Scalar expressions for njit code: typed constants ``DT(...)``, helpers, no float64
@@ -132,7 +132,8 @@ class NumbaPrinter(ScalarPrinter):
         # SymPy's printer already spells math.exp, math.erf, ...: what reaches here is unknown
         name = type(e).__name__
         raise SymbpError(
-            f"the Numba backends cannot print {e}: give {name} a `helper` or a `formula`"
+            f"the Numba backends cannot print {e}: write {name} in other functions, or "
+            "make it a row of symbp.functions with a `formula` (and a stable `rule`)"
         )
 
     def _print_tanh(self, e):
@@ -151,7 +152,8 @@ def _idx(d, ids) -> str:
 
 
 # piecewise-linear heads: a compare and a select, as cheap as arithmetic in a vector loop
-_CHEAP = {"relu", "leaky_relu", "prelu", "Heaviside", "Abs", "Max", "Min", "sign"}
+# (a function row says its own cost)
+_CHEAP = {"Heaviside", "Abs", "Max", "Min", "sign"}
 
 
 def _cost(expr, dtype=np.float64) -> int:
@@ -162,7 +164,9 @@ def _cost(expr, dtype=np.float64) -> int:
     f32 = np.dtype(dtype) == np.float32
     n = 0
     for node in sp.preorder_traversal(expr):
-        if isinstance(node, (sp.Function, Activation)):
+        if isinstance(node, Activation):
+            n += node.cost
+        elif isinstance(node, sp.Function):
             name = type(node).__name__
             n += 1 if name in _CHEAP else 4 if (f32 and name == "tanh") else 20
         elif isinstance(node, (sp.Add, sp.Mul, sp.Pow)):
@@ -534,7 +538,7 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     kflags = flags + (["parallel=True"] if par else [])
     sig = f'"({", ".join(types)},)"'
     lines = [_HEADER.format(target=target, dtype=dt)]
-    table = {**HELPERS, **(HELPERS_F32 if dt == "float32" else {})}
+    table = HELPERS_F32 if dt == "float32" else HELPERS
     for h in sorted(g.used):
         lines.append(f"\n@njit({', '.join(flags)})" + table[h])
     lines.append(f"\n@njit({sig}, {', '.join(kflags)})")

@@ -45,16 +45,16 @@ from ..ir import Program
 from ..matrix import Elementwise, is_matrix
 from ..passes import optimize
 from . import Kernel, identifiers
-from .scalar import ScalarPrinter, helpers
+from .scalar import Routines, ScalarPrinter
 
 # Kernel code sees these globals; an IR name spelled like one is renamed (`math` ->
 # `math_2`; Python's builtins, `max`, `range`, ..., are avoided by `identifiers` itself).
 _RESERVED = {"math", "cuda", "float32", "float64", "int64", "numpy", "symbp_cuda", "warnings",
              "NumbaPerformanceWarning"}
 
-# --- the table: device helpers, keyed by each function's `helper` name ------------------
-# The routines both Numba backends share (scalar.HELPERS), as device functions.
-_HELPERS = helpers("@cuda.jit(device=True)", "_DT")
+# --- the table: device routines, max, min and one per function row ---------------------
+# printed from the rows (scalar.Routines) in the module's dtype _DT
+_HELPERS = Routines(lambda names: CudaPrinter("_DT"), "@cuda.jit(device=True)", "_DT")
 
 # Tree reductions over threadIdx.x within one row of a TILE×TILE block (used by the row
 # kernels); every thread of the block must call them (they synchronise).
@@ -276,8 +276,8 @@ class CudaPrinter(ScalarPrinter):
 
     Every number prints as ``float32(...)`` (or ``float64``) so nothing promotes, and a
     constant subexpression folds to one such number; integer powers become products;
-    functions with a ``helper`` call the device helper of that name, others print their
-    ``formula``; ``Heaviside``/``Piecewise``/``sign`` become conditional expressions with
+    symbp's functions call their device routines (printed from their rows);
+    ``Heaviside``/``Piecewise``/``sign`` become conditional expressions with
     typed branches.
     """
 
@@ -308,13 +308,6 @@ class CudaPrinter(ScalarPrinter):
         if c == -1:
             return "-" + self.parenthesize(rest, PRECEDENCE["Mul"], strict=True)
         return f"{self._num(c)}*{self.parenthesize(rest, PRECEDENCE['Mul'], strict=True)}"
-
-    def _missing_helper(self, e):
-        raise UnsupportedError(
-            f"{type(e).__name__} names the helper {e.helper!r}, which the CUDA backend "
-            "lacks: add it to _HELPERS in symbp/backends/numba_cuda.py, or set "
-            "helper = None to print its formula"
-        )
 
 
 

@@ -1,8 +1,9 @@
 """The NumPy reference backend: one line of NumPy per assignment, nothing fused.
 
 It exists to be obviously right.  It shares no printer code with the Numba backends, so
-a printer bug cannot hide on both sides of a test.  Stable helpers (sigmoid via
-logaddexp, log-softmax via log-sum-exp) keep it finite for large inputs.
+a printer bug cannot hide on both sides of a test.  symbp's functions print their rows'
+stable ``rule`` inline, with SciPy's rules; log-softmax goes through log-sum-exp: both keep
+it finite for large inputs.
 """
 
 from __future__ import annotations
@@ -18,23 +19,8 @@ from ..heads import require, rule
 from ..ir import Program
 from . import Kernel, identifiers
 
-# The table: each function's stable NumPy routine, keyed by its `helper` name.
+# The routines of the row-wise heads and of broadcasting.
 HELPERS = '''
-def _sigmoid(x):
-    return numpy.exp(-numpy.logaddexp(0.0, -x))
-
-def _relu(x):
-    return numpy.where(x > 0, x, 0 * x)
-
-def _leaky_relu(x, a):
-    return numpy.where(x > 0, x, a * x)
-
-def _softplus(x):
-    return numpy.logaddexp(0.0, x)
-
-def _elu(x, a):
-    return numpy.where(x > 0, x, a * numpy.expm1(numpy.minimum(x, 0)))
-
 def _log_softmax(z):
     m = numpy.max(z, axis=1, keepdims=True)
     return z - m - numpy.log(numpy.sum(numpy.exp(z - m), axis=1, keepdims=True))
@@ -58,12 +44,19 @@ RESERVED = {"numpy", "scipy", "DTYPE", "symbp_numpy"}
 
 
 class NumpyPrinter(SciPyPrinter):
-    """SciPy's printer, with symbp's functions printed through their helpers."""
+    """SciPy's printer, NaN-propagating where SymPy's is not; symbp's functions print
+    their rule (``Activation._numpycode``)."""
 
-    def print_activation(self, e):  # called by Activation._numpycode
-        if e.helper:
-            return f"_{e.helper}({', '.join(self._print(a) for a in e.args)})"
-        return self._print(e.expand_formula())
+    def _print_Piecewise(self, e):
+        # nested numpy.where when the last condition is True: SciPy's select would compute
+        # in float64 (its default, a float64 NaN), and the rows' rules are mostly such
+        *pairs, (out, cond) = e.args
+        if cond != sp.true:
+            return super()._print_Piecewise(e)  # NaN where no condition holds
+        out = self._print(out)
+        for value, c in reversed(pairs):
+            out = f"numpy.where({self._print(c)}, {self._print(value)}, {out})"
+        return out
 
     def _print_Heaviside(self, e):
         # numpy.heaviside keeps NaN (SymPy's own rule, a select on x <= 0, maps NaN to 1)

@@ -4,7 +4,8 @@ CUDA device code in a single dtype.
 ``numba_cpu.NumbaPrinter`` and ``numba_cuda.CudaPrinter`` subclass ``ScalarPrinter`` and
 keep only what differs between the two targets: how a typed constant reads, their table
 of helper routines, and a few heads.  The NumPy reference backend does not use this
-module: the tests compare the Numba backends against an independent printing.
+module: the tests compare the Numba backends against an independent printing (of the same
+rows' rules, which tests/test_functions.py checks against their formulas).
 
 The rules, one per head:
 
@@ -15,31 +16,32 @@ The rules, one per head:
     Max, Min           nested ``_max``/``_min`` (NaN-propagating, as numpy.maximum)
     Heaviside, sign    conditional expressions with typed branches, NaN passed through
     Piecewise          nested conditional expressions; NaN where no condition holds
-    symbp functions    ``_helper(...)`` where the backend's table has the function's
-                       ``helper``, else its ``formula``
+    symbp functions    ``_name(...)``, a routine printed from the row's ``rule`` (its
+                       ``formula`` where it has none) by this same printer
 
 NaN in, NaN out, wherever NumPy gives NaN: every comparison with a NaN is False, so each
 ``a if cond else b`` here sends a NaN down a branch that returns it.  Python's (and
 Numba's) ``max(a, b)`` does not: it keeps ``a`` when ``b`` is NaN, which made
 ``max(-100, log(p))`` a finite loss for a NaN or out-of-range p.
 
-``HELPERS`` holds the helper routines both backends share, written once with the dtype's
-name as ``{DT}``; a backend adds its decorator (``njit``, ``cuda.jit(device=True)``) and
-its own extras (the CPU's fast tanh).
+``Routines`` is a backend's table of the routines its code calls: ``_max``/``_min``, the
+backend's own (the CPU's fast tanh), and one per function row.  A row's routine is printed
+from the row when first asked for, so a row defined after this module loaded compiles too;
+a routine evaluates each argument once, and Numba inlines it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 
 import sympy as sp
 from sympy.printing.pycode import PythonCodePrinter
 
-from ..functions import Activation
+from ..functions import ROWS, Activation, code, parameters
 
-# One routine per `helper` name.  Each is written in forms fast on both targets (no libm
-# tanh, one exp), and passes NaN through as NumPy does (see the module docstring).
-HELPERS = {
+# The routines Max and Min print as, written with the dtype's name as ``{DT}``.
+FIXED = {
     # NaN if either is: `a > b` is False for a NaN on either side, `a != a` catches a NaN a
     "max": """
 def _max(a, b):
@@ -49,53 +51,70 @@ def _max(a, b):
 def _min(a, b):
     return a if a < b or a != a else b
 """,
-    "sigmoid": """
-def _sigmoid(x):
-    # 1/(1 + e^-x) for x >= 0, e^x/(1 + e^x) below (NaN too): exp never overflows
-    if x >= {DT}(0):
-        return {DT}(1) / ({DT}(1) + math.exp(-x))
-    e = math.exp(x)
-    return e / ({DT}(1) + e)
-""",
-    "relu": """
-def _relu(x):
-    return x if x > {DT}(0) else {DT}(0) * x  # 0·NaN = NaN, as the NumPy reference
-""",
-    "leaky_relu": """
-def _leaky_relu(x, a):
-    return x if x > {DT}(0) else a * x
-""",
-    "softplus": """
-def _softplus(x):
-    # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): finite for every finite x, NaN for NaN
-    return (x if x > {DT}(0) else {DT}(0)) + math.log1p(math.exp(-abs(x)))
-""",
-    "elu": """
-def _elu(x, a):
-    # expm1 keeps α(e^x − 1) accurate near 0
-    return x if x > {DT}(0) else a * math.expm1(x)
-""",
 }
 
 
-def helpers(decorator: str, dt: str, own: dict | None = None) -> dict:
-    """The shared table for one backend: each routine under ``decorator``, ``{DT}`` spelled
-    ``dt``; ``own`` adds or replaces routines (already in that backend's form)."""
-    table = {k: decorator + src.replace("{DT}", dt) for k, src in HELPERS.items()}
-    table.update(own or {})
-    return table
+class Routines(Mapping):
+    """Name -> source of every routine one backend's code may call.
+
+    ``printer(names)`` makes that backend's scalar printer for a routine's body (``names``:
+    symbol -> the text it prints as); ``decorator`` and ``dt`` spell its routines'
+    decorator and dtype; ``own`` adds routines written for this backend alone, or
+    replaces a row's printed one.
+    """
+
+    def __init__(self, printer: Callable, decorator: str, dt: str, own: dict | None = None):
+        self.printer, self.decorator, self.dt = printer, decorator, dt
+        self.own = {k: decorator + src.replace("{DT}", dt) for k, src in FIXED.items()}
+        self.own.update(own or {})
+        self._printed: dict = {}  # row class -> (source, names of the routines it calls)
+
+    def replace(self, own: dict) -> Routines:
+        """This table with ``own``'s routines in place of those of the same names."""
+        return Routines(self.printer, self.decorator, self.dt, {**self.own, **own})
+
+    def __getitem__(self, name: str) -> str:
+        return self.own[name] if name in self.own else self._row(ROWS[name])[0]
+
+    def __iter__(self):
+        return iter(list(self.own) + [n for n in ROWS if n not in self.own])
+
+    def __len__(self):
+        return len(set(self.own) | set(ROWS))
+
+    def needs(self, name: str) -> set[str]:
+        """The routines ``name`` calls, directly or not: all must be in the module."""
+        return set() if name in self.own else self._row(ROWS[name])[1]
+
+    def _row(self, row) -> tuple[str, set[str]]:
+        if row not in self._printed:
+            self._printed[row] = self._print_row(row)
+        return self._printed[row]
+
+    def _print_row(self, row) -> tuple[str, set[str]]:
+        # def _f(x, a): with the rule's repeated subexpressions computed once, one a line
+        xs = [sp.Symbol(n, real=True) for n in parameters(row)]
+        steps, (value,) = sp.cse(code(row)(*xs), sp.numbered_symbols("_t"))
+        pr = self.printer({s: s.name for s in xs + [t for t, _ in steps]})
+        lines = [f"def _{row.__name__}({', '.join(s.name for s in xs)}):"]
+        lines += [f"    {t} = {pr.doprint(e)}" for t, e in steps]
+        lines.append(f"    return {pr.doprint(value)}")
+        needs = set(pr.used)
+        for n in pr.used:
+            needs |= self.needs(n)
+        return self.decorator + "\n" + "\n".join(lines) + "\n", needs
 
 
 class ScalarPrinter(PythonCodePrinter):
     """Scalar expressions in one dtype, for the Numba backends.
 
     ``dt`` is the name the code calls to make a constant of the target dtype (``DT``,
-    ``float32``); ``used`` collects the helper names printed (a set the caller may share
-    between printers).  A subclass sets ``helpers`` (its table: helper name -> source)
-    and ``otherwise`` (the value of a Piecewise where no condition holds).
+    ``float32``); ``used`` collects the names of the routines printed, with every routine
+    they call (a set the caller may share between printers).  A subclass sets ``helpers``
+    (its ``Routines``) and ``otherwise`` (the value of a Piecewise where no condition holds).
     """
 
-    helpers: dict = {}
+    helpers: Routines
     otherwise = "math.nan"  # as NumPy's select(..., default=nan): no condition held
 
     def __init__(self, dt: str, used: set | None = None):
@@ -210,26 +229,18 @@ class ScalarPrinter(PythonCodePrinter):
             out = f"({self._print(value)} if {self._print(c)} else {out})"
         return out
 
-    # --- functions: symbp's through the helper table, others through SymPy's rules ---------
+    # --- functions: symbp's through their routines, others through SymPy's rules ----------
     def _print_Function(self, e):
         # SymPy's dispatch skips base classes of a Function subclass, so symbp's functions
         # are recognised here rather than by a _print_Activation method.
         if not isinstance(e, Activation):
             return self._print_other(e)
-        if e.helper in self.helpers:
-            return self._helper(e.helper, e.args)
-        if e.helper:
-            return self._missing_helper(e)
-        return self._print(e.expand_formula())
+        return self._helper(type(e).__name__, e.args)
 
     def _print_other(self, e):
         """A function that is not symbp's: SymPy's Python rule (math.erf, ...)."""
         return super()._print_Function(e)
 
-    def _missing_helper(self, e):
-        """A function whose helper this backend lacks: its formula computes the same."""
-        return self._print(e.expand_formula())
-
     def _helper(self, name: str, args) -> str:
-        self.used.add(name)
+        self.used |= {name} | self.helpers.needs(name)
         return f"_{name}({', '.join(self._print(a) for a in args)})"

@@ -16,6 +16,7 @@ import sympy as sp
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
 
+from ..functions import RowTable
 from ..matrix import AxisSum, Elementwise, is_matrix
 
 _GREEK = {
@@ -313,9 +314,7 @@ class TexPrinter(_Shared, LatexPrinter):
 class TextPrinter(_Shared, StrPrinter):
     """Plain Unicode: σ(z), ∂⁺L/∂y · y·(1 − y), H₁ᵀΔ₂, Δ ⊙ H."""
 
-    _FUNC = {"sigmoid": "σ", "relu": "ReLU", "leaky_relu": "LeakyReLU", "tanh": "tanh",
-             "softplus": "softplus", "exp": "exp", "log": "log", "elu": "ELU", "selu": "SELU",
-             "gelu": "GELU", "gelu_tanh": "GELU_tanh", "silu": "SiLU", "prelu": "PReLU"}
+    _FUNC = RowTable("text")  # each function row's own name; SymPy's print as called
 
     def __init__(self, names: Names | None = None):
         super().__init__({"order": "old"})
