@@ -203,3 +203,23 @@ def update(opt, params: dict, grads: dict, state: dict) -> None:
 
 __all__ = ["SGD", "Momentum", "Adam", "Optimizer", "Rule", "rule", "hyper", "init_state",
            "update"]
+
+@functools.cache
+def axpby(rule: Rule):
+    """``(k, x, α, γ)`` when the update reads g once, in its k-th assignment, as
+    x ← α·x + γ·g with x the parameter or a buffer and α, γ free of every entry (numbers,
+    hyperparameters, per-step scalars): a product's gemm can then compute it."""
+    reads = [k for k, (_, e) in enumerate(rule.update) if rule.g in e.free_symbols]
+    if len(reads) != 1:
+        return None
+    k = reads[0]
+    x, e = rule.update[k]
+    entry = {rule.w, rule.g} | {sp.Symbol(b) for b in rule.state} | {y for y, _ in rule.update}
+    if x not in {rule.w} | {sp.Symbol(b) for b in rule.state}:
+        return None
+    gamma = sp.diff(e, rule.g)
+    alpha = sp.cancel((e - gamma * rule.g) / x)
+    if (alpha.free_symbols | gamma.free_symbols) & entry or sp.expand(
+            e - alpha * x - gamma * rule.g) != 0:
+        return None
+    return k, x, alpha, gamma

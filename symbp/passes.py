@@ -8,6 +8,8 @@ A pass never changes what a Program computes, only how: every result still passe
     fuse_sums         a map and the sums of it: one loop (a MapSums head)
     share_softmax_ce  softmax-CE, the softmax of its logits and the row sums of its
                       targets that its gradient reads: one row loop (a SoftmaxCE head)
+    fuse_update       (a training step) a gradient product added into its parameter's
+                      update by one gemm (an UpdateProduct head)
 
 A fusing pass makes heads only some backends can lower: ``optimize(p, target)`` runs it
 only where the target has a rule for them (the NumPy reference runs none: it stays the
@@ -21,7 +23,8 @@ from dataclasses import replace
 import sympy as sp
 
 from .heads import of_class
-from .heads.fused import MapSums, SoftmaxCE
+from .heads.fused import MapSums, SoftmaxCE, UpdateProduct
+from .heads.linalg import blas_worth
 from .ir import Assign, Program, _names_in, verify
 from .matrix import (
     AxisSum,
@@ -33,6 +36,7 @@ from .matrix import (
     placeholders,
     same_dim,
 )
+from .optim import axpby
 
 
 def uses(p: Program) -> dict:
@@ -184,18 +188,60 @@ def share_softmax_ce(p: Program) -> Program:
 share_softmax_ce.makes = (SoftmaxCE,)
 
 
+def fuse_update(p: Program, rule) -> Program:
+    """In a training step, ``g = A·B; x ← α x + γ g`` -> ``x ← α x + γ A·B`` in one gemm.
+
+    ``rule`` is the optimizer's update (``symbp.optim.Rule``).  Where it reads the gradient
+    once as x ← α x + γ g (SGD: w ← w − lr g; momentum: m ← β m + g), a gradient that is
+    one BLAS-sized product read by nothing else becomes an ``UpdateProduct``: gemm's alpha
+    and beta add the product straight into x, so the gradient is never stored and read
+    back.  Not where the product reads a parameter: the updates then cannot see each
+    other's writes."""
+    how = axpby(rule)
+    if how is None:
+        return p
+    defs = {a.name: a.expr for a in p.body}
+    read = set(n for a in p.body for n in _names_in(a.expr))
+    params = set(p.wrt)
+    grads = p.outputs[1:]
+    fused = {}
+    for w, g in zip(p.wrt, grads):
+        e = defs.get(g)
+        if not (is_matrix(w) and len(w.shape) == 2 and isinstance(e, sp.MatMul)
+                and len(e.args) == 2 and blas_worth(*e.args)):
+            continue
+        if g in read or grads.count(g) > 1:
+            continue
+        if any((x.arg if isinstance(x, sp.Transpose) else x) in params for x in e.args):
+            continue
+        fused[g] = UpdateProduct(*e.args, how)
+    if not fused:
+        return p
+    body = [replace(a, expr=fused[a.name]) if a.name in fused else a for a in p.body]
+    return verify(replace(p, body=tuple(body)))
+
+
+fuse_update.makes = (UpdateProduct,)
+fuse_update.takes_rule = True
+
+
 # The one list of passes, in order: every target runs those it can lower (see optimize).
-PIPELINE = (dce, fuse, fuse_sums, share_softmax_ce)
+PIPELINE = (dce, fuse, fuse_sums, share_softmax_ce, fuse_update)
 
 
-def optimize(p: Program, passes=PIPELINE, target: str | None = None) -> Program:
+def optimize(p: Program, passes=PIPELINE, target: str | None = None, rule=None) -> Program:
     """Run ``passes`` in order; for a ``target`` ("cpu", "cuda", ...), a fusing pass only
-    where the target's backend has a rule for every head the pass makes."""
+    where the target's backend has a rule for every head the pass makes.  A pass about a
+    training step (``fuse_update``) runs only when the optimizer's ``rule`` is given."""
     backend = {"parallel": "cpu"}.get(target, target)
     for f in passes:
         makes = getattr(f, "makes", ())
         if backend is not None and any(getattr(of_class(h), backend, None) is None
                                        for h in makes):
+            continue
+        if getattr(f, "takes_rule", False):
+            if rule is not None:
+                p = f(p, rule)
             continue
         p = f(p)
     return p

@@ -10,7 +10,7 @@ import symbp as sb
 from symbp import passes
 from symbp.backends import numpy as ref
 from symbp.heads import lacking
-from symbp.heads.fused import MapSums, SoftmaxCE
+from symbp.heads.fused import MapSums, SoftmaxCE, UpdateProduct
 from symbp.ir import Assign, verify
 from symbp.matrix import AxisSum, Elementwise, Softmax, Total
 
@@ -174,3 +174,29 @@ def test_each_target_runs_the_fusions_it_can_lower():
     assert {MapSums, SoftmaxCE} <= heads["cpu"] and heads["cpu"] == heads["parallel"]
     assert SoftmaxCE in heads["cuda"] and MapSums not in heads["cuda"]
     assert not lacking(passes.optimize(p, target="cuda"), "cuda")
+
+
+@pytest.mark.parametrize("opt, fused", [(sb.SGD(0.1), True), (sb.Momentum(0.1, 0.9), True),
+                                        (sb.Adam(0.01), False)])
+def test_fuse_update_adds_gradient_products_into_the_update(opt, fused):
+    # SGD and momentum read g once, as x <- a x + c g: a gradient that is one product read by
+    # nothing else goes straight into gemm; Adam reads g twice (m and v): nothing to fuse
+    Xb = sp.MatrixSymbol("Xb", N, 40)
+    Wa, Wb = sp.MatrixSymbol("Wa", 40, 30), sp.MatrixSymbol("Wb", 30, 2)
+    p = sb.gradient_program(sb.softmax_cross_entropy(sb.tanh(Xb * Wa) * Wb, T), [Wa, Wb])
+    q = passes.fuse_update(p, opt.rule)
+    got = {a.name for a in q.body if isinstance(a.expr, UpdateProduct)}
+    if not fused:
+        assert not got and q is p
+        return
+    # Wa's gradient Xbᵀ·Δ reads no parameter; Wb's tanh(Xb Wa)ᵀ·Δ2 neither: both fuse
+    assert got == set(q.outputs[1:])
+    for a in q.body:
+        if a.name in got:
+            orig = next(b.expr for b in p.body if b.name == a.name)
+            assert a.expr.product == orig
+    # only a training step runs it: optimize without the optimizer's rule leaves gradients
+    assert not any(isinstance(a.expr, UpdateProduct)
+                   for a in passes.optimize(p, target="cpu").body)
+    assert not any(isinstance(a.expr, UpdateProduct)
+                   for a in passes.optimize(p, target="cuda", rule=opt.rule).body)

@@ -180,8 +180,6 @@ def _cost(expr, dtype=np.float64) -> int:
 # entries (46 against 44 µs), a float32 tanh map at ~50k (65k: 60 against 51 µs).  So
 # about 75 µs of serial work.
 PAR_MIN_WORK = 300_000
-# products whose fixed sizes multiply to at most this are loops, not BLAS calls
-SMALL_PRODUCT = 16
 
 
 class _Gen:
@@ -207,7 +205,8 @@ class _Gen:
         # the float64 array _f64: a step's optimizer constants, then the fixed accumulators
         self.f64_base = len(update.hyper) if update is not None else 0
         self.acc64: list[int] = []
-        self.into = self.fusable_updates(update)  # gradient name -> its MatMul
+        # gradients a pass fused into the update (passes.fuse_update): name -> A·B
+        self.into = {a.name: a.expr for a in p.body if rule(a.expr).extra.get("into_update")}
 
     # --- printing helpers -----------------------------------------------------------------
     def printer(self, extra=None) -> NumbaPrinter:
@@ -281,15 +280,6 @@ class _Gen:
             return f"{self.ids[x.arg]}.T"
         return self.ids[x]
 
-    @staticmethod
-    def blas_product(A, B) -> bool:
-        """A product worth a BLAS call (~1 µs): its fixed sizes multiply to more than
-        SMALL_PRODUCT (a size such as N counts as 1)."""
-        fixed = 1
-        for d in (*A.shape, B.shape[1]):
-            d = sp.sympify(d)
-            fixed *= int(d) if d.is_Integer else 1
-        return fixed > SMALL_PRODUCT
 
     @staticmethod
     def index_vars(rank: int) -> list[str]:
@@ -317,27 +307,6 @@ class _Gen:
 
 
     # --- the optimizer update, fused after the gradient ------------------------------------
-    def fusable_updates(self, rule) -> dict:
-        """Gradients that are one BLAS product read by nothing else, where the update reads
-        g once, as x ← α x + γ g (SGD: w ← w − lr g; momentum: m ← β m + g): gemm's alpha
-        and beta add the product straight into x, so the gradient is never stored and
-        read back.  Only where the product reads no parameter: the updates then cannot
-        see each other's writes."""
-        if rule is None or _axpby(rule) is None:
-            return {}
-        defs = {a.name: a.expr for a in self.p.body}
-        params = set(self.p.wrt)
-        grads = self.p.outputs[1:]
-        out = {}
-        for w, g in zip(self.p.wrt, grads):
-            e = defs.get(g)
-            if not (is_matrix(w) and isinstance(e, sp.MatMul) and len(e.args) == 2
-                    and self.blas_product(*e.args)) or g in self.users or grads.count(g) > 1:
-                continue
-            if any((x.arg if isinstance(x, sp.Transpose) else x) in params for x in e.args):
-                continue
-            out[g] = e
-        return out
 
     def step(self, rule):
         """The optimizer's update of every parameter, printed from its rule's formulas."""
@@ -351,8 +320,8 @@ class _Gen:
             arrays.update({sp.Symbol(b): f"_{b}_{wi}" for b in rule.state})
             refs = {x: a + at for x, a in arrays.items()}
             if g in self.into:  # x <- alpha x + gamma A @ B in one BLAS call
-                k, x, alpha, gamma = _axpby(rule)
-                A, B = (self.operand(y) for y in self.into[g].args)
+                k, x, alpha, gamma = self.into[g].how
+                A, B = (self.operand(y) for y in self.into[g].args[:2])
                 self.emit(f"# {g} = {A}*{B}, added into the update by BLAS   [MatMul]")
                 self.entries(w, rule, rule.update[:k], refs, None, 2)
                 self.emit(f"_gemm({A}, {B}, {arrays[x]}, {self.rule_expr(gamma, names)}, "
@@ -437,24 +406,6 @@ def _entry_lines(rule, assigns, refs, gx, expr) -> list[str]:
     return out
 
 
-def _axpby(rule):
-    """``(k, x, α, γ)`` when the update reads g once, in its k-th assignment, as
-    x ← α·x + γ·g with x the parameter or a buffer and α, γ free of every entry (numbers,
-    hyperparameters, per-step scalars): a product's gemm can then compute it."""
-    reads = [k for k, (_, e) in enumerate(rule.update) if rule.g in e.free_symbols]
-    if len(reads) != 1:
-        return None
-    k = reads[0]
-    x, e = rule.update[k]
-    entry = {rule.w, rule.g} | {sp.Symbol(b) for b in rule.state} | {y for y, _ in rule.update}
-    if x not in {rule.w} | {sp.Symbol(b) for b in rule.state}:
-        return None
-    gamma = sp.diff(e, rule.g)
-    alpha = sp.cancel((e - gamma * rule.g) / x)
-    if (alpha.free_symbols | gamma.free_symbols) & entry or sp.expand(
-            e - alpha * x - gamma * rule.g) != 0:
-        return None
-    return k, x, alpha, gamma
 
 
 _HEADER = '''\
@@ -648,7 +599,7 @@ def _compile(p, dtype, target, rule, options):
             'blas_threads=n or "auto"'
         )
     blas_threads(target, options)  # refuse a bad value before compiling
-    p = optimize(p, target=target)
+    p = optimize(p, target=target, rule=rule)
     source, layout = generate(p, dtype, target, rule, options.get("boundscheck", False),
                               options.get("cache", True))
     module = cache.load(source)

@@ -106,3 +106,33 @@ def softmax_ce_cuda(gen, a):
 
 register(SoftmaxCE, kind="reduction", cpu=softmax_ce_cpu, cuda=softmax_ce_cuda,
          label=lambda e: "CE∘softmax", doc="softmax-CE with softmax and T𝟏 in its loop")
+
+
+class UpdateProduct(MatrixExpr):
+    """A gradient ``A·B`` that is never stored: the training step's update x ← α x + γ g of
+    its parameter is one gemm call, x ← α x + γ A·B (passes.fuse_update).  ``how`` is
+    ``(k, x, α, γ)``: the update's k-th assignment, its target x, and α, γ."""
+
+    def __new__(cls, A, B, how):
+        return super().__new__(cls, A, B, sp.Tuple(*how))
+
+    @property
+    def product(self):
+        return sp.MatMul(*self.args[:2])
+
+    @property
+    def how(self) -> tuple:
+        k, x, alpha, gamma = self.args[2]
+        return int(k), x, alpha, gamma
+
+    @property
+    def shape(self):
+        return (self.args[0].shape[0], self.args[1].shape[1])
+
+    def _sympystr(self, printer):
+        return f"update_by({printer._print(self.product)})"
+
+
+# its code is the update's: nothing at its own place in the kernel
+register(UpdateProduct, cpu=lambda gen, a: None, label=lambda e: "@→update",
+         extra={"into_update": True}, doc="a gradient product added into its update by gemm")

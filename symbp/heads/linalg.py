@@ -11,6 +11,20 @@ from . import register
 
 # --- C = A B --------------------------------------------------------------------------------
 
+# products whose fixed sizes multiply to at most this are loops, not BLAS calls
+SMALL_PRODUCT = 16
+
+
+def blas_worth(A, B) -> bool:
+    """A product worth a BLAS call (~1 µs): its fixed sizes multiply to more than
+    SMALL_PRODUCT (a size such as N counts as 1)."""
+    fixed = 1
+    for d in (*A.shape, B.shape[1]):
+        d = sp.sympify(d)
+        fixed *= int(d) if d.is_Integer else 1
+    return fixed > SMALL_PRODUCT
+
+
 
 def matmul_check(e, where):
     l, r = e.args
@@ -42,7 +56,7 @@ def matmul_cpu(gen, a):
     C = gen.buffer(a.name)
     m, k = A.shape
     n = B.shape[1]
-    if gen.blas_product(A, B):
+    if blas_worth(A, B):
         gen.emit(f"_gemm({gen.operand(A)}, {gen.operand(B)}, {C}, DT(1), DT(0))")
         return
 
