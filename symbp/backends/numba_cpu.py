@@ -204,6 +204,7 @@ class _Gen:
         self.f64_base = len(hyper_values(update)) if update is not None else 0
         self.acc64: list[int] = []
         self.into = self.fusable_updates(update)  # gradient name -> its MatMul
+        self.imports: dict = {}  # (module, name) -> its alias in the kernel module
 
     # --- printing helpers -----------------------------------------------------------------
     def printer(self, extra=None) -> NumbaPrinter:
@@ -227,6 +228,11 @@ class _Gen:
         if len(text) > 90:
             text = text[:87] + "..."
         self.emit(f"# {text}   [{type(a.expr).__name__}]")
+
+    def use(self, module: str, name: str) -> str:
+        """A routine a head calls (a njit kernel of a symbp module): imported at the top of
+        the generated module as ``_name``, so symbp.cache hashes its module into the key."""
+        return self.imports.setdefault((module, name), f"_{name}")
 
     def buffer(self, name):
         if name not in self.buffers:
@@ -477,6 +483,7 @@ def generate(p: Program, dtype, target: str, opt=None, boundscheck=False, cache_
     kflags = flags + (["parallel=True"] if par else [])
     sig = f'"({", ".join(types)},)"'
     lines = [_HEADER.format(target=target, dtype=dt)]
+    lines += [f"from {m} import {n} as {a}  # noqa: F401" for (m, n), a in g.imports.items()]
     table = {**HELPERS, **(HELPERS_F32 if dt == "float32" else {})}
     for h in sorted(g.used):
         lines.append(f"\n@njit({', '.join(flags)})" + table[h])

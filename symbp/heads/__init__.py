@@ -75,7 +75,7 @@ def _load():
     global _loaded
     if not _loaded:
         _loaded = True
-        from . import frontend, linalg, maps, scalar, shape, softmax, sums  # noqa: F401
+        from . import conv, frontend, linalg, maps, pool, scalar, shape, softmax, sums  # noqa: F401
 
 
 def rule(e) -> Head | None:
