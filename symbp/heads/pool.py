@@ -240,6 +240,29 @@ def avg_grad_entry(ix, e, n, c, r, q):
     return sp.Sum(ix.entry(G, n, c, i, j) / k**2 * inside, (i, 0, ho - 1), (j, 0, wo - 1))
 
 
+class FirstMax(sp.Expr):
+    """[x is the first maximum of window (i, j)] in an index form: PyTorch's tie rule."""
+
+    is_commutative = True
+
+    def _sympystr(self, printer):
+        x, i, j = (printer._print(a) for a in self.args)
+        return f"[{x} is the first max of window ({i},{j})]"
+
+    def _latex(self, printer):
+        x, i, j = (printer._print(a) for a in self.args)
+        return r"\left[%s = \max{}_{\text{first}}\ \text{of window } (%s,%s)\right]" % (x, i, j)
+
+
+def max_grad_entry(ix, e, n, c, r, q):
+    # X̄[n,c,r,q] = Σ_i Σ_j δ[n,c,i,j] · [X[n,c,r,q] is the first maximum of window (i, j)]
+    G, X = e.args[:2]
+    ho, wo = G.shape[2:]
+    i, j = ix.letter(ho, ("i",)), ix.letter(wo, ("j",))
+    hit = FirstMax(ix.entry(X, n, c, r, q), i, j)
+    return sp.Sum(ix.entry(G, n, c, i, j) * hit, (i, 0, ho - 1), (j, 0, wo - 1))
+
+
 def avg_entry(ix, e, n, c, i, j):
     X, k, s = e.args
     u, v = ix.letter(k, ("u",)), ix.letter(k, ("v",))
@@ -251,7 +274,8 @@ def _pool(cls, vjp, entry):
                 children=lambda e: [e.args[0]], operands=lambda e: [e.args[0]],
                 rebuild=lambda e, ops: cls(ops[0], *e.args[1:]), check=_check, vjp=vjp,
                 numpy=pool_numpy, cpu=pool_cpu, label=lambda e: e._op(), entry=entry,
-                extra={"letters": ("n", "c", "i", "j")})
+                # named in derivations, as an activation is: P = maxpool₂(H)
+                function=True, extra={"letters": ("n", "c", "i", "j")})
 
 
 register(MaxPool2d, doc="the maximum of each window", **_pool(MaxPool2d, max_vjp, None))
@@ -259,6 +283,7 @@ register(AvgPool2d, doc="the mean of each window", **_pool(AvgPool2d, avg_vjp, a
 register(MaxPool2dGrad, operands=lambda e: list(e.args[:2]),
          rebuild=lambda e, ops: MaxPool2dGrad(*ops, *e.args[2:]), check=_check,
          numpy=max_grad_numpy, cpu=max_grad_cpu, label=lambda e: "route to argmax",
+         entry=max_grad_entry, extra={"letters": ("n", "c", "r", "q")},
          doc="∂/∂X of max-pooling: δ to each window's first maximum")
 register(AvgPool2dGrad, operands=lambda e: [e.args[0]],
          rebuild=lambda e, ops: AvgPool2dGrad(ops[0], *e.args[1:]), check=_check,
