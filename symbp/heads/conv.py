@@ -325,6 +325,15 @@ def grad_kernel_entry(ix, e, f, c, u, v):
                 (n, N), (i, ho), (j, wo))
 
 
+def lowered(n: int) -> dict:
+    """The front-end rules of a head whose first ``n`` args are arrays and the rest its
+    constants (shape, stride, ...): printed derivations evaluate gradient heads too."""
+    return dict(children=lambda e: list(e.args[:n]), operands=lambda e: list(e.args[:n]),
+                lower=lambda lw, e: lw.emit(e.func(*[lw.L(x) for x in e.args[:n]],
+                                                   *e.args[n:]), tuple(e.shape)),
+                rebuild=lambda e, ops: e.func(*ops, *e.args[n:]))
+
+
 def _sp_label(e) -> str:
     return f" ({_sp(e)})" if _sp(e) else ""
 
@@ -336,14 +345,12 @@ register(Conv2d, lower=lambda lw, e: lw.emit(Conv2d(lw.L(e.args[0]), lw.L(e.args
          numpy=conv_numpy, cpu=conv_cpu, label=lambda e: "⋆" + _sp_label(e),
          entry=conv_entry, extra={"letters": ("n", "f", "i", "j")},
          doc="2-D cross-correlation of images with kernels")
-register(Conv2dGradInput, lower=None, operands=lambda e: list(e.args[:2]),
-         rebuild=lambda e, ops: Conv2dGradInput(*ops, *e.args[2:]), check=_check,
+register(Conv2dGradInput, **lowered(2), check=_check,
          numpy=grad_input_numpy, cpu=grad_input_cpu,
          label=lambda e: "⋆ rot180" + _sp_label(e), entry=grad_input_entry,
          extra={"letters": ("n", "c", "r", "q")},
          doc="∂/∂X of a convolution: δ ⋆_full rot180(K)")
-register(Conv2dGradKernel, lower=None, operands=lambda e: list(e.args[:2]),
-         rebuild=lambda e, ops: Conv2dGradKernel(*ops, *e.args[2:]), check=_check,
+register(Conv2dGradKernel, **lowered(2), check=_check,
          numpy=grad_kernel_numpy, cpu=grad_kernel_cpu,
          label=lambda e: "⋆ δ" + _sp_label(e), entry=grad_kernel_entry,
          extra={"letters": ("f", "c", "u", "v")},

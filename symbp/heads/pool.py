@@ -19,7 +19,7 @@ from ..errors import ShapeError
 from ..matrix import _ScalarArith, as_array, is_matrix, shape_text
 from ..vjp import broadcast
 from . import register
-from .conv import NUMBA, NUMPY, _fixed, _operand, _same, integer
+from .conv import NUMBA, NUMPY, _fixed, _operand, _same, integer, lowered
 
 
 def pool_shape(xs, k, s, who: str, X="the image") -> tuple:
@@ -280,13 +280,11 @@ def _pool(cls, vjp, entry):
 
 register(MaxPool2d, doc="the maximum of each window", **_pool(MaxPool2d, max_vjp, None))
 register(AvgPool2d, doc="the mean of each window", **_pool(AvgPool2d, avg_vjp, avg_entry))
-register(MaxPool2dGrad, operands=lambda e: list(e.args[:2]),
-         rebuild=lambda e, ops: MaxPool2dGrad(*ops, *e.args[2:]), check=_check,
+register(MaxPool2dGrad, **lowered(2), check=_check,
          numpy=max_grad_numpy, cpu=max_grad_cpu, label=lambda e: "route to argmax",
          entry=max_grad_entry, extra={"letters": ("n", "c", "r", "q")},
          doc="∂/∂X of max-pooling: δ to each window's first maximum")
-register(AvgPool2dGrad, operands=lambda e: [e.args[0]],
-         rebuild=lambda e, ops: AvgPool2dGrad(ops[0], *e.args[1:]), check=_check,
+register(AvgPool2dGrad, **lowered(1), check=_check,
          numpy=avg_grad_numpy, cpu=avg_grad_cpu, label=lambda e: "spread δ/k²",
          entry=avg_grad_entry, extra={"letters": ("n", "c", "r", "q")},
          doc="∂/∂X of average pooling: δ/k² over each window")
