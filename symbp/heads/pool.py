@@ -36,10 +36,10 @@ def pool_shape(xs, k, s, who: str, X="the image") -> tuple:
 
 
 class _Pool(_ScalarArith, MatrixExpr):
-    name = ""
+    name = api = ""  # printed name, public name
 
     def __new__(cls, X, size, stride=None):
-        who = f"{cls.name}2d"
+        who = cls.api
         X = as_array(sp.sympify(X))
         if not is_matrix(X):
             raise ShapeError(f"{who}: the image must be an array, got the scalar {X}")
@@ -58,7 +58,7 @@ class _Pool(_ScalarArith, MatrixExpr):
 
     @property
     def shape(self):
-        return pool_shape(self.args[0].shape, self.size, self.stride, self.name)
+        return pool_shape(self.args[0].shape, self.size, self.stride, self.api)
 
     def _op(self) -> str:
         return f"{self.name}{self.size}" + (f"[s={self.stride}]" if self.stride != self.size
@@ -81,13 +81,13 @@ class _Pool(_ScalarArith, MatrixExpr):
 class MaxPool2d(_Pool):
     """The largest entry of each k×k window."""
 
-    name = "maxpool"
+    name, api = "maxpool", "max_pool2d"
 
 
 class AvgPool2d(_Pool):
     """The mean of each k×k window."""
 
-    name = "avgpool"
+    name, api = "avgpool", "avg_pool2d"
 
 
 class MaxPool2dGrad(_ScalarArith, MatrixExpr):
