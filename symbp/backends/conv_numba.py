@@ -4,22 +4,29 @@ Every kernel writes into an array its caller allocated (``out``, the last argume
 generated njit code calls them on workspace buffers; each comes twice:
 
     <name>_serial     plain loops (the ``cpu`` target)
-    <name>_parallel   ``prange`` over the images of the batch (over the filters for the
-                      kernel and bias gradients, whose sums run over the batch), for the
-                      ``parallel`` target; call it from serial code, not from inside a prange
+    <name>_parallel   ``prange`` over the filters (forward, ∂K, ∂b), the input channels
+                      (∂X) or the images (pooling), for the ``parallel`` target; call it
+                      from serial code, not from inside a prange
 
-Both run the same per-image (per-filter) routine, so they cannot drift apart.  ``conv2d``,
-``conv2d_grad_input``, ... are Python wrappers with the signatures of
+Both run the same per-filter (per-channel, per-image) routine, so they cannot drift apart.
+``conv2d``, ``conv2d_grad_input``, ... are Python wrappers with the signatures of
 ``symbp.backends.conv_numpy`` plus ``out=None, parallel=False``: they check shapes and
 dtypes, allocate ``out`` when it is not given and call the kernel.
 
 A bias ``b`` is a length-F array, or a length-0 array for none.  Strides and paddings are
 ints; the math is that of conv_numpy's docstring (cross-correlation, PyTorch's shapes and
-tie rule).  Why direct loops: on the small images this is for (8×8 digits, 28×28 LeNet)
-an im2col matrix costs more to write than the product it feeds; bench/RESULTS.md ("conv
-kernels") has the figures.  Padding never becomes a padded copy: for each kernel offset
-u the loops run only over the output rows i whose input row i·s+u−p lies inside the
-image, so the inner loop has no branch.
+tie rule).
+
+Why the convolutions run with the batch innermost: the images are copied batch-last
+(X[n,c,h,w] → Xt[c,h,w,n]) and every step of the loops is one multiply-add over all the
+images of the batch, a contiguous loop of length N that the compiler vectorizes whatever
+the image and kernel sizes.  On the small images these kernels are for, every other
+innermost loop is too short to fill a vector register (a row of a 4×4 feature map, 8 or
+16 filters), and im2col + BLAS spends its time writing the im2col matrix: on the digits
+CNN (N=64) the batch-innermost loops took 33-62 µs per forward where a row-innermost
+loop took 170-2,200 µs and im2col + BLAS 250-470 µs (bench/RESULTS.md, "conv kernels").
+The copies cost one pass over X and Y, a few µs.  The price: a batch of one image runs
+scalar loops.
 """
 
 from __future__ import annotations
@@ -30,125 +37,156 @@ from numba import njit, prange
 from ..errors import InputError
 from .conv_numpy import conv2d_shape, pool2d_shape
 
-
-@njit(cache=True, inline="always")
-def _span(u, p, s, h, ho):
-    # output rows i with 0 ≤ i·s + u − p < h: i ≥ ⌈(p−u)/s⌉ and i ≤ ⌊(h−1+p−u)/s⌋
-    lo = max(0, -((u - p) // s))
-    hi = min(ho, (h - 1 + p - u) // s + 1)
-    return lo, max(lo, hi)
-
-
-# --- conv2d: Y[n,f,i,j] = b[f] + Σ_c Σ_u Σ_v K[f,c,u,v] · X[n,c,i·s+u−p,j·s+v−p] -----------
+# float sums may be reordered (dot products over the batch vectorize) and a·b + c fused;
+# no other fast-math (NaN and inf keep their meaning)
+_FM = {"reassoc", "contract"}
 
 
 @njit(cache=True)
-def _conv2d_image(X, K, b, s, p, Y, n):
-    C, H, W = X.shape[1], X.shape[2], X.shape[3]
-    F, kh, kw = K.shape[0], K.shape[2], K.shape[3]
-    ho, wo = Y.shape[2], Y.shape[3]
-    for f in range(F):
-        Y[n, f] = b[f] if b.shape[0] else 0
-        for c in range(C):
-            for u in range(kh):
-                i0, i1 = _span(u, p, s, H, ho)
-                for v in range(kw):
-                    j0, j1 = _span(v, p, s, W, wo)
-                    w = K[f, c, u, v]
-                    for i in range(i0, i1):
-                        r = i * s + u - p
-                        for j in range(j0, j1):
-                            Y[n, f, i, j] += w * X[n, c, r, j * s + v - p]
+def _batch_last(A):
+    # N×a×b×c → a×b×c×N: the images of the batch side by side in memory
+    return np.ascontiguousarray(A.transpose(1, 2, 3, 0))
+
+
+@njit(cache=True)
+def _batch_first(Bt, out):
+    # out = Bt with the batch moved back in front (a×b×c×N → N×a×b×c)
+    out[:] = Bt.transpose(3, 0, 1, 2)
+
+
+# --- conv2d: Y[n,f,i,j] = b[f] + Σ_c Σ_u Σ_v K[f,c,u,v] · X[n,c,i·s+u−p,j·s+v−p] -----------
+# Xt = X batch-last, Yt = Y batch-last; one task per filter f.
+
+
+@njit(cache=True, fastmath=_FM)
+def _conv2d_filter(Xt, K, b, s, p, Yt, f):
+    C, H, W = Xt.shape[0], Xt.shape[1], Xt.shape[2]
+    kh, kw = K.shape[2], K.shape[3]
+    for i in range(Yt.shape[1]):
+        for j in range(Yt.shape[2]):
+            y = Yt[f, i, j]
+            y[:] = b[f] if b.shape[0] else 0
+            for c in range(C):
+                for u in range(kh):
+                    r = i * s + u - p
+                    if r < 0 or r >= H:  # a row of the zero padding
+                        continue
+                    for v in range(kw):
+                        q = j * s + v - p
+                        if q < 0 or q >= W:
+                            continue
+                        w, x = K[f, c, u, v], Xt[c, r, q]
+                        for n in range(y.shape[0]):  # every image at once
+                            y[n] += w * x[n]
 
 
 @njit(cache=True)
 def conv2d_serial(X, K, b, s, p, out):
-    for n in range(X.shape[0]):
-        _conv2d_image(X, K, b, s, p, out, n)
+    Xt = _batch_last(X)
+    Yt = np.empty(out.shape[1:] + out.shape[:1], dtype=out.dtype)
+    for f in range(K.shape[0]):
+        _conv2d_filter(Xt, K, b, s, p, Yt, f)
+    _batch_first(Yt, out)
 
 
 @njit(cache=True, parallel=True)
 def conv2d_parallel(X, K, b, s, p, out):
-    for n in prange(X.shape[0]):
-        _conv2d_image(X, K, b, s, p, out, n)
+    Xt = _batch_last(X)
+    Yt = np.empty(out.shape[1:] + out.shape[:1], dtype=out.dtype)
+    for f in prange(K.shape[0]):
+        _conv2d_filter(Xt, K, b, s, p, Yt, f)
+    _batch_first(Yt, out)
 
 
 # --- ∂L/∂X: the transposed convolution, δ scattered back along the windows it came from --
-# dX[n,c,i·s+u−p, j·s+v−p] += K[f,c,u,v] · δ[n,f,i,j]; one image per task, so no two tasks
-# write the same entry.
+# dX[n,c,i·s+u−p, j·s+v−p] += K[f,c,u,v] · δ[n,f,i,j]; one task per input channel c, so no
+# two tasks write the same entry.
 
 
-@njit(cache=True)
-def _conv2d_grad_input_image(G, K, s, p, dX, n):
-    C, H, W = dX.shape[1], dX.shape[2], dX.shape[3]
-    F, kh, kw = K.shape[0], K.shape[2], K.shape[3]
-    ho, wo = G.shape[2], G.shape[3]
-    dX[n] = 0
-    for f in range(F):
-        for c in range(C):
-            for u in range(kh):
-                i0, i1 = _span(u, p, s, H, ho)
-                for v in range(kw):
-                    j0, j1 = _span(v, p, s, W, wo)
-                    w = K[f, c, u, v]
-                    for i in range(i0, i1):
-                        r = i * s + u - p
-                        for j in range(j0, j1):
-                            dX[n, c, r, j * s + v - p] += w * G[n, f, i, j]
+@njit(cache=True, fastmath=_FM)
+def _conv2d_grad_input_channel(Gt, K, s, p, dXt, c):
+    H, W = dXt.shape[1], dXt.shape[2]
+    kh, kw = K.shape[2], K.shape[3]
+    dXt[c] = 0
+    for f in range(Gt.shape[0]):
+        for i in range(Gt.shape[1]):
+            for j in range(Gt.shape[2]):
+                g = Gt[f, i, j]
+                for u in range(kh):
+                    r = i * s + u - p
+                    if r < 0 or r >= H:
+                        continue
+                    for v in range(kw):
+                        q = j * s + v - p
+                        if q < 0 or q >= W:
+                            continue
+                        w, dx = K[f, c, u, v], dXt[c, r, q]
+                        for n in range(g.shape[0]):
+                            dx[n] += w * g[n]
 
 
 @njit(cache=True)
 def conv2d_grad_input_serial(G, K, s, p, out):
-    for n in range(G.shape[0]):
-        _conv2d_grad_input_image(G, K, s, p, out, n)
+    Gt = _batch_last(G)
+    dXt = np.empty(out.shape[1:] + out.shape[:1], dtype=out.dtype)
+    for c in range(K.shape[1]):
+        _conv2d_grad_input_channel(Gt, K, s, p, dXt, c)
+    _batch_first(dXt, out)
 
 
 @njit(cache=True, parallel=True)
 def conv2d_grad_input_parallel(G, K, s, p, out):
-    for n in prange(G.shape[0]):
-        _conv2d_grad_input_image(G, K, s, p, out, n)
+    Gt = _batch_last(G)
+    dXt = np.empty(out.shape[1:] + out.shape[:1], dtype=out.dtype)
+    for c in prange(K.shape[1]):
+        _conv2d_grad_input_channel(Gt, K, s, p, dXt, c)
+    _batch_first(dXt, out)
 
 
 # --- ∂L/∂K[f,c,u,v] = Σ_n Σ_i Σ_j δ[n,f,i,j] · X[n,c,i·s+u−p,j·s+v−p] -------------------
-# A sum over the batch: tasks split the filters, each owns its dK[f].
+# One task per filter; the sum over n is a dot product of two batch-last rows.
 
 
-@njit(cache=True)
-def _conv2d_grad_kernel_filter(G, X, s, p, dK, f):
-    N, C, H, W = X.shape
+@njit(cache=True, fastmath=_FM)
+def _conv2d_grad_kernel_filter(Gt, Xt, s, p, dK, f):
+    C, H, W = Xt.shape[0], Xt.shape[1], Xt.shape[2]
     kh, kw = dK.shape[2], dK.shape[3]
-    ho, wo = G.shape[2], G.shape[3]
-    dK[f] = 0
-    for n in range(N):
-        for c in range(C):
-            for u in range(kh):
-                i0, i1 = _span(u, p, s, H, ho)
-                for v in range(kw):
-                    j0, j1 = _span(v, p, s, W, wo)
-                    acc = dK.dtype.type(0)  # a bare 0 would make float32 sums float64
-                    for i in range(i0, i1):
-                        r = i * s + u - p
-                        for j in range(j0, j1):
-                            acc += G[n, f, i, j] * X[n, c, r, j * s + v - p]
-                    dK[f, c, u, v] += acc
+    for c in range(C):
+        for u in range(kh):
+            for v in range(kw):
+                acc = dK.dtype.type(0)  # a bare 0 would make float32 sums float64
+                for i in range(Gt.shape[1]):
+                    r = i * s + u - p
+                    if r < 0 or r >= H:
+                        continue
+                    for j in range(Gt.shape[2]):
+                        q = j * s + v - p
+                        if q < 0 or q >= W:
+                            continue
+                        g, x = Gt[f, i, j], Xt[c, r, q]
+                        for n in range(g.shape[0]):
+                            acc += g[n] * x[n]
+                dK[f, c, u, v] = acc
 
 
 @njit(cache=True)
 def conv2d_grad_kernel_serial(G, X, s, p, out):
+    Gt, Xt = _batch_last(G), _batch_last(X)
     for f in range(out.shape[0]):
-        _conv2d_grad_kernel_filter(G, X, s, p, out, f)
+        _conv2d_grad_kernel_filter(Gt, Xt, s, p, out, f)
 
 
 @njit(cache=True, parallel=True)
 def conv2d_grad_kernel_parallel(G, X, s, p, out):
+    Gt, Xt = _batch_last(G), _batch_last(X)
     for f in prange(out.shape[0]):
-        _conv2d_grad_kernel_filter(G, X, s, p, out, f)
+        _conv2d_grad_kernel_filter(Gt, Xt, s, p, out, f)
 
 
 # --- ∂L/∂b[f] = Σ_n Σ_i Σ_j δ[n,f,i,j] ------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FM)
 def _conv2d_grad_bias_filter(G, db, f):
     acc = db.dtype.type(0)
     for n in range(G.shape[0]):
@@ -171,65 +209,88 @@ def conv2d_grad_bias_parallel(G, out):
 
 
 # --- max-pool: the window's first maximum (row-major); NaN wins, as in PyTorch ---------------
-
-
-@njit(cache=True, inline="always")
-def _argmax(X, n, c, r0, q0, k):
-    # PyTorch's scan: `v > m or v != v`, so a tie keeps the first maximum and a NaN takes
-    # over (a later NaN replaces an earlier one)
-    m = X[n, c, r0, q0]
-    br, bq = r0, q0
-    for r in range(r0, r0 + k):
-        for q in range(q0, q0 + k):
-            v = X[n, c, r, q]
-            if v > m or v != v:
-                m, br, bq = v, r, q
-    return m, br, bq
+# Batch-last like the convolutions; one task per channel.  The scan over a window is
+# PyTorch's `v > m or v != v` (a tie keeps the first maximum; a NaN takes over, a later NaN
+# replaces an earlier one), written as selects so that it runs over the batch in vectors.
 
 
 @njit(cache=True)
-def _max_pool2d_image(X, k, s, Y, n):
-    for c in range(X.shape[1]):
-        for i in range(Y.shape[2]):
-            for j in range(Y.shape[3]):
-                Y[n, c, i, j] = _argmax(X, n, c, i * s, j * s, k)[0]
+def _window_argmax(Xt, c, r0, q0, k, m, e):
+    # m[n], e[n]: the maximum of image n's window and its position u·k+v in the window
+    m[:] = Xt[c, r0, q0]
+    e[:] = 0
+    for u in range(k):
+        for v in range(k):
+            x, t = Xt[c, r0 + u, q0 + v], np.int32(u * k + v)
+            for n in range(m.shape[0]):
+                take = x[n] > m[n] or x[n] != x[n]
+                m[n] = x[n] if take else m[n]
+                e[n] = t if take else e[n]
+
+
+@njit(cache=True)
+def _max_pool2d_channel(Xt, k, s, Yt, c):
+    e = np.empty(Xt.shape[3], dtype=np.int32)
+    for i in range(Yt.shape[1]):
+        for j in range(Yt.shape[2]):
+            _window_argmax(Xt, c, i * s, j * s, k, Yt[c, i, j], e)
 
 
 @njit(cache=True)
 def max_pool2d_serial(X, k, s, out):
-    for n in range(X.shape[0]):
-        _max_pool2d_image(X, k, s, out, n)
+    Xt = _batch_last(X)
+    Yt = np.empty(out.shape[1:] + out.shape[:1], dtype=out.dtype)
+    for c in range(X.shape[1]):
+        _max_pool2d_channel(Xt, k, s, Yt, c)
+    _batch_first(Yt, out)
 
 
 @njit(cache=True, parallel=True)
 def max_pool2d_parallel(X, k, s, out):
-    for n in prange(X.shape[0]):
-        _max_pool2d_image(X, k, s, out, n)
+    Xt = _batch_last(X)
+    Yt = np.empty(out.shape[1:] + out.shape[:1], dtype=out.dtype)
+    for c in prange(X.shape[1]):
+        _max_pool2d_channel(Xt, k, s, Yt, c)
+    _batch_first(Yt, out)
 
 
 @njit(cache=True)
-def _max_pool2d_grad_image(G, X, k, s, dX, n):
-    dX[n] = 0
-    for c in range(X.shape[1]):
-        for i in range(G.shape[2]):
-            for j in range(G.shape[3]):
-                _, r, q = _argmax(X, n, c, i * s, j * s, k)
-                dX[n, c, r, q] += G[n, c, i, j]  # += : overlapping windows add
+def _max_pool2d_grad_channel(Gt, Xt, k, s, dXt, c):
+    N = Xt.shape[3]
+    m, e = np.empty(N, dtype=Xt.dtype), np.empty(N, dtype=np.int32)
+    zero = dXt.dtype.type(0)
+    dXt[c] = 0
+    for i in range(Gt.shape[1]):
+        for j in range(Gt.shape[2]):
+            _window_argmax(Xt, c, i * s, j * s, k, m, e)
+            g = Gt[c, i, j]
+            for u in range(k):
+                for v in range(k):
+                    dx, t = dXt[c, i * s + u, j * s + v], np.int32(u * k + v)
+                    for n in range(N):  # += : overlapping windows add
+                        dx[n] += g[n] if e[n] == t else zero
 
 
 @njit(cache=True)
 def max_pool2d_grad_serial(G, X, k, s, out):
-    for n in range(X.shape[0]):
-        _max_pool2d_grad_image(G, X, k, s, out, n)
+    Gt, Xt = _batch_last(G), _batch_last(X)
+    dXt = np.empty(out.shape[1:] + out.shape[:1], dtype=out.dtype)
+    for c in range(X.shape[1]):
+        _max_pool2d_grad_channel(Gt, Xt, k, s, dXt, c)
+    _batch_first(dXt, out)
 
 
 @njit(cache=True, parallel=True)
 def max_pool2d_grad_parallel(G, X, k, s, out):
-    for n in prange(X.shape[0]):
-        _max_pool2d_grad_image(G, X, k, s, out, n)
+    Gt, Xt = _batch_last(G), _batch_last(X)
+    dXt = np.empty(out.shape[1:] + out.shape[:1], dtype=out.dtype)
+    for c in prange(X.shape[1]):
+        _max_pool2d_grad_channel(Gt, Xt, k, s, dXt, c)
+    _batch_first(dXt, out)
 
 
 # --- avg-pool: the window's sum / k²; its gradient spreads δ/k² over the window ----------
+# Few flops per byte: plain loops in the given layout, one task per image.
 
 
 @njit(cache=True)
