@@ -397,3 +397,26 @@ def test_lecture_example_runs(capsys):
     assert "All gradients agree with central differences." in out
     assert "∂L/∂X = Δ₁ ⋆[full, p=1] rot180(K)" in out  # text
     assert r"\operatorname{rot180}" in out and "| $" in out  # LaTeX and Markdown
+
+
+@pytest.mark.parametrize("opt", [sb.SGD(0.1), sb.Momentum(0.1, 0.9), sb.Adam(0.01)],
+                         ids=["sgd", "momentum", "adam"])
+def test_a_fused_training_step_updates_kernels(opt):
+    # the compiled step (forward, backward, update in one call) against the reference
+    # update of symbp.optim applied to the compiled gradients, three steps
+    from symbp import optim
+
+    L, wrt, data = cnn()
+    ps = [w for w in wrt if w.name != "X"]
+    step = sb.compile_step(L, ps, opt, target="cpu")
+    grad = sb.compile(L, ps, target="numpy")
+    got = {w.name: np.ascontiguousarray(data[w.name]) for w in ps}
+    want = {k: v.copy() for k, v in got.items()}
+    state = optim.init_state(opt, want)
+    for _ in range(3):
+        loss = step(got, X=data["X"], T=data["T"])
+        value, g = grad(**want, X=data["X"], T=data["T"])
+        assert loss == pytest.approx(value, rel=1e-12)
+        optim.update(opt, want, g, state)
+    for k in want:
+        close(got[k], want[k], 1e-12)

@@ -357,7 +357,17 @@ class _Gen:
                 self.emit(f"for _j in range({self.idx(c)}):", 2)
                 self.emit(f"{wi}[_i, _j] -= _lr * _m_{wi}[_i, _j]", 3)
                 continue
-            if is_matrix(w):
+            if is_matrix(w) and len(w.shape) != 2:
+                # an array of another rank (a kernel F×C×kh×kw): one loop over flat views
+                n = sp.Mul(*[sp.sympify(d) for d in w.shape])
+                gi = self.operand(g) if g in self.ids else None
+                for x in [wi, *[f"_{b}_{wi}" for b in opt.buffers], *([gi] if gi else [])]:
+                    self.emit(f"_flat{x} = {x}.reshape({self.idx(n)})")
+                gx = f"_flat{gi}[_k]" if gi else "DT(0)"
+                self.emit(self.loop("_k", n, self.est(n) * 4, 1))
+                ref, d = f"_flat{wi}[_k]", 2
+                m, v = f"_flat_m_{wi}[_k]", f"_flat_v_{wi}[_k]"
+            elif is_matrix(w):
                 r, c = w.shape
                 gi = self.operand(g) if g in self.ids else None
                 gx = f"{gi}[_i, _j]" if gi else "DT(0)"
