@@ -420,3 +420,61 @@ def test_a_fused_training_step_updates_kernels(opt):
         optim.update(opt, want, g, state)
     for k in want:
         close(got[k], want[k], 1e-12)
+
+
+def _lecture_example():
+    import runpy
+
+    return runpy.run_path(str(Path(__file__).resolve().parent.parent / "examples"
+                              / "cnn_lecture.py"))
+
+
+def test_lecture_numbers_equal_torch():
+    torch, m = _torch(), _lecture_example()
+    F = torch.nn.functional
+    at = m["numbers"]()
+    d = m["derive"](m["LOSS"], m["PARAMS"], at=at)
+    t = {k: torch.tensor(v, requires_grad=k != "T") for k, v in at.items()}
+    Z1 = F.conv2d(t["X"], t["K"], t["b"].reshape(-1), padding=1)
+    Z3 = F.max_pool2d(F.relu(Z1), 2).flatten(1) @ t["W"] + t["c"]
+    L = -(t["T"] * torch.log_softmax(Z3, 1)).sum()
+    L.backward()
+    assert d.forward[-1].value == pytest.approx(float(L.detach()), rel=1e-12)
+    close(d.forward[0].value, Z1.detach().numpy(), 1e-12)
+    for w in m["PARAMS"]:
+        close(d.gradient(w), t[w.name].grad.numpy(), 1e-12)
+
+
+def test_lecture_latex_renders_with_katex():
+    from test_printing import katex_errors
+
+    m = _lecture_example()
+    at = m["numbers"]()
+    d = m["derive"](m["LOSS"], m["PARAMS"], at=at)
+    f = m["matrix_formulas"](m["LOSS"], m["PARAMS"])
+    formulas = [d.latex(), f.latex()]
+    assert katex_errors(formulas) == [None] * len(formulas)
+
+
+def test_every_conv_and_pool_head_has_its_rules():
+    from symbp.heads import REGISTRY
+    from symbp.heads.conv import Conv2d, Conv2dGradInput, Conv2dGradKernel
+    from symbp.heads.pool import AvgPool2d, AvgPool2dGrad, MaxPool2d, MaxPool2dGrad
+
+    for cls in (Conv2d, Conv2dGradInput, Conv2dGradKernel, MaxPool2d, MaxPool2dGrad,
+                AvgPool2d, AvgPool2dGrad):
+        h = REGISTRY[cls]
+        for field in ("lower", "check", "numpy", "cpu", "label"):
+            assert getattr(h, field) is not None, (cls.__name__, field)
+        # CUDA has no rule: its maps are 2-D only, and it says so before compiling
+        assert h.cuda is None
+    for cls in (Conv2d, MaxPool2d, AvgPool2d):
+        assert REGISTRY[cls].vjp is not None
+
+
+def test_the_graph_labels_the_heads():
+    from symbp.printing.graph import to_dot
+
+    X, K = sb.tensor("X", N, 1, 4, 4), sb.tensor("K", 2, 1, 3, 3)
+    dot = to_dot(Total(sb.avg_pool2d(sb.conv2d(X, K, padding=1), 2)), wrt=[K])
+    assert '"⋆ (p=1)"' in dot and '"avgpool2"' in dot and '"X  N×1×4×4"' in dot
