@@ -478,3 +478,13 @@ def test_the_graph_labels_the_heads():
     X, K = sb.tensor("X", N, 1, 4, 4), sb.tensor("K", 2, 1, 3, 3)
     dot = to_dot(Total(sb.avg_pool2d(sb.conv2d(X, K, padding=1), 2)), wrt=[K])
     assert '"⋆ (p=1)"' in dot and '"avgpool2"' in dot and '"X  N×1×4×4"' in dot
+
+
+def test_operands_of_star_are_bracketed_when_they_bind_looser():
+    X, K = sb.tensor("X", N, 1, 4, 4), sb.tensor("K", 2, 1, 3, 3)
+    B = sb.tensor("B", 1, 1, 4, 4)
+    assert str(sb.conv2d(sb.relu(X), K)) == "relu(X) ⋆ K"
+    assert str(sb.conv2d(X + B, K, stride=2)) == "(B + X) ⋆[s=2] K"
+    assert sp.latex(sb.avg_pool2d(sb.conv2d(X * B, K), 2)) == \
+        r"\operatorname{avgpool}_{2}\left(\left(B \circ X\right) \star K\right)"
+    assert str(sb.max_pool2d(X, 3, 1)) == "maxpool3[s=1](X)"

@@ -16,9 +16,11 @@ from __future__ import annotations
 import numpy as np
 import sympy as sp
 from sympy.matrices.expressions.matexpr import MatrixExpr
+from sympy.printing.latex import LatexPrinter
+from sympy.printing.precedence import PRECEDENCE
 
 from ..errors import ShapeError
-from ..matrix import _ScalarArith, as_array, is_matrix, same_dim, shape_text
+from ..matrix import _precedence, _ScalarArith, as_array, is_matrix, same_dim, shape_text
 from ..vjp import broadcast
 from . import register
 
@@ -93,9 +95,11 @@ def _star(e, printer, tex: bool, full: bool = False) -> str:
 
 
 def _operand(printer, x) -> str:
+    # a sum or a product (X + B, B ⊙ X) in brackets, a name or a call (ReLU(Z)) not
     s = printer._print(x)
-    return s if isinstance(x, sp.MatrixSymbol) or not x.args else f"({s})" \
-        if not hasattr(printer, "paren") else printer.paren(s)
+    if _precedence(x) > PRECEDENCE["Mul"]:
+        return s
+    return r"\left(%s\right)" % s if isinstance(printer, LatexPrinter) else f"({s})"
 
 
 class _ConvHead(_ScalarArith, MatrixExpr):
