@@ -388,6 +388,21 @@ def test_bad_input_is_named(make, match):
         make()
 
 
+def test_verify_checks_the_gradient_heads():
+    from symbp.heads.conv import Conv2dGradInput, Conv2dGradKernel
+    from symbp.heads.pool import MaxPool2dGrad
+
+    X, K = sb.tensor("X", N, 1, 4, 4), sb.tensor("K", 2, 1, 3, 3)
+    R = sb.tensor("R", N, 2, 2, 2)  # the 2×2 output of padding 0, not 1
+    for e in (Conv2dGradInput(R, K, X.shape, 1, 1), Conv2dGradKernel(R, X, K.shape, 1, 1)):
+        with pytest.raises(ShapeError, match=r"δ R is N×2×2×2, the convolution's output is "
+                                             r"N×2×4×4 in `t\d+ = "):
+            sb.verify(sb.lower(Total(e)))
+    sb.verify(sb.lower(Total(Conv2dGradKernel(R, X, K.shape, 1, 0))))  # padding 0 fits
+    with pytest.raises(ShapeError, match="pooling's output is N×2×3×3"):
+        sb.verify(sb.lower(Total(MaxPool2dGrad(R, sb.tensor("H", N, 2, 6, 6), 2, 2))))
+
+
 def test_lecture_example_runs(capsys):
     import runpy
 
