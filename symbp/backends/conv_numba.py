@@ -23,10 +23,10 @@ images of the batch, a contiguous loop of length N that the compiler vectorizes 
 the image and kernel sizes.  On the small images these kernels are for, every other
 innermost loop is too short to fill a vector register (a row of a 4×4 feature map, 8 or
 16 filters), and im2col + BLAS spends its time writing the im2col matrix: on the digits
-CNN (N=64) the batch-innermost loops took 33-62 µs per forward where a row-innermost
-loop took 170-2,200 µs and im2col + BLAS 250-470 µs (bench/RESULTS.md, "conv kernels").
-The copies cost one pass over X and Y, a few µs.  The price: a batch of one image runs
-scalar loops.
+CNN (N=64, one core) the two forwards take 34 and 61 µs this way, 75 and 126 µs with
+im2col + BLAS, 0.9 and 4.3 ms with the output row innermost (bench/RESULTS.md, "conv
+kernels").  The copies cost one pass over X and Y.  The price: a batch of one image runs
+the vector loops one lane wide.
 """
 
 from __future__ import annotations
