@@ -23,10 +23,10 @@ images of the batch, a contiguous loop of length N that the compiler vectorizes 
 the image and kernel sizes.  On the small images these kernels are for, every other
 innermost loop is too short to fill a vector register (a row of a 4×4 feature map, 8 or
 16 filters), and im2col + BLAS spends its time writing the im2col matrix: on the digits
-CNN (N=64) the batch-innermost loops took 33-62 µs per forward where a row-innermost
-loop took 170-2,200 µs and im2col + BLAS 250-470 µs (bench/RESULTS.md, "conv kernels").
-The copies cost one pass over X and Y, a few µs.  The price: a batch of one image runs
-scalar loops.
+CNN (N=64, one core) the two forwards take 34 and 61 µs this way, 75 and 126 µs with
+im2col + BLAS, 0.9 and 4.3 ms with the output row innermost (bench/RESULTS.md, "conv
+kernels").  The copies cost one pass over X and Y.  The price: a batch of one image runs
+the vector loops one lane wide.
 """
 
 from __future__ import annotations
@@ -151,10 +151,13 @@ def conv2d_grad_input_parallel(G, K, s, p, out):
 def _conv2d_grad_kernel_filter(Gt, Xt, s, p, dK, f):
     C, H, W = Xt.shape[0], Xt.shape[1], Xt.shape[2]
     kh, kw = dK.shape[2], dK.shape[3]
+    # one partial sum per image, added up at the end: the loop over the batch stays a
+    # vector multiply-add, with no horizontal sum per window position
+    acc = np.empty(Xt.shape[3], dtype=dK.dtype)
     for c in range(C):
         for u in range(kh):
             for v in range(kw):
-                acc = dK.dtype.type(0)  # a bare 0 would make float32 sums float64
+                acc[:] = 0
                 for i in range(Gt.shape[1]):
                     r = i * s + u - p
                     if r < 0 or r >= H:
@@ -164,9 +167,9 @@ def _conv2d_grad_kernel_filter(Gt, Xt, s, p, dK, f):
                         if q < 0 or q >= W:
                             continue
                         g, x = Gt[f, i, j], Xt[c, r, q]
-                        for n in range(g.shape[0]):
-                            acc += g[n] * x[n]
-                dK[f, c, u, v] = acc
+                        for n in range(acc.shape[0]):
+                            acc[n] += g[n] * x[n]
+                dK[f, c, u, v] = acc.sum()
 
 
 @njit(cache=True)
