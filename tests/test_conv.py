@@ -36,6 +36,8 @@ CONV = {
     "2x3-s2": (3, 3, 6, 7, 1, 2, 3, 2, 0),  # non-square kernel, F = 1
     "1x1-C3": (2, 3, 4, 4, 4, 1, 1, 1, 0),
     "3x2-p1-s1": (1, 1, 4, 5, 1, 3, 2, 1, 1),
+    # work enough for threads (N counts as 128): the parallel target runs the prange kernels
+    "3x3-C3-8x8": (2, 3, 8, 8, 4, 3, 3, 1, 1),
 }
 # (N, C, H, W, size, stride)
 POOL = {
@@ -150,8 +152,8 @@ def test_pooling_gradients_match_central_differences(kind):
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 @pytest.mark.parametrize("target", ["cpu", "parallel"])
 def test_compiled_matches_the_numpy_reference(target, dtype, tol):
-    for L, wrt, data, _, Y in [conv_case("3x3-s2-p1-odd"), pool_case("max", "3-s1-overlap"),
-                               pool_case("avg", "2-odd")]:
+    for L, wrt, data, _, Y in [conv_case("3x3-s2-p1-odd"), conv_case("3x3-C3-8x8"),
+                               pool_case("max", "3-s1-overlap"), pool_case("avg", "2-odd")]:
         # the output itself: L = Σ Y ⊙ R cancels, and float32 rounding is relative to |Y|
         x = {k: v for k, v in data.items() if k != "R"}
         y0 = sb.compile_forward(Y, target="numpy", dtype=dtype)(**x)
@@ -277,8 +279,11 @@ def test_max_pool_propagates_nan(target):
 def test_the_kernels_are_imported_and_hashed_into_the_cache_key():
     from symbp import cache
 
-    L, wrt, *_ = conv_case("3x3-p1")
-    for target, suffix in (("cpu", "serial"), ("parallel", "parallel")):
+    # the parallel target calls the prange kernels where the work pays for threads
+    for case, target, suffix in (("3x3-C3-8x8", "cpu", "serial"),
+                                 ("3x3-C3-8x8", "parallel", "parallel"),
+                                 ("3x3-p1", "parallel", "serial")):
+        L, wrt, *_ = conv_case(case)
         src = sb.compile(L, wrt, target=target).source
         assert f"import conv2d_{suffix} as _conv2d_{suffix}" in src
         assert f"_conv2d_grad_kernel_{suffix}(" in src

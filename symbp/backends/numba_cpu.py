@@ -253,9 +253,13 @@ class _Gen:
         self.emit(f"for _j in range({int(n)}):")
         self.emit(f"{acc}[_j] = ACC(0.0)", 2)
 
+    def pays(self, work) -> bool:
+        """Whether ``work`` (in _cost units) is worth threads: 'parallel', and enough of it."""
+        return self.parallel and work >= PAR_MIN_WORK
+
     def loop(self, var, n, work, depth, serial=False):
         """A loop header: prange over rows in 'parallel' where the work pays."""
-        par = self.parallel and not serial and work >= PAR_MIN_WORK
+        par = not serial and self.pays(work)
         return f"for {var} in {'prange' if par else 'range'}({self.idx(n)}):"
 
     def idx(self, d) -> str:

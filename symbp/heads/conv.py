@@ -253,15 +253,24 @@ def conv_vjp(e, y, g, wants, local=None):
     return out
 
 
-def _kernel(gen, name: str) -> str:
-    # the parallel target runs prange over the images (the filters for ∂K) inside the kernel
-    return gen.use(NUMBA, f"{name}_{'parallel' if gen.parallel else 'serial'}")
+def kernel(gen, name: str, work) -> str:
+    """conv_numba's ``name``: its prange version where the work pays for threads (a prange
+    launch costs about what a digits-sized convolution does: bench/RESULTS.md)."""
+    return gen.use(NUMBA, f"{name}_{'parallel' if gen.pays(work) else 'serial'}")
+
+
+def _macs(e, gen) -> int:
+    # multiply-adds of X ⋆ K, its ∂X and its ∂K alike: N·F·H_out·W_out·C·kh·kw; one
+    # vectorized over the batch costs about half a _cost unit (~0.12 ns)
+    N, F, ho, wo = e.shape if isinstance(e, Conv2d) else e.args[0].shape  # Y, or δ
+    _, C, kh, kw = e.shape if isinstance(e, Conv2dGradKernel) else e.args[1].shape  # K
+    return gen.est(N) * int(F * ho * wo * C * kh * kw) // 2
 
 
 def conv_cpu(gen, a):
     gen.head(a)
     X, K, s, p = a.expr.args
-    f = _kernel(gen, "conv2d")
+    f = kernel(gen, "conv2d", _macs(a.expr, gen))
     gen.emit(f"{f}({gen.ids[X]}, {gen.ids[K]}, np.empty(0, DT), {s}, {p}, "
              f"{gen.buffer(a.name)})")
 
@@ -269,14 +278,14 @@ def conv_cpu(gen, a):
 def grad_input_cpu(gen, a):
     gen.head(a)
     G, K, _, s, p = a.expr.args
-    f = _kernel(gen, "conv2d_grad_input")
+    f = kernel(gen, "conv2d_grad_input", _macs(a.expr, gen))
     gen.emit(f"{f}({gen.ids[G]}, {gen.ids[K]}, {s}, {p}, {gen.buffer(a.name)})")
 
 
 def grad_kernel_cpu(gen, a):
     gen.head(a)
     G, X, _, s, p = a.expr.args
-    f = _kernel(gen, "conv2d_grad_kernel")
+    f = kernel(gen, "conv2d_grad_kernel", _macs(a.expr, gen))
     gen.emit(f"{f}({gen.ids[G]}, {gen.ids[X]}, {s}, {p}, {gen.buffer(a.name)})")
 
 

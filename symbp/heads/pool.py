@@ -19,7 +19,7 @@ from ..errors import ShapeError
 from ..matrix import _ScalarArith, as_array, is_matrix, shape_text
 from ..vjp import broadcast
 from . import register
-from .conv import NUMBA, NUMPY, _fixed, _operand, _same, integer, lowered
+from .conv import NUMPY, _fixed, _operand, _same, integer, kernel, lowered
 
 
 def pool_shape(xs, k, s, who: str, X="the image") -> tuple:
@@ -178,28 +178,31 @@ def _check(e, where) -> None:
                          f"output is {shape_text(out)} {where}")
 
 
-def _kernel(gen, name):
-    return gen.use(NUMBA, f"{name}_{'parallel' if gen.parallel else 'serial'}")
+def _kernel(gen, name, e):
+    # k² compares (adds) per output entry, each about one _cost unit
+    N, C, ho, wo = e.args[0].shape if not isinstance(e, _Pool) else e.shape
+    k = int(e.args[-2])
+    return kernel(gen, name, gen.est(N) * int(C * ho * wo) * k * k)
 
 
 def pool_cpu(gen, a):
     gen.head(a)
     X, k, s = a.expr.args
-    f = _kernel(gen, f"{a.expr.name[:3]}_pool2d")
+    f = _kernel(gen, f"{a.expr.name[:3]}_pool2d", a.expr)
     gen.emit(f"{f}({gen.ids[X]}, {k}, {s}, {gen.buffer(a.name)})")
 
 
 def max_grad_cpu(gen, a):
     gen.head(a)
     G, X, k, s = a.expr.args
-    f = _kernel(gen, "max_pool2d_grad")
+    f = _kernel(gen, "max_pool2d_grad", a.expr)
     gen.emit(f"{f}({gen.ids[G]}, {gen.ids[X]}, {k}, {s}, {gen.buffer(a.name)})")
 
 
 def avg_grad_cpu(gen, a):
     gen.head(a)
     G, _, k, s = a.expr.args
-    f = _kernel(gen, "avg_pool2d_grad")
+    f = _kernel(gen, "avg_pool2d_grad", a.expr)
     gen.emit(f"{f}({gen.ids[G]}, {k}, {s}, {gen.buffer(a.name)})")
 
 
