@@ -255,8 +255,8 @@ def test_max_pool_ties_go_to_the_first_maximum(target):
         import torch
 
         tx = torch.tensor(x, requires_grad=True)
-        (torch.nn.functional.max_pool2d(tx, 2) * torch.tensor([[[[10.0, 20.0]]]],
-                                                                dtype=torch.float64)).sum().backward()
+        r = torch.tensor([[[[10.0, 20.0]]]], dtype=torch.float64)
+        (torch.nn.functional.max_pool2d(tx, 2) * r).sum().backward()
         np.testing.assert_array_equal(g["X"], tx.grad.numpy())
 
 
