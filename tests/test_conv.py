@@ -508,3 +508,6 @@ def test_operands_of_star_are_bracketed_when_they_bind_looser():
     assert sp.latex(sb.avg_pool2d(sb.conv2d(X * B, K), 2)) == \
         r"\operatorname{avgpool}_{2}\left(\left(B \circ X\right) \star K\right)"
     assert str(sb.max_pool2d(X, 3, 1)) == "maxpool3[s=1](X)"
+    # the pretty printer too (it took a symbp Tensor for a sympy.tensor.Tensor)
+    assert sp.pretty(sb.conv2d(sb.relu(X), K, padding=1)) == "relu(X) ⋆[p=1] K"
+    assert sp.pretty(sb.flatten(sb.max_pool2d(X, 2))) == "flatten(maxpool2(X))"

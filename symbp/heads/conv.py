@@ -102,6 +102,13 @@ def _operand(printer, x) -> str:
     return r"\left(%s\right)" % s if isinstance(printer, LatexPrinter) else f"({s})"
 
 
+def _pretty_text(e):
+    # the pretty printer's parts are 2-D pictures, not text: print the one-line form
+    from sympy.printing.pretty.stringpict import prettyForm
+
+    return prettyForm(str(e))
+
+
 class _ConvHead(_ScalarArith, MatrixExpr):
     @property
     def stride(self) -> int:
@@ -132,9 +139,7 @@ class Conv2d(_ConvHead):
         return _operand(printer, X) + _star(self, printer, False) + _operand(printer, K)
 
     def _pretty(self, printer):
-        from sympy.printing.pretty.stringpict import prettyForm
-
-        return prettyForm(self._sympystr(printer))
+        return _pretty_text(self)
 
     def _latex(self, printer):
         X, K = self.args[:2]
@@ -163,9 +168,7 @@ class Conv2dGradInput(_ConvHead):
         return self._text(printer, False)
 
     def _pretty(self, printer):
-        from sympy.printing.pretty.stringpict import prettyForm
-
-        return prettyForm(self._text(printer, False))
+        return _pretty_text(self)
 
     def _latex(self, printer):
         return self._text(printer, True)
@@ -191,9 +194,7 @@ class Conv2dGradKernel(_ConvHead):
         return self._text(printer, False)
 
     def _pretty(self, printer):
-        from sympy.printing.pretty.stringpict import prettyForm
-
-        return prettyForm(self._text(printer, False))
+        return _pretty_text(self)
 
     def _latex(self, printer):
         return self._text(printer, True)

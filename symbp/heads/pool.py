@@ -19,7 +19,7 @@ from ..errors import ShapeError
 from ..matrix import _ScalarArith, as_array, is_matrix, shape_text
 from ..vjp import broadcast
 from . import register
-from .conv import NUMPY, _fixed, _operand, _same, integer, kernel, lowered
+from .conv import NUMPY, _fixed, _operand, _pretty_text, _same, integer, kernel, lowered
 
 
 def pool_shape(xs, k, s, who: str, X="the image") -> tuple:
@@ -68,9 +68,7 @@ class _Pool(_ScalarArith, MatrixExpr):
         return f"{self._op()}({printer._print(self.args[0])})"
 
     def _pretty(self, printer):
-        from sympy.printing.pretty.stringpict import prettyForm
-
-        return prettyForm(self._sympystr(printer))
+        return _pretty_text(self)
 
     def _latex(self, printer):
         sub = f"{self.size}" + (rf",\,s={self.stride}" if self.stride != self.size else "")
@@ -113,9 +111,7 @@ class MaxPool2dGrad(_ScalarArith, MatrixExpr):
         return self._text(printer, False)
 
     def _pretty(self, printer):
-        from sympy.printing.pretty.stringpict import prettyForm
-
-        return prettyForm(self._text(printer, False))
+        return _pretty_text(self)
 
     def _latex(self, printer):
         return self._text(printer, True)
@@ -144,9 +140,7 @@ class AvgPool2dGrad(_ScalarArith, MatrixExpr):
         return self._text(printer, False)
 
     def _pretty(self, printer):
-        from sympy.printing.pretty.stringpict import prettyForm
-
-        return prettyForm(self._text(printer, False))
+        return _pretty_text(self)
 
     def _latex(self, printer):
         return self._text(printer, True)
