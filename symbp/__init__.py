@@ -47,6 +47,8 @@ from .functions import (
     swish,
     tanh,
 )
+from .heads.conv import conv2d
+from .heads.pool import avg_pool2d, max_pool2d
 from .heads.shape import Reshape, flatten, reshape
 from .ir import Program, lower, verify
 from .matrix import AxisSum, Constant, Elementwise, Tensor, Total, tensor
@@ -64,6 +66,7 @@ __all__ = [
     "relu", "rrelu", "selu", "sigmoid", "silu", "softmax", "softmax_cross_entropy",
     "softplus", "step", "swish", "tanh", "Program", "lower", "verify", "AxisSum",
     "Constant", "Elementwise", "Total", "Tensor", "tensor", "Reshape", "flatten", "reshape",
+    "conv2d", "max_pool2d", "avg_pool2d",
 ]
 
 

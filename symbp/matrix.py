@@ -581,6 +581,9 @@ class Tensor(_ScalarArith, sp.MatrixSymbol):
     def _sympystr(self, printer):
         return self.name
 
+    def _pretty(self, printer):  # else SymPy's pretty printer takes it for a tensor.Tensor
+        return printer._print(sp.Symbol(self.name))
+
     def _latex(self, printer):
         return printer._print(sp.Symbol(self.name))
 

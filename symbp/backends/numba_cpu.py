@@ -207,6 +207,7 @@ class _Gen:
         self.acc64: list[int] = []
         # gradients a pass fused into the update (passes.fuse_update): name -> A·B
         self.into = {a.name: a.expr for a in p.body if rule(a.expr).extra.get("into_update")}
+        self.imports: dict = {}  # (module, name) -> its alias in the kernel module
 
     # --- printing helpers -----------------------------------------------------------------
     def printer(self, extra=None) -> NumbaPrinter:
@@ -231,6 +232,11 @@ class _Gen:
             text = text[:87] + "..."
         self.emit(f"# {text}   [{type(a.expr).__name__}]")
 
+    def use(self, module: str, name: str) -> str:
+        """A routine a head calls (a njit kernel of a symbp module): imported at the top of
+        the generated module as ``_name``, so symbp.cache hashes its module into the key."""
+        return self.imports.setdefault((module, name), f"_{name}")
+
     def buffer(self, name):
         if name not in self.buffers:
             self.buffers.append(name)
@@ -250,9 +256,13 @@ class _Gen:
         self.emit(f"for _j in range({int(n)}):")
         self.emit(f"{acc}[_j] = ACC(0.0)", 2)
 
+    def pays(self, work) -> bool:
+        """Whether ``work`` (in _cost units) is worth threads: 'parallel', and enough of it."""
+        return self.parallel and work >= PAR_MIN_WORK
+
     def loop(self, var, n, work, depth, serial=False):
         """A loop header: prange over rows in 'parallel' where the work pays."""
-        par = self.parallel and not serial and work >= PAR_MIN_WORK
+        par = not serial and self.pays(work)
         return f"for {var} in {'prange' if par else 'range'}({self.idx(n)}):"
 
     def idx(self, d) -> str:
@@ -489,6 +499,7 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     kflags = flags + (["parallel=True"] if par else [])
     sig = f'"({", ".join(types)},)"'
     lines = [_HEADER.format(target=target, dtype=dt)]
+    lines += [f"from {m} import {n} as {a}  # noqa: F401" for (m, n), a in g.imports.items()]
     table = HELPERS_F32 if dt == "float32" else HELPERS
     for h in sorted(g.used):
         lines.append(f"\n@njit({', '.join(flags)})" + table[h])

@@ -87,6 +87,11 @@ class _Ctx:
 
     def __init__(self, ids, pr):
         self.ids, self.pr = ids, pr
+        self.imports: dict = {}  # (module, name) -> alias: a routine a head calls
+
+    def use(self, module: str, name: str) -> str:
+        """``name`` of ``module`` (conv_numpy's conv2d), imported by the generated source."""
+        return self.imports.setdefault((module, name), f"_{name}")
 
     def op(self, x) -> str:
         if isinstance(x, sp.Transpose):
@@ -115,7 +120,8 @@ def build(program: Program, dtype=numpy.float64, **options) -> Kernel:
     # a constant output (a scalar gradient that is 0) prints as a number
     outs = [ids[o] if o in ids else f"DTYPE({pr.doprint(o)})" for o in program.outputs]
     lines.append(f"    return ({', '.join(outs)},)")
-    source = HELPERS + "\n\n" + "\n".join(lines) + "\n"
+    imports = [f"from {m} import {n} as {a}" for (m, n), a in ctx.imports.items()]
+    source = "\n".join([HELPERS] + imports + ["", "\n".join(lines)]) + "\n"
     filename = f"<symbp-numpy-{abs(hash(source)):x}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     ns = {"numpy": numpy, "scipy": scipy, "DTYPE": numpy.dtype(dtype).type}

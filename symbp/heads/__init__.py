@@ -75,7 +75,7 @@ def _load():
     global _loaded
     if not _loaded:
         _loaded = True
-        from . import frontend, fused, linalg, maps, scalar, shape, softmax, sums  # noqa: F401
+        from . import conv, frontend, fused, linalg, maps, pool, scalar, shape, softmax, sums  # noqa: F401,E501
 
 
 def rule(e) -> Head | None:

@@ -116,8 +116,8 @@ def label(e) -> str:
     return _op_label(body) if not body.is_Symbol else "map"
 
 
-def entry(ix, e, i, j):
-    sub = {v: (ix.entry(a, i, j) if is_matrix(a) else a)
+def entry(ix, e, *index):
+    sub = {v: (ix.entry(a, *index) if is_matrix(a) else a)
            for v, a in zip(e.lam.variables, e.operands)}
     return ix.no_piecewise(e.lam.expr.xreplace(sub))
 

@@ -84,10 +84,24 @@ def cpu(gen, a):
     gen.emit("_fy[_k] = _fx[_k]", 2)
 
 
+def entry(ix, e, *index):
+    # back to N×(C·H·W) (a flatten's adjoint): entry (n, c, i, j) is column c·H·W + i·W + j
+    from ..printing.formulas import _NoEntry
+
+    M = e.args[0]
+    if len(M.shape) != 2 or not same_dim(M.shape[0], e.shape[0]) or len(index) < 2:
+        raise _NoEntry("index form: only a reshape back to a batch of rows has one")
+    col, step = sp.Integer(0), sp.Integer(1)
+    for k, d in zip(reversed(index[1:]), reversed(e.shape[1:])):
+        col, step = col + k * step, step * d
+    return ix.entry(M, index[0], col)
+
+
 register(Reshape, lower=lambda lw, e: lw.emit(Reshape(lw.L(e.args[0]), e.shape), e.shape),
          children=lambda e: [e.args[0]], operands=lambda e: [e.args[0]],
          rebuild=lambda e, ops: Reshape(ops[0], e.shape),
          # the adjoint is reshaped back: entry k of ȳ belongs to entry k of x
          vjp=lambda e, y, g, wants, local=None: [
              (e.args[0], Reshape(broadcast(g, e.shape), e.args[0].shape))],
-         numpy=numpy, cpu=cpu, label=lambda e: e._name(), doc="reshape (flatten)")
+         numpy=numpy, cpu=cpu, label=lambda e: e._name(), entry=entry,
+         doc="reshape (flatten)")

@@ -76,8 +76,15 @@ def axis_sum_cuda(gen, a):
                       f"{R}, {C})  # {gen.ids[a.name]} = {gen.doc(e)}")
 
 
-def axis_sum_entry(ix, e, i, j):
+def axis_sum_entry(ix, e, *index):
     M = e.args[0]
+    if len(index) != 2:  # Σ over axis k of images: that axis gets a summed letter
+        k = e.axis
+        m = ix.letter(M.shape[k])
+        at = list(index)
+        at[k] = m
+        return sp.Sum(ix.entry(M, *at), (m, 0, M.shape[k] - 1))
+    i, j = index
     if e.axis == 0:  # (𝟏ᵀM)_j = Σ_n M_nj
         n = ix.letter(M.shape[0])
         return sp.Sum(ix.entry(M, n, j), (n, 0, M.shape[0] - 1))

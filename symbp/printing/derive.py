@@ -300,6 +300,12 @@ def format_value(v, style="text", digits: int = 4, max_entries: int = 24) -> str
     a = np.asarray(v, dtype=float)
     if a.ndim == 0:
         return _g(float(a), digits, style)
+    if a.ndim > 2 and a.size <= 2 * max_entries:
+        # images N×C×H×W: one H×W matrix per (n, c), in order (2 channels of 4×4 in full)
+        blocks = [format_value(m, style, digits, max_entries)
+                  for m in a.reshape(-1, *a.shape[-2:])]
+        return "[" + ", ".join(blocks) + "]" if style != "tex" else \
+            r"\left[%s\right]" % r",\ ".join(blocks)
     if a.size > max_entries:
         with np.errstate(all="ignore"):
             mean = _g(a.mean(), 4, style)

@@ -183,19 +183,29 @@ class _Indexer:
             self.bases[M] = sp.IndexedBase(s)
         return self.bases[M]
 
-    def at(self, M, i, j):
-        r, c = M.shape
-        idx = [k for k, d in ((i, r), (j, c)) if d != 1]
+    def at(self, M, *index):
+        # an axis of size 1 takes no index where it is broadcast: b[l] of a row 1×L, b[f]
+        # of a 1×F×1×1 bias; an image's own single channel keeps its c (X[n,c,i,j])
+        keep = len(M.shape) != 2
+        idx = [k for k, d in zip(index, M.shape)
+               if d != 1 or (keep and self.sizes.get(k) == 1)]
         return self.base(M)[tuple(idx)] if idx else self.base(M).label
 
     def row(self, lhs, expr):
-        if not is_matrix(lhs) or len(lhs.shape) != 2:
+        if not is_matrix(lhs):
             return None, None
-        self.used = set()
-        i = self.letter(lhs.shape[0], ("k", "i"))
-        j = self.letter(lhs.shape[1], ("l", "j", "c"))
+        self.used, self.sizes = set(), {}
+        if len(lhs.shape) == 2:
+            index = (self.letter(lhs.shape[0], ("k", "i")),
+                     self.letter(lhs.shape[1], ("l", "j", "c")))
+        else:  # images: a head names its axes ((f, c, u, v) of a kernel's gradient)
+            h = rule(expr)
+            want = (h.extra.get("letters") if h is not None else None) or ("n", "c", "r", "q")
+            if len(want) != len(lhs.shape):
+                want = ("m", "p", "q", "r", "s")[:len(lhs.shape)]
+            index = tuple(self.letter(d, (w,)) for d, w in zip(lhs.shape, want))
         try:
-            return self.at(lhs, i, j), self.entry(expr, i, j)
+            return self.at(lhs, *index), self.entry(expr, *index)
         except _NoEntry:  # a head with no index form (a reshape): the matrix form only
             return None, None
 
@@ -206,17 +216,19 @@ class _Indexer:
         for c in choices:
             if c not in self.used:
                 self.used.add(c)
+                self.sizes[sp.Symbol(c, integer=True)] = d
                 return sp.Symbol(c, integer=True)
         raise SymbpError("index form: ran out of index letters")
 
-    def entry(self, e, i, j):
-        """Entry (i, j) of ``e``: a name's entry, or its head's ``entry`` rule."""
+    def entry(self, e, *index):
+        """Entry ``index`` of ``e`` ((i, j) of a matrix, (n, c, i, j) of images): a name's
+        entry, or its head's ``entry`` rule."""
         if isinstance(e, sp.MatrixSymbol):
-            return self.at(e, i, j)
+            return self.at(e, *index)
         h = rule(e)
         if h is None or h.entry is None:
             raise _NoEntry(f"index form: no entry rule for {type(e).__name__}")
-        return h.entry(self, e, i, j)
+        return h.entry(self, e, *index)
 
     @staticmethod
     def no_piecewise(e):

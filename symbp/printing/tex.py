@@ -300,7 +300,9 @@ class TexPrinter(_Shared, LatexPrinter):
 
     def _print_Indexed(self, e):
         base = self._print(e.base.label)
-        idx = "".join(self._print(i) for i in e.indices)
+        # X_{nc,i+u-1,j+v-1}: commas once an index is more than a letter
+        sep = "" if all(i.is_Symbol or i.is_Integer for i in e.indices) else ","
+        idx = sep.join(self._print(i) for i in e.indices)
         return r"{%s}_{%s}" % (base, idx) if "_" in base else r"%s_{%s}" % (base, idx)
 
     def _print_MatrixElement(self, e):
@@ -372,11 +374,16 @@ class TextPrinter(_Shared, StrPrinter):
         return f"{self._print(e.base.label)}[{','.join(self._print(i) for i in e.indices)}]"
 
     def _print_Sum(self, e):
-        idx = "".join(self._print(lim[0]) for lim in e.limits)
+        # one Σ per index, as written by hand: Σₙ Σᵢ Σⱼ (Σ_c: c has no subscript letter)
+        sums = []
+        for lim in e.limits:
+            v = self._print(lim[0])
+            sub = v.translate(_SUB)
+            sums.append(f"Σ{sub}" if all(ch != x for ch, x in zip(sub, v)) else f"Σ_{v}")
         body = self._print(e.function)
         if isinstance(e.function, sp.Add):
             body = self.paren(body)
-        return f"Σ{idx.translate(_SUB)} {body}"
+        return f"{' '.join(sums)} {body}"
 
     def _print_Relational(self, e):
         op = {"<=": "≤", ">=": "≥", "!=": "≠"}.get(e.rel_op, e.rel_op)
