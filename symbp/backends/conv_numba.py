@@ -1,12 +1,13 @@
 """Convolution and pooling kernels for the Numba CPU targets: direct loops, no im2col.
 
-Every kernel writes into an array its caller allocated (``out``, the last argument), so
-generated njit code calls them on workspace buffers; each comes twice:
+Every kernel overwrites an array its caller allocated (``out``, the last argument; all
+arrays C-contiguous), so generated njit code calls them on workspace buffers; each comes
+twice:
 
     <name>_serial     plain loops (the ``cpu`` target)
-    <name>_parallel   ``prange`` over the filters (forward, ∂K, ∂b), the input channels
-                      (∂X) or the images (pooling), for the ``parallel`` target; call it
-                      from serial code, not from inside a prange
+    <name>_parallel   ``prange`` over the filters (forward, ∂K, ∂b), the channels (∂X,
+                      max-pooling) or the images (avg-pooling), for the ``parallel``
+                      target; call it from serial code, not from inside a prange
 
 Both run the same per-filter (per-channel, per-image) routine, so they cannot drift apart.
 ``conv2d``, ``conv2d_grad_input``, ... are Python wrappers with the signatures of
@@ -17,7 +18,7 @@ A bias ``b`` is a length-F array, or a length-0 array for none.  Strides and pad
 ints; the math is that of conv_numpy's docstring (cross-correlation, PyTorch's shapes and
 tie rule).
 
-Why the convolutions run with the batch innermost: the images are copied batch-last
+Why the convolutions and max-pooling run with the batch innermost: the images are copied batch-last
 (X[n,c,h,w] → Xt[c,h,w,n]) and every step of the loops is one multiply-add over all the
 images of the batch, a contiguous loop of length N that the compiler vectorizes whatever
 the image and kernel sizes.  On the small images these kernels are for, every other
@@ -25,8 +26,9 @@ innermost loop is too short to fill a vector register (a row of a 4×4 feature m
 16 filters), and im2col + BLAS spends its time writing the im2col matrix: on the digits
 CNN (N=64, one core) the two forwards take 34 and 61 µs this way, 75 and 126 µs with
 im2col + BLAS, 0.9 and 4.3 ms with the output row innermost (bench/RESULTS.md, "conv
-kernels").  The copies cost one pass over X and Y.  The price: a batch of one image runs
-the vector loops one lane wide.
+kernels").  The copies cost one pass over X and Y each (most of a max-pool's time); a
+network that kept its activations batch-last would not need them.  The price: a batch of
+one image runs the vector loops one lane wide.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from numba import njit, prange
 from ..errors import InputError
 from .conv_numpy import conv2d_shape, pool2d_shape
 
-# float sums may be reordered (dot products over the batch vectorize) and a·b + c fused;
+# float sums may be reordered (the bias gradient's sum vectorizes) and a·b + c fused;
 # no other fast-math (NaN and inf keep their meaning)
 _FM = {"reassoc", "contract"}
 
