@@ -212,11 +212,12 @@ def conv2d_grad_kernel_parallel(G, X, s, p, out):
 
 @njit(cache=True, fastmath=_FM)
 def _conv2d_grad_bias_filter(G, db, f):
+    # each image's δ[n,f] as one row of H_out·W_out: a loop long enough to vectorize
+    g = G.reshape(G.shape[0], G.shape[1], G.shape[2] * G.shape[3])
     acc = db.dtype.type(0)
-    for n in range(G.shape[0]):
-        for i in range(G.shape[2]):
-            for j in range(G.shape[3]):
-                acc += G[n, f, i, j]
+    for n in range(g.shape[0]):
+        for k in range(g.shape[2]):
+            acc += g[n, f, k]
     db[f] = acc
 
 
