@@ -109,7 +109,20 @@ def _pretty_text(e):
     return prettyForm(str(e))
 
 
-class _ConvHead(_ScalarArith, MatrixExpr):
+class _Worded(_ScalarArith, MatrixExpr):
+    """A head printed by its ``_text(printer, tex)``: one line in str, pretty and LaTeX."""
+
+    def _sympystr(self, printer):
+        return self._text(printer, False)
+
+    def _pretty(self, printer):
+        return _pretty_text(self)
+
+    def _latex(self, printer):
+        return self._text(printer, True)
+
+
+class _ConvHead(_Worded):
     @property
     def stride(self) -> int:
         return int(self.args[-2])
@@ -164,15 +177,6 @@ class Conv2dGradInput(_ConvHead):
         return _operand(printer, G) + _star(self, printer, tex, full=True) + \
             rot % printer._print(K)
 
-    def _sympystr(self, printer):
-        return self._text(printer, False)
-
-    def _pretty(self, printer):
-        return _pretty_text(self)
-
-    def _latex(self, printer):
-        return self._text(printer, True)
-
 
 class Conv2dGradKernel(_ConvHead):
     """∂L/∂K of ``X ⋆ K`` from δ: the correlation of X with δ, summed over the batch;
@@ -189,15 +193,6 @@ class Conv2dGradKernel(_ConvHead):
     def _text(self, printer, tex):
         G, X = self.args[:2]
         return _operand(printer, X) + _star(self, printer, tex) + _operand(printer, G)
-
-    def _sympystr(self, printer):
-        return self._text(printer, False)
-
-    def _pretty(self, printer):
-        return _pretty_text(self)
-
-    def _latex(self, printer):
-        return self._text(printer, True)
 
 
 def conv2d(X, K, b=None, stride=1, padding=0):

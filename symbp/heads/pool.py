@@ -19,7 +19,17 @@ from ..errors import ShapeError
 from ..matrix import _ScalarArith, as_array, is_matrix, shape_text
 from ..vjp import broadcast
 from . import register
-from .conv import NUMPY, _fixed, _operand, _pretty_text, _same, integer, kernel, lowered
+from .conv import (
+    NUMPY,
+    _fixed,
+    _operand,
+    _pretty_text,
+    _same,
+    _Worded,
+    integer,
+    kernel,
+    lowered,
+)
 
 
 def pool_shape(xs, k, s, who: str, X="the image") -> tuple:
@@ -88,7 +98,7 @@ class AvgPool2d(_Pool):
     name, api = "avgpool", "avg_pool2d"
 
 
-class MaxPool2dGrad(_ScalarArith, MatrixExpr):
+class MaxPool2dGrad(_Worded):
     """X̄ of ``MaxPool2d(X, k, s)`` from δ: each δ[n,c,i,j] goes to the first maximum of
     window (i, j) of X."""
 
@@ -107,17 +117,8 @@ class MaxPool2dGrad(_ScalarArith, MatrixExpr):
                     % (where.replace("×", r"\times "), printer._print(G), printer._print(X)))
         return f"route{where}({printer._print(G)} → first argmax of {printer._print(X)})"
 
-    def _sympystr(self, printer):
-        return self._text(printer, False)
 
-    def _pretty(self, printer):
-        return _pretty_text(self)
-
-    def _latex(self, printer):
-        return self._text(printer, True)
-
-
-class AvgPool2dGrad(_ScalarArith, MatrixExpr):
+class AvgPool2dGrad(_Worded):
     """X̄ of ``AvgPool2d`` from δ: δ/k² on every entry of its window; ``shape`` is X's."""
 
     def __new__(cls, G, shape, size, stride):
@@ -135,15 +136,6 @@ class AvgPool2dGrad(_ScalarArith, MatrixExpr):
             return r"\operatorname{spread}_{%s}\left(%s / %s\right)" % (
                 where.replace("×", r"\times "), g, k * k)
         return f"spread{where}({g}/{k * k})"
-
-    def _sympystr(self, printer):
-        return self._text(printer, False)
-
-    def _pretty(self, printer):
-        return _pretty_text(self)
-
-    def _latex(self, printer):
-        return self._text(printer, True)
 
 
 def max_pool2d(X, size, stride=None) -> MaxPool2d:
