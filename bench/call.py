@@ -9,7 +9,10 @@ and ``sb.compile_forward(sigmoid(H))`` called as ``fwd(**params, X=X)`` (the
 predictions).  Each measurement runs in a fresh process pinned to one core (CPU 0, as
 ``taskset -c 0``), checkouts alternating round by round, each first on ``PYTHONPATH``.
 A process times ``--blocks`` blocks of ``--calls`` calls after a warm-up; the figures are
-the median and the minimum over every block of every round, in µs per call.
+the median and the minimum over every block of every round, in µs per call.  Blocks are
+short (10 calls): on a shared core another process's time slice then spoils a few blocks,
+which the median ignores, rather than most of them (blocks of 100 calls of the 21 µs call
+came out bimodal, 22 or 104 µs, with a load average of 7 on two cores).
 """
 
 from __future__ import annotations
@@ -83,8 +86,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", help="another checkout (a source tree) to measure alongside")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--blocks", type=int, default=200)
-    ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--blocks", type=int, default=2000)
+    ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--cpu", type=int, default=0, help="the core to pin to; -1: unpinned")
     ap.add_argument("--worker", action="store_true")
     args = ap.parse_args()
