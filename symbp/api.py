@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 import sympy as sp
@@ -83,6 +84,23 @@ def grad(f, wrt):
     return out[0] if single else out
 
 
+# What a call's array must match to skip the full check: the exact class (the full check
+# reads a subclass, a masked array say, as a plain array), shape, dtype, and C-contiguous +
+# aligned + writeable in one flag (``carray``).  A C-level getter: no Python frame per array.
+_SIG = attrgetter("__class__", "shape", "dtype", "flags.carray")
+# Python and NumPy floats: a scalar input the fast path converts as the full check does
+_FLOATS = (float, np.float32, np.float64)
+
+
+@dataclass
+class _Bound:
+    """A binding that passed ``bind_inputs``: the same arrays again need no check."""
+
+    sigs: list  # _SIG of each matrix input, as converted
+    tail: list  # the sizes' values, the kernel's last arguments
+    consts: dict  # position in the arguments -> the constant's array at these sizes
+
+
 @dataclass
 class Forward:
     """A compiled forward program: ``fn(**arrays)`` returns the expression's value."""
@@ -91,6 +109,19 @@ class Forward:
     target: str
     dtype: np.dtype
     kernel: object
+
+    def __post_init__(self):
+        ins = self.program.inputs
+        # the fast path of ``bind``: matrix inputs are checked by _SIG, in program order;
+        # scalars and constants (rare) are placed by ``_place``
+        self._mat_at = [k for k, s in enumerate(ins)
+                        if is_matrix(s) and not isinstance(s, Constant)]
+        self._mats = [ins[k].name for k in self._mat_at]
+        self._scalars = {k: s.name for k, s in enumerate(ins)
+                         if not is_matrix(s) and not isinstance(s, Constant)}
+        self._n_names = len(self._mats) + len(self._scalars)
+        self._plain = not self._scalars and not any(isinstance(s, Constant) for s in ins)
+        self._last: _Bound | None = None
 
     @property
     def source(self) -> str:
@@ -102,7 +133,52 @@ class Forward:
         return [s.name for s in self.program.inputs if not isinstance(s, Constant)]
 
     def bind(self, arrays: dict) -> list:
-        return bind_inputs(self.program, arrays, self.dtype)
+        """The kernel's positional arguments for ``arrays``, checked (``bind_inputs``).
+
+        The check runs in full once; calls whose arrays then match it (the same names,
+        and per array the same class, shape and dtype, C-contiguous, aligned and
+        writeable) skip it: for such arrays the check converts nothing and binds the
+        same sizes, so its answer is known.  Anything else takes the full check, which
+        converts or names the culprit.
+        """
+        last = self._last
+        if last is not None and len(arrays) == self._n_names:
+            try:
+                xs = list(map(arrays.__getitem__, self._mats))
+                hit = list(map(_SIG, xs)) == last.sigs
+            except Exception:  # another name, or not an array: the full check names it
+                hit = False
+            if hit:
+                if self._plain:
+                    return xs + last.tail
+                args = self._place(xs, arrays, last)
+                if args is not None:
+                    return args
+        args = bind_inputs(self.program, arrays, self.dtype)
+        ins = self.program.inputs
+        self._last = _Bound(
+            sigs=[_SIG(args[k]) for k in self._mat_at], tail=args[len(ins):],
+            # copies: the arrays of this call are the kernel's, which may return them
+            consts={k: x.copy() for k, (s, x) in enumerate(zip(ins, args))
+                    if isinstance(s, Constant)})
+        return args
+
+    def _place(self, xs, arrays, last):
+        """The arguments in program order when scalars or constants sit between the
+        matrices; None when a scalar is missing or not a plain float (the full check
+        decides)."""
+        args, it = [], iter(xs)
+        for k in range(len(self.program.inputs)):
+            if k in last.consts:  # a fresh copy, as the full check builds one per call
+                args.append(last.consts[k].copy())
+            elif k in self._scalars:
+                v = arrays.get(self._scalars[k])  # None: a name missing
+                if type(v) not in _FLOATS:
+                    return None
+                args.append(self.dtype.type(v))
+            else:
+                args.append(next(it))
+        return args + last.tail
 
     # positional-only: a symbol may be named `self` (or anything else) and still be passed
     # by name
@@ -113,12 +189,21 @@ class Forward:
 class Compiled(Forward):
     """A compiled loss-and-gradient function: ``value, grads = fn(**arrays)``."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        self._wrt_names = [w.name for w in self.wrt]
+        # a kernel whose results are already dtype scalars and fresh arrays of the right
+        # shapes (``runtime.step.gradient_call``) needs no conversion per call
+        self._shaped = getattr(self.kernel.fn, "shaped", False)
+
     @property
     def wrt(self) -> tuple:
         return self.program.wrt
 
     def __call__(self, /, **arrays):
         out = self.kernel.fn(*self.bind(arrays))
+        if self._shaped:
+            return float(out[0]), dict(zip(self._wrt_names, out[1:]))
         loss, grads = out[0], out[1:]
         return float(loss), {w.name: _shaped(g, w, self.dtype) for w, g in zip(self.wrt, grads)}
 

@@ -23,8 +23,9 @@ from .workspace import Workspace, shape_fn
 def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
                   options: dict):
     """``fn(*inputs, *dims)`` -> ``(value, *grads)`` around a compiled gradient (or forward)
-    kernel.  Scratch arrays are kept per batch size; returned arrays are fresh."""
-    n_in, n_dims = len(p.inputs), len(p.dims)
+    kernel.  Scratch arrays are kept per batch size; returned arrays are fresh, of dtype
+    ``dt`` and their symbols' shapes (``fn.shaped``: the caller converts nothing)."""
+    n_in = len(p.inputs)
     ws = Workspace(layout["scratch"], p.dims, dt)
     out_shapes = [shape_fn(o.shape, p.dims) for o in layout["outs"]]
     plan = []  # where each output comes from
@@ -38,20 +39,37 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
         else:  # a constant: a gradient that is identically zero
             shape = shape_fn(o.shape, p.dims) if is_matrix(o) else None
             plan.append(("const", float(o) if not is_matrix(o) else 0.0, shape))
+    # the usual order (the values the kernel returns, then its output buffers): the
+    # result is those two in a row, with no per-output dispatch
+    direct = list(p.outputs) == list(layout["scalar_out"]) + list(layout["outs"])
 
     threads, tuner = _threads.for_kernel(target, options, source)
+    blas = "_gemm(" in source  # small products are loops: no BLAS threads to set
     f64 = (np.zeros(layout["f64"]),) if layout["f64"] else ()
+    sized: dict = {}  # sizes -> (the sizes as ints, (workspace, *f64), output shapes)
 
+    def at_sizes(key):
+        # a few sizes are kept, as in Workspace: the last batch of an epoch is smaller
+        if len(sized) >= ws.keep:
+            sized.pop(next(iter(sized)))
+        dims = tuple(int(d) for d in key)
+        sized[key] = dims, (ws.get(dims), *f64), [f(dims) for f in out_shapes]
+        return sized[key]
+
+    # A call of a small network is ~1 µs of kernel: this path allocates the outputs and
+    # nothing else (the sizes' workspace and output shapes are looked up, not computed)
     def fn(*args):
-        if tuner is None:
-            BLAS.use(threads)
-        else:
+        dims, extra, shapes = sized.get(args[n_in:]) or at_sizes(args[n_in:])
+        if tuner is not None:
             t0 = tuner.start()
-        dims = tuple(int(d) for d in args[n_in:n_in + n_dims])
-        outs = [np.empty(f(dims), dt) for f in out_shapes]
-        ret = kern(*args[:n_in], *dims, ws.get(dims), *f64, *outs)
+        elif blas and BLAS.now != threads:
+            BLAS.use(threads)
+        outs = [np.empty(s, dt) for s in shapes]
+        ret = kern(*args, *extra, *outs)  # args: the inputs, then the sizes (ints)
         if tuner is not None:
             tuner.stop(t0)
+        if direct:
+            return (*map(dt.type, ret), *outs)
         result = []
         for kind, i, shape in plan:
             if kind == "ret":
@@ -69,6 +87,7 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
     fn.source = source
     fn.kernel = kern
     fn.tuner = tuner
+    fn.shaped = True
     return fn
 
 
