@@ -77,36 +77,40 @@ def cores() -> int:
 class ThreadTuner:
     """``blas_threads="auto"``: run on 1 or on all ``n`` cores, whichever is faster now.
 
-    Every call is timed (two clock reads).  The tuner runs on its current choice and, now
-    and then, *probes* the other one for a few calls, then keeps whichever had the lower
-    mean time.  The mean, not the median or the minimum: a training run lasts the sum of
-    its calls, and next to a busy process two threads are often bimodal (fast while the
-    scheduler happens to leave our second thread alone, 4-6x slower when it does not), so
-    a median or a minimum can call a choice fast that costs more in total.
+    Every call is timed (two clock reads).  The tuner runs its current choice and now and
+    then *probes* the other one for a few calls, then keeps whichever had the lower mean
+    time.  The mean, not the median or the minimum: a run lasts the sum of its calls, and
+    next to a busy process two threads are often bimodal (fast while the scheduler leaves
+    our second thread alone, many times slower when it does not), so a median or a minimum
+    can call fast a choice that costs more in total.  Means drop their largest sample
+    (``trimmed``): one call the OS interrupted must not decide for a window.
 
     When to probe:
 
-    - **a jump**: the mean of the current choice's last ``TAIL`` calls rose above ``JUMP``
-      times its level at the last decision (a neighbour process took a core, or the
-      machine slowed down): probe at once;
-    - **periodically**: otherwise after ``wait`` seconds of calls, a wait that doubles from
-      ``WAIT`` to ``MAX_WAIT`` each time a probe confirms the choice (a steady machine is
-      probed ever more rarely) and starts again at ``WAIT`` after a switch or a jump.  This
-      is how a neighbour that *left* is found: the current choice does not change then,
-      the other one got faster.
+    - **a jump**: the (trimmed) mean of the current choice's last ``TAIL`` calls rose
+      above ``JUMP`` times its mean at the last decision: a neighbour process took a
+      core, or the machine slowed down.  Two slow calls out of three, not one: on a
+      loaded machine one call in fifty or so loses its core for a time slice (30x a W2
+      step) on any thread count.  Probe at once, against those calls, not the level
+      from before;
+    - **periodically**: after ``wait`` seconds of calls, a wait that doubles from ``WAIT``
+      to ``MAX_WAIT`` each time a probe confirms the choice (a steady machine is probed
+      ever more rarely) and starts again at ``WAIT`` after a switch or a jump.  This is
+      how a neighbour that *left* is found: the current choice does not change then, the
+      other one got faster.
 
-    What a probe may cost: each probe call's excess over the current choice's mean is
-    counted; a probe starts only while that total is at most ``BUDGET`` of all the time
-    measured, and a probe ends after its first call slower than ``ABORT`` times the
-    current mean.  So a choice 6x worse costs a few % of the run, however long it lasts,
-    and a choice as good costs nothing to check.  The first call after a change of thread
-    count wakes or parks BLAS threads: it is paid for but not used as a sample.
-    More threads are kept only when at least ``1 - GAIN`` faster: one thread disturbs the
-    rest of the machine least.  ``clock`` (seconds, default ``time.perf_counter``) times
-    the calls made through ``start`` / ``stop``.
+    What probing may cost: each probe call's excess over the current choice's mean is
+    counted in ``spent``; a probe starts only while ``spent`` is at most ``BUDGET`` of
+    all the time measured, and it ends at its first call slower than ``ABORT`` times
+    that mean.  So a choice 6x (or 40x) worse costs a few % of the run however long the
+    run is, and a choice as good costs nothing to check.  The first call after a change
+    of thread count wakes or parks BLAS threads: not a sample.  More threads are kept
+    only when at least ``1 - GAIN`` faster: one thread disturbs the rest of the machine
+    least.  ``clock`` (seconds, default ``time.perf_counter``) times the calls made
+    through ``start`` / ``stop``; ``use`` sets the thread count (default ``BLAS.use``).
     """
 
-    WINDOW, TAIL, PROBE, GAP = 8, 4, 4, 8
+    WINDOW, TAIL, PROBE, CONFIRM, GAP = 8, 4, 4, 16, 8
     JUMP, ABORT, GAIN, BUDGET = 1.5, 2.0, 0.95, 0.03
     WAIT, MAX_WAIT = 0.05, 1.0
 
@@ -117,10 +121,12 @@ class ThreadTuner:
         self.best = 1  # the choice being run; ``now`` differs from it during a probe
         self.now = 1
         self.win: list = []  # the current choice's last WINDOW call times
-        self.high = math.inf  # JUMP times ``win``'s mean when the choice was confirmed
+        self.high = math.inf  # JUMP times their mean when the choice was last decided
         self.probe: list | None = None  # the other choice's samples while probing
         self.ref = 0.0  # the current choice's mean when the probe began
-        self.fresh = False  # next call follows a change of thread count: not a sample
+        self.jump = False  # whether the probe began at a jump
+        self.strikes = 0  # probe calls slower than ABORT * ref
+        self.fresh = False  # this call follows a change of thread count: not a sample
         self.calls = 0  # calls on the current choice since the last probe
         self.elapsed = 0.0  # seconds of all recorded calls
         self.spent = 0.0  # seconds the probes cost above the current choice
@@ -157,20 +163,18 @@ class ThreadTuner:
         if len(win) > self.WINDOW:
             del win[0]
         self.calls += 1
-        # a jump: this call and the (trimmed) mean of the last TAIL well above the level.
-        # The calls before it describe another machine: the probe compares with the tail.
-        # No budget here: running on the choice that just got slow is what costs now.
-        if seconds > self.high and self.calls >= self.TAIL and (
-                trimmed(win[-self.TAIL:]) > self.high):
-            del win[:-self.TAIL]
+        if self.spent > self.BUDGET * self.elapsed:
+            return
+        # a jump: all but one of the last TAIL calls above JUMP * level
+        if seconds > self.high and len(win) >= self.TAIL and (
+                sorted(win[-self.TAIL:])[1] > self.high):
             self.wait = self.WAIT
-            self._begin_probe()
-        elif (self.calls >= self.GAP and self.elapsed >= self.due
-              and self.spent <= self.BUDGET * self.elapsed):
-            self._begin_probe()
+            self._begin_probe(sorted(win[-self.TAIL:])[1], jump=True)
+        elif self.calls >= self.GAP and self.elapsed >= self.due:
+            self._begin_probe(trimmed(win))
 
-    def _begin_probe(self) -> None:
-        self.ref = trimmed(self.win)
+    def _begin_probe(self, ref: float, jump: bool = False) -> None:
+        self.ref, self.jump, self.strikes = ref, jump, 0
         self.probe = []
         self.probes += 1
         self.now = self.cands[1] if self.best == self.cands[0] else self.cands[0]
@@ -178,20 +182,23 @@ class ThreadTuner:
 
     def _probe_step(self, seconds: float) -> None:
         self.spent += max(0.0, seconds - self.ref)
-        if self.fresh:  # the call that woke or parked the BLAS threads: not a sample,
-            self.fresh = False  # unless it alone says enough (that costs one call less)
-            if seconds > 2 * self.ABORT * self.ref:
-                self._end_probe(False)
+        if seconds > 2 * self.ABORT * self.ref:  # far worse (or interrupted): stop paying
+            self._end_probe(False)
+            return
+        if self.fresh:  # the call that woke or parked the BLAS threads: not a sample
+            self.fresh = False
             return
         probe = self.probe
         probe.append(seconds)
-        if seconds > self.ABORT * self.ref:  # clearly worse: stop paying for it
+        if seconds > self.ABORT * self.ref:
+            self.strikes += 1
+        m = trimmed(probe)
+        many, one = (m, self.ref) if self.now != 1 else (self.ref, m)
+        better = (self.cands[1] if many < self.GAIN * one else 1) == self.now
+        if self.strikes >= 2 or (len(probe) >= self.PROBE and not better):
             self._end_probe(False)
-        elif len(probe) >= self.PROBE:
-            m = trimmed(probe)
-            many, one = (m, self.ref) if self.now != 1 else (self.ref, m)
-            want = self.cands[1] if many < self.GAIN * one else 1
-            self._end_probe(want == self.now)
+        elif len(probe) >= self.CONFIRM:
+            self._end_probe(True)
 
     def _end_probe(self, switch: bool) -> None:
         if switch:
@@ -202,7 +209,9 @@ class ThreadTuner:
             self.now = self.best
             self.fresh = True
             self.wait = min(2 * self.wait, self.MAX_WAIT)
-        self.high = self.JUMP * trimmed(self.win)  # a jump is a rise above this
+            if self.jump:  # the calls before it describe another machine
+                del self.win[:-self.TAIL]
+        self.high = self.JUMP * trimmed(self.win)
         self.probe = None
         self.calls = 0
         self.due = self.elapsed + self.wait
