@@ -87,12 +87,12 @@ class ThreadTuner:
 
     When to probe:
 
-    - **a jump**: the (trimmed) mean of the current choice's last ``TAIL`` calls rose
-      above ``JUMP`` times its mean at the last decision: a neighbour process took a
-      core, or the machine slowed down.  Two slow calls out of three, not one: on a
-      loaded machine one call in fifty or so loses its core for a time slice (30x a W2
-      step) on any thread count.  Probe at once, against those calls, not the level
-      from before;
+    - **a jump**: all but one of the current choice's last ``TAIL`` calls above ``JUMP``
+      times its mean at the last decision: a neighbour process took a core, or the
+      machine slowed down.  Three slow calls of four, not one or two: on a loaded machine
+      one call in a few dozen loses its core for a time slice (5-40x a W2 step) on any
+      thread count.  Probe at once, against the second fastest of those calls, not the
+      level from before;
     - **periodically**: after ``wait`` seconds of calls, a wait that doubles from ``WAIT``
       to ``MAX_WAIT`` each time a probe confirms the choice (a steady machine is probed
       ever more rarely) and starts again at ``WAIT`` after a switch or a jump.  This is
@@ -101,12 +101,15 @@ class ThreadTuner:
 
     What probing may cost: each probe call's excess over the current choice's mean is
     counted in ``spent``; a probe starts only while ``spent`` is at most ``BUDGET`` of
-    all the time measured, and it ends at its first call slower than ``ABORT`` times
-    that mean.  So a choice 6x (or 40x) worse costs a few % of the run however long the
-    run is, and a choice as good costs nothing to check.  The first call after a change
-    of thread count wakes or parks BLAS threads: not a sample.  More threads are kept
-    only when at least ``1 - GAIN`` faster: one thread disturbs the rest of the machine
-    least.  ``clock`` (seconds, default ``time.perf_counter``) times the calls made
+    all the time measured.  A probe ends, keeping the current choice, at its first call
+    slower than 2 * ``ABORT`` times that mean, its second slower than ``ABORT`` times, or
+    after ``PROBE`` calls or more once its mean is not better; it switches only after
+    ``CONFIRM`` calls that stayed better (a choice that is fast in stretches must not win
+    on a few calls).  So a choice 6x (or 150x) worse costs a few % of the run however long
+    the run is, and a choice as good costs nothing to check.  The first call after a
+    change of thread count wakes or parks BLAS threads: not a sample.  More threads are
+    kept only when at least ``1 - GAIN`` faster: one thread disturbs the rest of the
+    machine least.  ``clock`` (seconds, default ``time.perf_counter``) times the calls made
     through ``start`` / ``stop``; ``use`` sets the thread count (default ``BLAS.use``).
     """
 
