@@ -402,35 +402,7 @@ def test_unknown_option_is_named():
         sb.compile(sb.sigmoid(w * x), [w], target="cpu", blas_threads="many")
 
 
-# --- blas_threads="auto": the step measures 1 thread against all cores --------------------
-
-
-def test_thread_tuner_keeps_more_threads_only_when_clearly_faster():
-    from symbp.runtime.threads import ThreadTuner as _ThreadTuner
-
-    now = [0.0]
-    tuner = _ThreadTuner(2, clock=lambda: now[0])
-
-    def trial(cost):  # run one trial with per-thread-count step times; return the picks
-        picks = []
-        while True:
-            n, timed = tuner.next()
-            picks.append(n)
-            tuner.record(cost[n] if timed else None)
-            if not tuner.plan:
-                return picks
-
-    picks = trial({1: 1.5e-3, 2: 1.0e-3})
-    # alternating blocks, 1 first, each block's first step untimed
-    assert picks == [1] * 4 + [2] * 4 + [1] * 4 + [2] * 4
-    assert tuner.best == 2
-    assert tuner.next() == (2, False)  # settled until the period is over
-    now[0] += tuner.PERIOD + 1
-    trial({1: 1.0e-3, 2: 0.95e-3})  # 5 % faster is not worth disturbing the machine
-    assert tuner.best == 1
-    now[0] += tuner.PERIOD + 1
-    trial({1: 1.0e-3, 2: 3.0e-3})  # another process took a core: two threads stall
-    assert tuner.best == 1
+# --- blas_threads="auto": the step measures 1 thread against all cores (test_threads.py) --
 
 
 def test_auto_blas_threads_step_matches_reference():
@@ -451,15 +423,15 @@ def test_auto_blas_threads_step_matches_reference():
     for k in names:
         np.testing.assert_allclose(p1[k], p2[k], **TOL[np.float64], err_msg=k)
     if _cores() > 1:
-        assert step._tuner is not None and not step._tuner.plan  # the trial has finished
+        # both counts were timed: the first probe of all cores comes after a few steps
+        assert step._tuner is not None and step._tuner.probes >= 1
         assert step.blas_threads in (1, _cores())
-        assert all(len(v) == 6 for v in step._tuner.times.values())
     grad = sb.compile(f, params, target="cpu", dtype=np.float64)  # a loss-and-gradient call
     gref = sb.compile(f, params, target="numpy", dtype=np.float64)
     for _ in range(24):
         check_same(grad, gref, {**p1, **data}, np.float64)
     tuner = grad.kernel.fn.tuner
-    assert (tuner is not None and not tuner.plan) == (_cores() > 1)
+    assert (tuner is not None and tuner.probes >= 1) == (_cores() > 1)
     fixed = sb.compile_step(f, params, sb.SGD(0.1), target="cpu", dtype=np.float64,
                             blas_threads=1)
     assert fixed.blas_threads == 1 and fixed._tuner is None

@@ -8,10 +8,9 @@ kernel's source (BLAS calls? prange loops?) once per compiled function.
 
 from __future__ import annotations
 
+import math
 import os
 import time
-
-import numpy as np
 
 from ..errors import SymbpError
 
@@ -76,59 +75,155 @@ def cores() -> int:
 
 
 class ThreadTuner:
-    """``blas_threads="auto"``: time the calls on 1 and on all cores, keep the faster.
+    """``blas_threads="auto"``: run on 1 or on all ``n`` cores, whichever is faster now.
 
-    A trial runs blocks of ``BLOCK`` calls (training steps) per candidate, alternating
-    (1, n, 1, n: a machine whose speed drifts meets both alike), and drops each block's
-    first call (it wakes or parks the BLAS threads).  More threads are kept only when
-    their median is at least ``GAIN`` faster: one thread disturbs the rest of the machine
-    least.  The trial is repeated every ``PERIOD`` seconds, since other processes come
-    and go; it costs 8 calls on the slower setting every 30 s.
+    Every call is timed (two clock reads).  The tuner runs its current choice and now and
+    then *probes* the other one for a few calls, then keeps whichever had the lower mean
+    time.  The mean, not the median or the minimum: a run lasts the sum of its calls, and
+    next to a busy process two threads are often bimodal (fast while the scheduler leaves
+    our second thread alone, many times slower when it does not), so a median or a minimum
+    can call fast a choice that costs more in total.  Means drop their largest sample
+    (``trimmed``): one call the OS interrupted must not decide for a window.
+
+    When to probe:
+
+    - **a jump**: all but one of the current choice's last ``TAIL`` calls above ``JUMP``
+      times its mean at the last decision: a neighbour process took a core, or the
+      machine slowed down.  Three slow calls of four, not one or two: on a loaded machine
+      one call in a few dozen loses its core for a time slice (5-40x a W2 step) on any
+      thread count.  Probe at once, against the second fastest of those calls, not the
+      level from before;
+    - **periodically**: after ``wait`` seconds of calls, a wait that doubles from ``WAIT``
+      to ``MAX_WAIT`` each time a probe confirms the choice (a steady machine is probed
+      ever more rarely) and starts again at ``WAIT`` after a switch or a jump.  This is
+      how a neighbour that *left* is found: the current choice does not change then, the
+      other one got faster.
+
+    What probing may cost: each probe call's excess over the current choice's mean is
+    counted in ``spent``; a probe starts only while ``spent`` is at most ``BUDGET`` of
+    all the time measured.  A probe ends, keeping the current choice, at its first call
+    slower than 2 * ``ABORT`` times that mean, its second slower than ``ABORT`` times, or
+    after ``PROBE`` calls or more once its mean is not better; it switches only after
+    ``CONFIRM`` calls that stayed better (a choice that is fast in stretches must not win
+    on a few calls).  So a choice 6x (or 150x) worse costs a few % of the run however long
+    the run is, and a choice as good costs nothing to check.  The first call after a
+    change of thread count wakes or parks BLAS threads: not a sample.  More threads are
+    kept only when at least ``1 - GAIN`` faster: one thread disturbs the rest of the
+    machine least.  ``clock`` (seconds, default ``time.perf_counter``) times the calls made
+    through ``start`` / ``stop``; ``use`` sets the thread count (default ``BLAS.use``).
     """
 
-    BLOCK, ROUNDS, GAIN, PERIOD = 4, 2, 0.9, 30.0
+    WINDOW, TAIL, PROBE, CONFIRM, GAP = 8, 4, 4, 16, 8
+    JUMP, ABORT, GAIN, BUDGET = 1.5, 2.0, 0.95, 0.03
+    WAIT, MAX_WAIT = 0.05, 1.0
 
-    def __init__(self, n: int, clock=None):
-        self.clock = clock or time.monotonic
+    def __init__(self, n: int, clock=None, use=None):
+        self.clock = clock or time.perf_counter
+        self.use = use or BLAS.use
         self.cands = (1, n)
-        self.best = 1
-        self.retrial_at = 0.0
-        self.plan: list = []
-        self.times: dict = {}
+        self.best = 1  # the choice being run; ``now`` differs from it during a probe
+        self.now = 1
+        self.win: list = []  # the current choice's last WINDOW call times
+        self.high = math.inf  # JUMP times their mean when the choice was last decided
+        self.probe: list | None = None  # the other choice's samples while probing
+        self.ref = 0.0  # the current choice's mean when the probe began
+        self.jump = False  # whether the probe began at a jump
+        self.strikes = 0  # probe calls slower than ABORT * ref
+        self.fresh = False  # this call follows a change of thread count: not a sample
+        self.calls = 0  # calls on the current choice since the last probe
+        self.elapsed = 0.0  # seconds of all recorded calls
+        self.spent = 0.0  # seconds the probes cost above the current choice
+        self.due = 0.0  # ``elapsed`` at which the next periodic probe may start
+        self.wait = self.WAIT
+        self.probes = self.switches = 0
 
-    def next(self) -> tuple[int, bool]:
-        """Threads for the next step, and whether to time it."""
-        if not self.plan:
-            if self.clock() < self.retrial_at:
-                return self.best, False
-            self.plan = [(c, k > 0) for _ in range(self.ROUNDS) for c in self.cands
-                         for k in range(self.BLOCK)]
-            self.times = {c: [] for c in self.cands}
-        return self.plan[0][0], self.plan[0][1]
+    def next(self) -> int:
+        """Threads for the next call."""
+        return self.now
 
-    def start(self) -> float | None:
-        """Before a call: set the BLAS threads for it; its start time if it is timed."""
-        n, timed = self.next()
-        BLAS.use(n)
-        return time.perf_counter() if timed else None
+    def start(self) -> float:
+        """Before a call: set the BLAS threads for it; returns its start time."""
+        self.use(self.now)
+        return self.clock()
 
     def stop(self, t0: float | None) -> None:
         """After a call started with ``start`` (``t0`` None: it is not to be counted)."""
-        self.record(None if t0 is None else time.perf_counter() - t0)
+        self.record(None if t0 is None else self.clock() - t0)
 
     def record(self, seconds: float | None) -> None:
-        """After a step: its time (None when it was not timed or did not run)."""
-        if not self.plan:
+        """After a call on ``next()`` threads: its time (None: not timed or did not run)."""
+        if seconds is None:
             return
-        c, timed = self.plan.pop(0)
-        if timed and seconds is not None:
-            self.times[c].append(seconds)
-        if not self.plan:
-            med = {c: float(np.median(v)) for c, v in self.times.items() if v}
-            many = self.cands[1]
-            self.best = many if (1 in med and many in med
-                                 and med[many] < self.GAIN * med[1]) else 1
-            self.retrial_at = self.clock() + self.PERIOD
+        self.elapsed += seconds
+        if self.probe is not None:
+            self._probe_step(seconds)
+            return
+        if self.fresh:  # back from a probe: the thread count changed under this call, so
+            self.fresh = False  # not a sample; nor charged to the probe, since a neighbour
+            return  # that arrived meanwhile would make it look expensive
+        win = self.win
+        win.append(seconds)
+        if len(win) > self.WINDOW:
+            del win[0]
+        self.calls += 1
+        if self.spent > self.BUDGET * self.elapsed:
+            return
+        # a jump: all but one of the last TAIL calls above JUMP * level
+        if seconds > self.high and len(win) >= self.TAIL and (
+                sorted(win[-self.TAIL:])[1] > self.high):
+            self.wait = self.WAIT
+            self._begin_probe(sorted(win[-self.TAIL:])[1], jump=True)
+        elif self.calls >= self.GAP and self.elapsed >= self.due:
+            self._begin_probe(trimmed(win))
+
+    def _begin_probe(self, ref: float, jump: bool = False) -> None:
+        self.ref, self.jump, self.strikes = ref, jump, 0
+        self.probe = []
+        self.probes += 1
+        self.now = self.cands[1] if self.best == self.cands[0] else self.cands[0]
+        self.fresh = True
+
+    def _probe_step(self, seconds: float) -> None:
+        self.spent += max(0.0, seconds - self.ref)
+        if seconds > 2 * self.ABORT * self.ref:  # far worse (or interrupted): stop paying
+            self._end_probe(False)
+            return
+        if self.fresh:  # the call that woke or parked the BLAS threads: not a sample
+            self.fresh = False
+            return
+        probe = self.probe
+        probe.append(seconds)
+        if seconds > self.ABORT * self.ref:
+            self.strikes += 1
+        m = trimmed(probe)
+        many, one = (m, self.ref) if self.now != 1 else (self.ref, m)
+        better = (self.cands[1] if many < self.GAIN * one else 1) == self.now
+        if self.strikes >= 2 or (len(probe) >= self.PROBE and not better):
+            self._end_probe(False)
+        elif len(probe) >= self.CONFIRM:
+            self._end_probe(True)
+
+    def _end_probe(self, switch: bool) -> None:
+        if switch:
+            self.best, self.win = self.now, list(self.probe)
+            self.wait = self.WAIT
+            self.switches += 1
+        else:
+            self.now = self.best
+            self.fresh = True
+            self.wait = min(2 * self.wait, self.MAX_WAIT)
+            if self.jump:  # the calls before it describe another machine
+                del self.win[:-self.TAIL]
+        self.high = self.JUMP * trimmed(self.win)
+        self.probe = None
+        self.calls = 0
+        self.due = self.elapsed + self.wait
+
+
+def trimmed(xs: list) -> float:
+    """The mean of ``xs`` without its largest value: a run's time is the sum of its calls,
+    but one call the OS interrupted must not decide for a whole window."""
+    return (sum(xs) - max(xs)) / (len(xs) - 1) if len(xs) > 1 else xs[0]
 
 
 def for_kernel(target: str, options: dict, source: str):
