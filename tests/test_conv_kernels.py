@@ -39,6 +39,7 @@ CONV = {
     "kernel-fills-padded": (1, 2, 3, 3, 3, 5, 5, 1, 1),  # one output pixel
     "stride-gt-kernel": (2, 2, 7, 7, 3, 2, 2, 3, 0),  # pixels no window reads
     "pad-2-C1-F1": (1, 1, 4, 4, 1, 3, 3, 1, 2),  # corner windows read only padding
+    "N17": (17, 2, 5, 5, 3, 3, 3, 1, 1),  # more images than one tile of the batch copy
 }
 # (N, C, H, W, size, stride)
 POOL = {
@@ -48,6 +49,7 @@ POOL = {
     "3-s1-overlap": (2, 2, 6, 5, 3, 1),
     "1": (3, 1, 5, 5, 1, None),
     "2-s3-gaps": (1, 2, 9, 9, 2, 3),
+    "N17": (17, 2, 4, 6, 2, None),
 }
 POOLS = ("max", "avg")
 TOL = {np.float64: 1e-12, np.float32: 1e-5}

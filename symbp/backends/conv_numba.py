@@ -1,12 +1,13 @@
 """Convolution and pooling kernels for the Numba CPU targets: direct loops, no im2col.
 
-Every kernel writes into an array its caller allocated (``out``, the last argument), so
-generated njit code calls them on workspace buffers; each comes twice:
+Every kernel overwrites an array its caller allocated (``out``, the last argument; all
+arrays C-contiguous), so generated njit code calls them on workspace buffers; each comes
+twice:
 
     <name>_serial     plain loops (the ``cpu`` target)
-    <name>_parallel   ``prange`` over the filters (forward, ∂K, ∂b), the input channels
-                      (∂X) or the images (pooling), for the ``parallel`` target; call it
-                      from serial code, not from inside a prange
+    <name>_parallel   ``prange`` over the filters (forward, ∂K, ∂b), the channels (∂X,
+                      max-pooling) or the images (avg-pooling), for the ``parallel``
+                      target; call it from serial code, not from inside a prange
 
 Both run the same per-filter (per-channel, per-image) routine, so they cannot drift apart.
 ``conv2d``, ``conv2d_grad_input``, ... are Python wrappers with the signatures of
@@ -17,7 +18,7 @@ A bias ``b`` is a length-F array, or a length-0 array for none.  Strides and pad
 ints; the math is that of conv_numpy's docstring (cross-correlation, PyTorch's shapes and
 tie rule).
 
-Why the convolutions run with the batch innermost: the images are copied batch-last
+Why the convolutions and max-pooling run with the batch innermost: the images are copied batch-last
 (X[n,c,h,w] → Xt[c,h,w,n]) and every step of the loops is one multiply-add over all the
 images of the batch, a contiguous loop of length N that the compiler vectorizes whatever
 the image and kernel sizes.  On the small images these kernels are for, every other
@@ -25,8 +26,9 @@ innermost loop is too short to fill a vector register (a row of a 4×4 feature m
 16 filters), and im2col + BLAS spends its time writing the im2col matrix: on the digits
 CNN (N=64, one core) the two forwards take 34 and 61 µs this way, 75 and 126 µs with
 im2col + BLAS, 0.9 and 4.3 ms with the output row innermost (bench/RESULTS.md, "conv
-kernels").  The copies cost one pass over X and Y.  The price: a batch of one image runs
-the vector loops one lane wide.
+kernels").  The copies cost one pass over X and Y each (most of a max-pool's time); a
+network that kept its activations batch-last would not need them.  The price: a batch of
+one image runs the vector loops one lane wide.
 """
 
 from __future__ import annotations
@@ -37,21 +39,40 @@ from numba import njit, prange
 from ..errors import InputError
 from .conv_numpy import conv2d_shape, pool2d_shape
 
-# float sums may be reordered (dot products over the batch vectorize) and a·b + c fused;
+# float sums may be reordered (the bias gradient's sum vectorizes) and a·b + c fused;
 # no other fast-math (NaN and inf keep their meaning)
 _FM = {"reassoc", "contract"}
 
 
 @njit(cache=True)
+def _transpose(A, B):
+    # B = Aᵀ for A (n×m) and B (m×n), in 16×64 tiles.  Untiled, the strided side walks
+    # 64 rows at once; with a 2 KB row (an 8×8×8 map) they all fall in the same two L1
+    # sets, and the copy took 330 µs instead of 20.  Plain loops also compile in a quarter
+    # of a second, np.ascontiguousarray(A.transpose(...)) in 4-7 s.
+    n, m = A.shape
+    for i0 in range(0, n, 16):
+        i1 = min(i0 + 16, n)
+        for j0 in range(0, m, 64):
+            for j in range(j0, min(j0 + 64, m)):
+                for i in range(i0, i1):
+                    B[j, i] = A[i, j]
+
+
+@njit(cache=True)
 def _batch_last(A):
     # N×a×b×c → a×b×c×N: the images of the batch side by side in memory
-    return np.ascontiguousarray(A.transpose(1, 2, 3, 0))
+    N, a, b, c = A.shape
+    B = np.empty((a, b, c, N), dtype=A.dtype)
+    _transpose(A.reshape(N, a * b * c), B.reshape(a * b * c, N))
+    return B
 
 
 @njit(cache=True)
 def _batch_first(Bt, out):
     # out = Bt with the batch moved back in front (a×b×c×N → N×a×b×c)
-    out[:] = Bt.transpose(3, 0, 1, 2)
+    N = out.shape[0]
+    _transpose(Bt.reshape(Bt.size // N, N), out.reshape(N, Bt.size // N))
 
 
 # --- conv2d: Y[n,f,i,j] = b[f] + Σ_c Σ_u Σ_v K[f,c,u,v] · X[n,c,i·s+u−p,j·s+v−p] -----------
@@ -191,11 +212,12 @@ def conv2d_grad_kernel_parallel(G, X, s, p, out):
 
 @njit(cache=True, fastmath=_FM)
 def _conv2d_grad_bias_filter(G, db, f):
+    # each image's δ[n,f] as one row of H_out·W_out: a loop long enough to vectorize
+    g = G.reshape(G.shape[0], G.shape[1], G.shape[2] * G.shape[3])
     acc = db.dtype.type(0)
-    for n in range(G.shape[0]):
-        for i in range(G.shape[2]):
-            for j in range(G.shape[3]):
-                acc += G[n, f, i, j]
+    for n in range(g.shape[0]):
+        for k in range(g.shape[2]):
+            acc += g[n, f, k]
     db[f] = acc
 
 
@@ -226,8 +248,10 @@ def _window_argmax(Xt, c, r0, q0, k, m, e):
         for v in range(k):
             x, t = Xt[c, r0 + u, q0 + v], np.int32(u * k + v)
             for n in range(m.shape[0]):
-                take = x[n] > m[n] or x[n] != x[n]
-                m[n] = x[n] if take else m[n]
+                # `|`, not `or`: the same selects, but `or` costs 6 s more of compiling
+                xn, mn = x[n], m[n]
+                take = (xn > mn) | (xn != xn)
+                m[n] = xn if take else mn
                 e[n] = t if take else e[n]
 
 
