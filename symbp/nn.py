@@ -213,7 +213,7 @@ class Conv2d:
         k = b.layer()
         init = self.init or _init_for(self.activation if self.activation is not None else after)
         shape = (f, c, kh, kh)
-        # the fans of the kernel seen as a (C·kh·kw)×F matrix of an unrolled window
+        # an output sums C·kh·kw products (fan_in); an input entry feeds F·kh·kw (fan_out)
         value = _draw(init, b.rng, c * kh * kh, f * kh * kh, shape=shape)
         K = b.param(f"K{k}", shape, value)
         bias = b.param(f"b{k}", (f,), np.zeros(f)) if self.bias else None
