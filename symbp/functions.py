@@ -41,6 +41,7 @@ from .matrix import (
     Softmax,
     SoftmaxCrossEntropy,
     Total,
+    array_symbol,
     elementwise,
     is_matrix,
     placeholders,
@@ -283,7 +284,8 @@ def rrelu(x, lower=sp.Rational(1, 8), upper=sp.Rational(1, 3), name: str | None 
     if name is None:
         name = "rrelu_" + hashlib.sha1(sp.srepr(x).encode()).hexdigest()[:6]
     _RANDOM_SLOPES[name] = (float(lower), float(upper))
-    a = sp.MatrixSymbol(name, *x.shape) if is_matrix(x) else sp.Symbol(name, real=True)
+    # one slope per entry, of x's shape: a matrix, or a batch of images after a convolution
+    a = array_symbol(name, x.shape) if is_matrix(x) else sp.Symbol(name, real=True)
     return leaky_relu(x, a)
 
 

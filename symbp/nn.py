@@ -8,11 +8,20 @@ here runs numbers through the network.
     model = nn.mlp([64, 128, 64, 10], activations=["tanh", "relu"], loss="softmax_ce")
     model = nn.Sequential([nn.Dense(128, "tanh"), nn.Dense(64), nn.PReLU(), nn.Dense(10)],
                           inputs=64, loss="softmax_ce")
+    model = nn.Sequential([nn.conv2d(16, 3, padding=1, activation="relu"), nn.max_pool2d(2),
+                           nn.flatten(), nn.Dense(10)], inputs=(1, 8, 8))
+
+A layer maps the shape of one sample to the next: an int for a row of features, a tuple
+(C, H, W) for an image of C channels (the batch is N×C×H×W).  The convolution and
+pooling layers read images, ``Dense`` reads rows; ``Flatten`` turns the one into the
+other.
 
 Initialisation: Glorot/Xavier uniform, U(±√(6/(fan_in + fan_out))), before sigmoid-like
 activations and linear outputs; He normal, N(0, 2/fan_in), before the relu family
 (their half-zero output halves the variance, He et al. 2015); LeCun normal before SELU.
-Biases start at 0, PReLU slopes at 0.25.
+A convolution's fans count the window: fan_in = C·kh·kw, fan_out = F·kh·kw (each input
+entry meets F·kh·kw weights), as PyTorch and Keras count them.  Biases start at 0, PReLU
+slopes at 0.25.
 """
 
 from __future__ import annotations
@@ -25,7 +34,12 @@ import sympy as sp
 
 from . import functions as F
 from .errors import SymbpError
-from .matrix import elementwise
+from .heads.conv import conv2d as _conv2d
+from .heads.conv import integer
+from .heads.pool import avg_pool2d as _avg_pool2d
+from .heads.pool import max_pool2d as _max_pool2d
+from .heads.shape import flatten as _flatten
+from .matrix import array_symbol, elementwise
 
 LOSSES = {
     # name: (metric, link from logits to prediction)
@@ -42,7 +56,8 @@ ALIASES = {"ce": "softmax_ce", "cross_entropy": "softmax_ce",
 class Model:
     """A network ready to train: expressions, parameters and the names of its data.
 
-    ``loss`` is the scalar training loss of the batch ``X`` (N×inputs) against ``T``;
+    ``loss`` is the scalar training loss of the batch ``X`` (N×inputs, or N×C×H×W
+    images) against ``T``;
     ``output`` the last layer's value (logits for 'softmax_ce' and 'bce');
     ``prediction`` what ``predict`` returns (probabilities for the classification losses);
     ``params`` maps each parameter's name to its array, in the order of ``wrt``;
@@ -54,7 +69,7 @@ class Model:
     prediction: sp.MatrixExpr
     params: dict
     wrt: list
-    X: sp.MatrixSymbol
+    X: sp.MatrixSymbol  # a Tensor for images
     T: sp.MatrixSymbol
     N: sp.Symbol
     loss_name: str
@@ -95,15 +110,21 @@ class Model:
             return float(np.mean((pred > 0.5) == (self.targets(y) > 0.5)))
         return None
 
+    @property
+    def sample_shape(self) -> tuple:
+        """The shape of one sample of ``X``: (inputs,) for rows, (C, H, W) for images."""
+        return tuple(int(d) if sp.sympify(d).is_Integer else d for d in self.X.shape[1:])
+
     def slopes(self, n: int, dtype, rng: np.random.Generator | None = None) -> dict:
         """RReLU slope arrays for a batch of ``n`` rows: drawn from U(lower, upper) when
         ``rng`` is given (training), the mean (lower + upper)/2 otherwise (evaluation)."""
         out = {}
         for name, (lo, hi, width) in self.random.items():
+            shape = (n, *_dims(width))
             if rng is None:
-                out[name] = np.full((n, width), (lo + hi) / 2, dtype=dtype)
+                out[name] = np.full(shape, (lo + hi) / 2, dtype=dtype)
             else:
-                out[name] = rng.uniform(lo, hi, size=(n, width)).astype(dtype, copy=False)
+                out[name] = rng.uniform(lo, hi, size=shape).astype(dtype, copy=False)
         return out
 
     def __repr__(self) -> str:
@@ -122,12 +143,17 @@ class _Builder:
         self.count: dict[str, int] = {}
         self.layers: list[str] = []
 
+    def layer(self) -> int:
+        """The number of the next layer with weights: its W, K and b are named by it."""
+        self.count["layer"] = self.count.get("layer", 0) + 1
+        return self.count["layer"]
+
     def name(self, prefix: str) -> str:
         self.count[prefix] = self.count.get(prefix, 0) + 1
         return f"{prefix}{self.count[prefix]}"
 
     def param(self, name: str, shape: tuple, value: np.ndarray) -> sp.MatrixSymbol:
-        s = sp.MatrixSymbol(name, *shape)
+        s = array_symbol(name, shape)  # a MatrixSymbol, or a Tensor of another rank
         self.symbols.append(s)
         self.params[name] = np.ascontiguousarray(value, dtype=np.float64)
         return s
@@ -146,7 +172,10 @@ class Dense:
     init: str | None = None
 
     def build(self, H, width: int, b: _Builder, after=None):
-        k = b.name("W")[1:]
+        if not isinstance(width, int):
+            raise SymbpError(f"Dense({self.units}) reads rows of features, but the layer before "
+                             f"it gives images of shape {width}: put nn.flatten() before it")
+        k = b.layer()
         init = self.init or _init_for(self.activation if self.activation is not None else after)
         W = b.param(f"W{k}", (width, self.units), _draw(init, b.rng, width, self.units))
         bias = b.param(f"b{k}", (1, self.units), np.zeros((1, self.units))) if self.bias else None
@@ -155,6 +184,112 @@ class Dense:
         if self.activation is not None:
             H, _ = Activation(self.activation).build(H, self.units, b)
         return H, self.units
+
+
+@dataclass
+class Conv2d:
+    """``filters`` convolutions of ``size``×``size`` windows over C×H×W images (PyTorch's
+    cross-correlation, ``sb.conv2d``), one bias per filter, then ``activation`` if given.
+
+    The kernel K is filters×C×size×size, the bias an F-vector; the output has shape
+    (filters, H', W') with H' = ⌊(H + 2·padding − size)/stride⌋ + 1.  ``init`` as for
+    ``Dense``, the fans counting the window (fan_in = C·size², fan_out = filters·size²).
+    """
+
+    filters: int
+    size: int
+    stride: int = 1
+    padding: int = 0
+    activation: str | Callable | None = None
+    bias: bool = True
+    init: str | None = None
+
+    def build(self, H, width, b: _Builder, after=None):
+        c, h, w = _image(width, f"Conv2d({self.filters}, {self.size})")
+        f, kh = int(integer(self.filters, "Conv2d's filters", 1)), int(
+            integer(self.size, "Conv2d's size", 1))
+        s, p = int(integer(self.stride, "Conv2d's stride", 1)), int(
+            integer(self.padding, "Conv2d's padding", 0))
+        k = b.layer()
+        init = self.init or _init_for(self.activation if self.activation is not None else after)
+        shape = (f, c, kh, kh)
+        # an output sums C·kh·kw products (fan_in); an input entry feeds F·kh·kw (fan_out)
+        value = _draw(init, b.rng, c * kh * kh, f * kh * kh, shape=shape)
+        K = b.param(f"K{k}", shape, value)
+        bias = b.param(f"b{k}", (f,), np.zeros(f)) if self.bias else None
+        H = _conv2d(H, K, bias, stride=s, padding=p)  # checks the window fits the image
+        out = tuple(int(d) for d in H.shape[1:])
+        b.layers.append(f"Conv2d({f}, {kh}×{kh}{_sp(s, p)})")
+        if self.activation is not None:
+            H, _ = Activation(self.activation).build(H, out, b)
+        return H, out
+
+
+@dataclass
+class MaxPool2d:
+    """The maximum of each ``size``×``size`` window of each channel (``sb.max_pool2d``);
+    ``stride`` defaults to ``size`` (windows side by side)."""
+
+    size: int
+    stride: int | None = None
+
+    def build(self, H, width, b: _Builder, after=None):
+        _image(width, f"MaxPool2d({self.size})")
+        H = _max_pool2d(H, self.size, self.stride)
+        b.layers.append(f"MaxPool2d({self.size}{_sp(self.stride, 0, self.size)})")
+        return H, tuple(int(d) for d in H.shape[1:])
+
+
+@dataclass
+class AvgPool2d:
+    """The mean of each ``size``×``size`` window of each channel (``sb.avg_pool2d``);
+    ``stride`` defaults to ``size``."""
+
+    size: int
+    stride: int | None = None
+
+    def build(self, H, width, b: _Builder, after=None):
+        _image(width, f"AvgPool2d({self.size})")
+        H = _avg_pool2d(H, self.size, self.stride)
+        b.layers.append(f"AvgPool2d({self.size}{_sp(self.stride, 0, self.size)})")
+        return H, tuple(int(d) for d in H.shape[1:])
+
+
+@dataclass
+class Flatten:
+    """Images C×H×W as rows of C·H·W features, row-major (PyTorch's ``flatten(1)``), so
+    that a ``Dense`` layer can follow."""
+
+    def build(self, H, width, b: _Builder, after=None):
+        if isinstance(width, int):
+            return H, width  # rows already: nothing to do
+        b.layers.append("Flatten")
+        return _flatten(H), int(np.prod(width))
+
+
+# The names of the issue and of symbp's heads: nn.conv2d(16, 3, padding=1) is a layer.
+conv2d, max_pool2d, avg_pool2d, flatten = Conv2d, MaxPool2d, AvgPool2d, Flatten
+
+
+def _image(width, who: str) -> tuple:
+    if isinstance(width, int):
+        raise SymbpError(f"{who} reads images C×H×W, but its input is a row of {width} "
+                         "features: give Sequential(inputs=(C, H, W)) for images, and put no "
+                         "Flatten or Dense before it")
+    if len(width) != 3:
+        raise SymbpError(f"{who} reads images C×H×W, got samples of shape {width}")
+    return width
+
+
+def _sp(stride, padding, default=1) -> str:
+    """The stride and padding in a layer's label, where they are not the defaults."""
+    parts = ([f"stride {stride}"] if stride not in (None, default) else []) + \
+        ([f"pad {padding}"] if padding else [])
+    return "".join(f", {x}" for x in parts)
+
+
+def _dims(width) -> tuple:
+    return (width,) if isinstance(width, int) else tuple(width)
 
 
 @dataclass
@@ -179,14 +314,18 @@ class PReLU:
     """Parametric ReLU: the negative slope α is learned, one per unit or one shared.
 
     A shared α is a 1×1 parameter (every parameter is an array the optimizer updates in
-    place); a per-unit α is a 1×units row, broadcast down the batch.
+    place); a per-unit α is a 1×units row, broadcast down the batch; after a convolution
+    ``per_unit`` means one α per channel, a 1×C×1×1 array (PyTorch's ``num_parameters=C``).
     """
 
     per_unit: bool = True
     init: float = 0.25
 
-    def build(self, H, width: int, b: _Builder, after=None):
-        shape = (1, width) if self.per_unit else (1, 1)
+    def build(self, H, width, b: _Builder, after=None):
+        if isinstance(width, int):
+            shape = (1, width) if self.per_unit else (1, 1)
+        else:  # one slope per channel, broadcast over the batch and the positions
+            shape = (1, width[0], 1, 1) if self.per_unit else (1, 1, 1, 1)
         a = b.param(b.name("alpha"), shape, np.full(shape, self.init))
         b.layers.append("PReLU")
         return F.prelu(H, a), width
@@ -243,27 +382,31 @@ def _init_for(act) -> str:
     return getattr(F.FUNCTIONS.get(act), "init", "glorot") if isinstance(act, str) else "glorot"
 
 
-def _draw(init: str, rng: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:
+def _draw(init: str, rng: np.random.Generator, fan_in: int, fan_out: int,
+          shape: tuple | None = None) -> np.ndarray:
+    shape = (fan_in, fan_out) if shape is None else shape
     if init == "glorot":
         a = np.sqrt(6.0 / (fan_in + fan_out))
-        return rng.uniform(-a, a, size=(fan_in, fan_out))
+        return rng.uniform(-a, a, size=shape)
     if init == "he":
-        return rng.normal(0.0, np.sqrt(2.0 / fan_in), size=(fan_in, fan_out))
+        return rng.normal(0.0, np.sqrt(2.0 / fan_in), size=shape)
     if init == "lecun":
-        return rng.normal(0.0, np.sqrt(1.0 / fan_in), size=(fan_in, fan_out))
+        return rng.normal(0.0, np.sqrt(1.0 / fan_in), size=shape)
     raise SymbpError(f"unknown init {init!r}: use 'glorot', 'he' or 'lecun'")
 
 
 class Sequential:
-    """Layers applied in order to the batch ``X`` (N×inputs), closed by a loss.
+    """Layers applied in order to the batch ``X``, closed by a loss.
 
-    ``loss``: 'softmax_ce' (the last layer's output are logits; targets integer labels
-    or one-hot rows), 'bce' (logits of independent sigmoids; 0/1 targets) or 'mse'.
+    ``inputs``: the width of a row (``X`` is N×inputs), or the shape (C, H, W) of an
+    image (``X`` is N×C×H×W).  ``loss``: 'softmax_ce' (the last layer's output are logits;
+    targets integer labels or one-hot rows), 'bce' (logits of independent sigmoids; 0/1
+    targets) or 'mse'.  The last layer must give rows (``Flatten`` after images).
     """
 
-    def __init__(self, layers: Sequence, inputs: int, loss: str = "softmax_ce",
+    def __init__(self, layers: Sequence, inputs, loss: str = "softmax_ce",
                  seed: int = 0, metric: str | None = "default", batch: str = "N"):
-        self.layers, self.inputs, self.seed = list(layers), int(inputs), seed
+        self.layers, self.inputs, self.seed = list(layers), _inputs(inputs), seed
         self.loss, self.metric, self.batch = loss, metric, batch
 
     def build(self) -> Model:
@@ -274,12 +417,16 @@ class Sequential:
                 f"(or {', '.join(ALIASES)})"
             )
         N = sp.Symbol(self.batch, integer=True, positive=True)
-        X = sp.MatrixSymbol("X", N, self.inputs)
+        X = array_symbol("X", (N, *_dims(self.inputs)))
         b = _Builder(np.random.default_rng(self.seed))
         H, width = X, self.inputs
         for i, layer in enumerate(self.layers):
             after = self.layers[i + 1] if i + 1 < len(self.layers) else None
             H, width = layer.build(H, width, b, after=after)
+        if not isinstance(width, int):
+            raise SymbpError(f"the last layer gives images of shape {width}, but the loss "
+                             "compares rows with the targets: end with nn.flatten() and a "
+                             "Dense layer")
         T = sp.MatrixSymbol("T", N, width)
         metric, link = LOSSES[loss]
         if self.metric != "default":
@@ -289,6 +436,19 @@ class Sequential:
         pred = {"softmax": F.softmax, "sigmoid": F.sigmoid, None: lambda Z: Z}[link](H)
         return Model(L, H, pred, b.params, b.symbols, X, T, N, loss, metric, b.random,
                      b.layers)
+
+
+def _inputs(inputs):
+    """``Sequential``'s inputs: an int (features) or a (C, H, W) tuple (images)."""
+    if isinstance(inputs, (tuple, list)):
+        shape = tuple(int(integer(d, "an input size", 1)) for d in inputs)
+        if len(shape) == 1:
+            return shape[0]
+        if len(shape) != 3:
+            raise SymbpError(f"inputs={tuple(inputs)}: give the width of a row (an int) or "
+                             "the shape (C, H, W) of an image")
+        return shape
+    return int(inputs)
 
 
 def mlp(sizes: Sequence[int], activations="tanh", loss: str = "softmax_ce",

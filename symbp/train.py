@@ -110,7 +110,7 @@ def predict(model, X, target: str = "numpy", dtype=None, batch_size: int | None 
     'softmax_ce', sigmoid probabilities for 'bce'); RReLU slopes at their mean.
     ``dtype`` defaults to that of the parameters."""
     dtype = _dtype(dtype or _param_dtype(model))
-    X = _as_data("X", X, dtype)
+    X = _as_data("X", X, dtype, model.sample_shape)
     fwd = _forward(model, "prediction", target, dtype)
     params = _params_as(model, dtype)
     parts = []
@@ -127,7 +127,7 @@ def evaluate(model, X, y, target: str = "numpy", dtype=None, distributed=None) -
     ``distributed='mpi'`` (as in ``fit``): each rank evaluates its share of the rows and
     the metrics of the whole set are reduced across ranks (every rank passes all rows)."""
     dtype = _dtype(dtype or _param_dtype(model))
-    X = _as_data("X", X, dtype)
+    X = _as_data("X", X, dtype, model.sample_shape)
     T = _as_data("y", model.targets(y), dtype)
     ranks = dist.choose(distributed)
     if ranks is not None:
@@ -169,13 +169,23 @@ def _dtype(dtype) -> np.dtype:
     return dtype
 
 
-def _as_data(name, a, dtype) -> np.ndarray:
+def _as_data(name, a, dtype, sample=None) -> np.ndarray:
+    """``a`` as a C-contiguous array of ``dtype`` whose first axis counts the samples;
+    ``sample``: the shape of one sample the model reads, (C, H, W) for images."""
     a = np.asarray(a)
     if a.dtype.kind not in "fiub":
         raise SymbpError(f"{name} has dtype {a.dtype}: training data must be numbers")
     if a.ndim == 1:
         a = a[:, None]
-    if a.ndim != 2 or len(a) == 0:
+    if sample is not None and len(sample) > 1:  # images: N×C×H×W
+        if a.shape[1:] != tuple(sample) or len(a) == 0:
+            hint = (f"; reshape rows of {int(np.prod(sample))} pixels with "
+                    f"{name}.reshape(-1, {', '.join(map(str, sample))})"
+                    if a.ndim == 2 and a.shape[1] == np.prod(sample) else "")
+            raise SymbpError(f"{name} must be a non-empty array of images N×"
+                             f"{'×'.join(map(str, sample))} (the model's inputs), got shape "
+                             f"{a.shape}{hint}")
+    elif a.ndim != 2 or len(a) == 0:
         raise SymbpError(f"{name} must be a non-empty 2-D array (rows = samples), "
                          f"got shape {a.shape}")
     return np.ascontiguousarray(a, dtype=dtype)
@@ -210,7 +220,8 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
         target_loss: float | None = None, progress: bool = True, checkpoint=None,
         resume=False, validation=None, callback=None, guard: bool = True,
         distributed: str | None = None, lr_schedule=None) -> History:
-    """Train ``model`` on rows ``X`` with targets ``y``; returns the ``History``.
+    """Train ``model`` on rows ``X`` (or images N×C×H×W) with targets ``y``; returns the
+    ``History``.  Minibatches are slices of the first axis.
 
     optimizer    ``symbp.SGD`` (default, lr 0.1), ``Momentum`` or ``Adam``.
     target       'numpy' (reference), 'cpu' or 'parallel' (Numba, update fused in).
@@ -240,7 +251,7 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
     dtype = _dtype(dtype)
     ranks = dist.choose(distributed)
     optimizer = optimizer if optimizer is not None else optim.SGD(0.1)
-    X = _as_data("X", X, dtype)
+    X = _as_data("X", X, dtype, model.sample_shape)
     y_raw = np.asarray(y)
     T = _as_data("y", model.targets(y_raw), dtype)
     if len(T) != len(X):
@@ -369,7 +380,7 @@ def _fail(model, flat, good, epoch, s, loss, data, rows, path, guard):
     np.copyto(flat, good)
     causes = []
     for name, a in data.items():
-        r = np.flatnonzero(~np.isfinite(a).all(axis=1))
+        r = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
         if len(r):
             causes.append(f"the data {name} has NaN/Inf in rows {rows[r][:8].tolist()} "
                           "(indices into your array): clean or drop them")

@@ -1,5 +1,6 @@
-"""Run by tests/test_mpi.py under ``mpiexec -n K``: trains the tests' MLP with
-``fit(..., distributed='mpi')`` and has rank 0 save the parameters (``--out``).
+"""Run by tests/test_mpi.py under ``mpiexec -n K``: trains the tests' MLP (``--model cnn``:
+a small CNN on 1×4×4 images) with ``fit(..., distributed='mpi')`` and has rank 0 save the
+parameters (``--out``).
 
 ``--fail-rank R --fail-step S`` raises on rank R alone at global step S (counted from 0),
 (``--kill``: dies by SIGKILL) to check that every rank stops; ``--nan-row`` puts a NaN in one row of X;
@@ -21,22 +22,30 @@ from symbp.errors import TrainingError
 OPTIMIZERS = {"sgd": sb.SGD(0.1), "momentum": sb.Momentum(0.05, 0.9), "adam": sb.Adam(0.01)}
 
 
-def data(n=50, d=5, c=3, seed=0):
+def data(n=50, d=5, c=3, seed=0, kind="mlp"):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, c, n)
+    if kind == "cnn":  # 1×4×4 images; class k lights pixel row k
+        X = rng.normal(size=(n, 1, 4, 4))
+        X[np.arange(n), 0, y] += 2.0
+        return X, y
     X = rng.normal(size=(n, d)) + 2.0 * np.eye(c, d)[y]
     return X, y
 
 
-def model(seed=1, act="tanh"):
+def model(seed=1, act="tanh", kind="mlp"):
+    if kind == "cnn":
+        return nn.Sequential([nn.conv2d(3, 3, padding=1, activation=act), nn.max_pool2d(2),
+                              nn.flatten(), nn.Dense(3)], inputs=(1, 4, 4), seed=seed).build()
     return nn.mlp([5, 7, 3], activations=act, seed=seed)
 
 
 def run(args, distributed=None, rank=0):
-    X, y = data()
+    X, y = data(kind=args.model)
     if args.nan_row is not None:
         X[args.nan_row, 0] = np.nan
-    m = model(seed=args.model_seed + (rank if args.seed_per_rank else 0), act=args.act)
+    m = model(seed=args.model_seed + (rank if args.seed_per_rank else 0), act=args.act,
+              kind=args.model)
     fail = None
     if args.fail_rank is not None and rank == args.fail_rank:
         def fail(epoch, s, loss, count=[0]):
@@ -65,6 +74,7 @@ def parser():
     p.add_argument("--dtype", default="float64")
     p.add_argument("--target", default="numpy")
     p.add_argument("--act", default="tanh")
+    p.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--model-seed", type=int, default=1)
@@ -91,7 +101,7 @@ def main(argv=None):
         if rank == 0 and args.out:
             np.savez(args.out, error=str(err))
         return 3
-    X, y = data(n=31, seed=5)  # other rows: the metrics of all of them, reduced
+    X, y = data(n=31, seed=5, kind=args.model)  # other rows: the metrics of all of them, reduced
     ev = train.evaluate(m, X, y, target=args.target, distributed="mpi")
     # Every rank must hold the same parameters: compare each with rank 0's.
     flat = np.concatenate([v.ravel() for v in m.params.values()]).astype(np.float64)

@@ -85,6 +85,21 @@ def test_same_as_one_process_float64(tmp_path, k, opt):
     np.testing.assert_allclose(r["test"], [ev["loss"], ev["accuracy"]], rtol=1e-12)
 
 
+@pytest.mark.parametrize("k,opt,target", [
+    (3, "adam", "numpy"),
+    pytest.param(2, "momentum", "cpu", marks=pytest.mark.needs(have("numba"), "numba"))])
+def test_a_cnn_same_as_one_process_float64(tmp_path, k, opt, target):
+    # 4-D kernels and 1-D biases in the flat buffers, images sharded along their first
+    # axis; one process (numpy target, the reference update) is the reference
+    args = ["--model", "cnn", "--opt", opt, "--target", target]
+    r = train_mpi(tmp_path, k, *args)
+    params, h = train_one("--model", "cnn", "--opt", opt)
+    assert r["K1"].shape == (3, 1, 3, 3) and r["b1"].shape == (3,)
+    assert_close(params, r, 1e-12)
+    np.testing.assert_allclose(r["loss"], h.loss, rtol=1e-12)
+    assert h.loss[-1] < h.loss[0]
+
+
 @pytest.mark.needs(have("numba"), "numba")
 @pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
 def test_compiled_update_matches_the_reference_float64(tmp_path, opt):
