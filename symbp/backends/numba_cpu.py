@@ -23,7 +23,12 @@ first).
 
 from __future__ import annotations
 
+import ast
+import io
 import os
+import re
+import textwrap
+import tokenize
 
 # OpenMP threads that spin while they wait steal both cores from BLAS on a busy 2-core
 # machine (a parallel W1 step took 2-30 ms instead of 0.3): let idle threads sleep.  Set
@@ -208,6 +213,7 @@ class _Gen:
         # gradients a pass fused into the update (passes.fuse_update): name -> A·B
         self.into = {a.name: a.expr for a in p.body if rule(a.expr).extra.get("into_update")}
         self.imports: dict = {}  # (module, name) -> its alias in the kernel module
+        self.blocks: list[tuple[int, int]] = []  # line ranges: one stage each (_stages)
 
     # --- printing helpers -----------------------------------------------------------------
     def printer(self, extra=None) -> NumbaPrinter:
@@ -281,7 +287,9 @@ class _Gen:
         for a in self.p.body:
             if a.name in self.done or a.name in self.into:
                 continue
+            start = len(self.lines)
             rule(a.expr).cpu(self, a)  # the head's own lowering (symbp/heads)
+            self.blocks.append((start, len(self.lines)))
             self.done.add(a.name)
             self.done.update(a.also)
 
@@ -323,26 +331,32 @@ class _Gen:
         self.emit("# the optimizer update: every read of the parameters is above this line")
         names = _rule_names(rule)
         for w, g in zip(self.p.wrt, self.p.outputs[1:]):
-            wi = self.ids[w]
-            # the parameter and its buffers, entry (i, j) of a matrix, a scalar's 1-element view
-            at = f"[{', '.join(self.index_vars(len(w.shape)))}]" if is_matrix(w) else "[0]"
-            arrays = {rule.w: wi if is_matrix(w) else f"_ref_{wi}"}
-            arrays.update({sp.Symbol(b): f"_{b}_{wi}" for b in rule.state})
-            refs = {x: a + at for x, a in arrays.items()}
-            if g in self.into:  # x <- alpha x + gamma A @ B in one BLAS call
-                k, x, alpha, gamma = self.into[g].how
-                A, B = (self.operand(y) for y in self.into[g].args[:2])
-                self.emit(f"# {g} = {A}*{B}, added into the update by BLAS   [MatMul]")
-                self.entries(w, rule, rule.update[:k], refs, None, 2)
-                self.emit(f"_gemm({A}, {B}, {arrays[x]}, {self.rule_expr(gamma, names)}, "
-                          f"{self.rule_expr(alpha, names)})")
-                self.entries(w, rule, rule.update[k + 1:], refs, None, 2)
-            elif is_matrix(w):
-                gi = self.operand(g) if g in self.ids else None
-                self.entries(w, rule, rule.update, refs, f"{gi}{at}" if gi else "DT(0)", 4)
-            else:
-                gx = self.ids[g] if g in self.ids else self.expr(g)
-                self.entries(w, rule, rule.update, refs, gx, 4)
+            start = len(self.lines)
+            self.param_update(rule, names, w, g)
+            self.blocks.append((start, len(self.lines)))
+
+    def param_update(self, rule, names, w, g):
+        """Parameter ``w``'s update from its gradient ``g``: one stage of the kernel."""
+        wi = self.ids[w]
+        # the parameter and its buffers, entry (i, j) of a matrix, a scalar's 1-element view
+        at = f"[{', '.join(self.index_vars(len(w.shape)))}]" if is_matrix(w) else "[0]"
+        arrays = {rule.w: wi if is_matrix(w) else f"_ref_{wi}"}
+        arrays.update({sp.Symbol(b): f"_{b}_{wi}" for b in rule.state})
+        refs = {x: a + at for x, a in arrays.items()}
+        if g in self.into:  # x <- alpha x + gamma A @ B in one BLAS call
+            k, x, alpha, gamma = self.into[g].how
+            A, B = (self.operand(y) for y in self.into[g].args[:2])
+            self.emit(f"# {g} = {A}*{B}, added into the update by BLAS   [MatMul]")
+            self.entries(w, rule, rule.update[:k], refs, None, 2)
+            self.emit(f"_gemm({A}, {B}, {arrays[x]}, {self.rule_expr(gamma, names)}, "
+                      f"{self.rule_expr(alpha, names)})")
+            self.entries(w, rule, rule.update[k + 1:], refs, None, 2)
+        elif is_matrix(w):
+            gi = self.operand(g) if g in self.ids else None
+            self.entries(w, rule, rule.update, refs, f"{gi}{at}" if gi else "DT(0)", 4)
+        else:
+            gx = self.ids[g] if g in self.ids else self.expr(g)
+            self.entries(w, rule, rule.update, refs, gx, 4)
 
     def entries(self, w, rule, assigns, refs, gx, work):
         """``assigns`` of the rule for every entry of parameter ``w``: a loop nest over a
@@ -493,26 +507,23 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     flags = ['error_model="numpy"', f"cache={bool(cache_)}"]
     if boundscheck:
         flags.append("boundscheck=True")
-    # parallel=True only where a loop is a prange: it costs ~0.7 s of compile time, and
-    # Numba warns about a parallel kernel with nothing to parallelise
-    par = target == "parallel" and any("in prange(" in ln for ln in g.lines)
-    kflags = flags + (["parallel=True"] if par else [])
     sig = f'"({", ".join(types)},)"'
     lines = [_HEADER.format(target=target, dtype=dt)]
     lines += [f"from {m} import {n} as {a}  # noqa: F401" for (m, n), a in g.imports.items()]
     table = HELPERS_F32 if dt == "float32" else HELPERS
     for h in sorted(g.used):
         lines.append(f"\n@njit({', '.join(flags)})" + table[h])
-    lines.append(f"\n@njit({sig}, {', '.join(kflags)})")
-    lines.append(f"def {name}({', '.join(params)}):")
+    split = len(g.blocks) >= SPLIT_MIN_BLOCKS
+    top = []  # the kernel's own lines before the stages: sizes, scratch views, scalars
+    views: dict = {}  # split: a scratch matrix -> (its block, first row, end row)
     if rule is not None:
-        lines += _bind_in_kernel(p, ids, scratch)
+        top += _bind_in_kernel(p, ids, scratch)
     if scratch:
         # One reshape per column count, then row slices of it: a Numba reshape costs
         # ~50-80 ns (W3 had 11 of them, a quarter of its kernel), a row slice ~nothing,
         # and both keep the C layout that BLAS and vectorised loops want.
-        lines.append("    # scratch arrays: row blocks of the workspace, kept between calls")
-        lines.append("    _o = 0")
+        top.append("    # scratch arrays: row blocks of the workspace, kept between calls")
+        top.append("    _o = 0")
         widths: dict = {}
         for b in scratch:
             if len(b.shape) == 2:
@@ -521,21 +532,36 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
             if len(b.shape) != 2:
                 size = _idx(sp.Mul(*[sp.sympify(d) for d in b.shape]), ids)
                 dims = ", ".join(_idx(d, ids) for d in b.shape) + ("," if len(b.shape) == 1 else "")
-                lines.append(f"    {ids[b]} = _ws[_o:_o + {size}].reshape(({dims}))")
-                lines.append(f"    _o += {size}")
+                top.append(f"    {ids[b]} = _ws[_o:_o + {size}].reshape(({dims}))")
+                top.append(f"    _o += {size}")
         for k, (c, group) in enumerate(widths.items()):
             rows = _idx(sum((sp.sympify(b.shape[0]) for b in group), sp.Integer(0)), ids)
-            lines.append(f"    _w{k} = _ws[_o:_o + ({rows}) * {c}].reshape(({rows}, {c}))")
-            lines.append(f"    _o += ({rows}) * {c}")
+            top.append(f"    _w{k} = _ws[_o:_o + ({rows}) * {c}].reshape(({rows}, {c}))")
+            top.append(f"    _o += ({rows}) * {c}")
             at = sp.Integer(0)
             for b in group:
                 end = at + sp.sympify(b.shape[0])
-                lines.append(f"    {ids[b]} = _w{k}[{_idx(at, ids)}:{_idx(end, ids)}]")
+                views[ids[b]] = (f"_w{k}", _idx(at, ids), _idx(end, ids))
+                if not split:
+                    top.append(f"    {ids[b]} = _w{k}[{_idx(at, ids)}:{_idx(end, ids)}]")
                 at = end
     for w in g.scalar_params:  # a scalar parameter arrives as a 1-element view
-        lines.append(f"    {ids[w]} = _ref_{ids[w]}[0]")
-    lines += ["    " + h for h in prologue]
-    lines += g.lines
+        top.append(f"    {ids[w]} = _ref_{ids[w]}[0]")
+    top += ["    " + h for h in prologue]
+    known = set(params) | _stored(top)
+    scalars = {ids[n] for n in ids if not is_matrix(n)}
+    if split:
+        stages, body = _stages(g.lines, g.blocks, known, scalars, flags, views)
+    else:
+        stages, body = [], g.lines
+    lines += stages
+    # parallel=True only where a loop is a prange: it costs ~0.7 s of compile time, and
+    # Numba warns about a parallel kernel with nothing to parallelise
+    par = target == "parallel" and any("in prange(" in ln for ln in body)
+    kflags = flags + (["parallel=True"] if par else [])
+    lines.append(f"\n@njit({sig}, {', '.join(kflags)})")
+    lines.append(f"def {name}({', '.join(params)}):")
+    lines += top + body
     source = "\n".join(lines) + "\n"
     layout = {"name": name, "scratch": scratch, "outs": outs, "scalar_out": scalar_out,
               "state": state, "f64": g.f64_base + sum(g.acc64)}
@@ -571,6 +597,127 @@ def generate_update(rule, dtype, cache_=True) -> str:
     lines.append("    for _i in range(w.size):")
     lines += ["        " + ln for ln in body]
     return "\n".join(lines) + "\n"
+
+
+# --- stages: the kernel as a sequence of calls ----------------------------------------------
+# LLVM's optimisation of one function grows faster than its length (one kernel of a 16-layer
+# step: 10 s, 5.4 of them in LLVM, against 2 s for 2 layers).  So each head's block becomes
+# its own small njit function, and blocks that differ only in the names they touch (the
+# layers of an MLP) share one: its machine code is made once, whatever the depth.
+
+
+# Below this many blocks one function compiles faster than its stages and their calls (a
+# 2-layer step: 2.1 s whole, 3.1 s split); from about 8 layers up the split wins.
+SPLIT_MIN_BLOCKS = 40
+
+_ACC_SLICE = re.compile(r"^    (_acc_\w+) = _f64\[(\d+):(\d+)\]$")  # acc_vector's slices
+
+
+def _stored(lines) -> set:
+    """The names that ``lines`` (one indentation level inside a def) bind."""
+    tree = ast.parse(textwrap.dedent("\n".join(lines)) or "pass")
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+            and isinstance(n.ctx, ast.Store)}
+
+
+def _names(text) -> list[str]:
+    """The variables of ``text`` in order of first appearance (no attributes: ``X.T``'s T)."""
+    seen: dict = {}
+    for n in ast.walk(ast.parse(text)):
+        if isinstance(n, ast.Name):
+            seen.setdefault(n.id, (n.lineno, n.col_offset))
+    return sorted(seen, key=seen.get)
+
+
+def _rename(text, names: dict) -> str:
+    """``text`` with its variables renamed token by token (an attribute after `.` stays)."""
+    out, prev = [], None
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        s = tok.string
+        if tok.type == tokenize.NAME and s in names and prev != ".":
+            s = names[s]
+        if tok.type == tokenize.COMMENT:
+            s = ""  # the head comment names the layer: two layers' stages still agree
+        out.append((tok.type, s))
+        prev = tok.string
+    return tokenize.untokenize(out)
+
+
+def _stages(lines, blocks, known: set, scalars: set, flags, views: dict
+            ) -> tuple[list[str], list[str]]:
+    """The stage functions and the kernel body that calls them.
+
+    ``lines``: the kernel's body, ``blocks`` its line ranges, one per head (or fused group,
+    or parameter update); ``known``: the names bound before the first block (arguments,
+    scratch views); ``scalars``: the program's scalar names.  A block reads the arrays and
+    scalars it names from the kernel (its arguments, in order of first use), and returns
+    the program scalars it binds.  Two blocks the same up to a renaming of their variables
+    call one function.
+
+    ``views``: scratch matrices as row ranges of a workspace block (``t3 = _w0[N:2*N]``).
+    A stage takes the block and the two row numbers and slices it itself: a Numba slice
+    is ~40 ms of compile time, so a kernel that cut every scratch matrix itself cost
+    seconds at depth 16, while a stage's slices are compiled once for all its calls."""
+    known = set(known) | set(views)
+    views = dict(views)
+    funcs: dict = {}  # canonical text -> function name
+    defs, body, at = [], [], 0
+    for start, end in blocks:
+        body += lines[at:start]  # lines between blocks stay in the kernel (comments)
+        at = end
+        block = lines[start:end]
+        if not any(ln.strip() and not ln.strip().startswith("#") for ln in block):
+            body += block
+            continue
+        # a fixed accumulator is a slice of _f64 at an offset that differs from layer to
+        # layer: cut like a scratch view, from row numbers passed in
+        for ln in block:
+            m = _ACC_SLICE.match(ln)
+            if m:
+                views[m[1]] = ("_f64", m[2], m[3])
+        block = [ln for ln in block if not _ACC_SLICE.match(ln)]
+        text = textwrap.dedent("\n".join(block)) + "\n"
+        names = _names(text)
+        bound = _stored(block)
+        args, values, cuts = [], [], []
+        for n in names:
+            if n in views:
+                w, lo, hi = views[n]
+                cuts.append(f"{n} = {w}[_lo_{n}:_hi_{n}]")
+                new = [(w, w)] if w not in args else []
+                # a bare 11 is typed Literal[int](11): Numba would compile the stage
+                # once per distinct row number
+                lo, hi = (f"np.int64({x})" if x.isdigit() else x for x in (lo, hi))
+                for a, v in new + [(f"_lo_{n}", lo), (f"_hi_{n}", hi)]:
+                    args.append(a)
+                    values.append(v)
+            elif n in known:
+                args.append(n)
+                values.append(n)
+        text = "".join(c + "\n" for c in cuts) + text
+        names = _names(text)
+        rets = [n for n in names if n in bound and n not in views
+                and (n in scalars or n in known)]
+        # the canonical form: variables named by first appearance; globals (range, DT,
+        # _gemm) and sizes printed as numbers keep their text
+        local = [n for n in names if n in args or n in bound or n in views]
+        canon = {n: f"_c{k}" for k, n in enumerate(local)}
+        key = (_rename(text, canon), tuple(canon[n] for n in rets))
+        fn = funcs.get(key)
+        if fn is None:
+            fn = funcs[key] = f"_stage{len(funcs)}"
+            fl = flags + (["parallel=True"] if "in prange(" in text else [])
+            ret = f"    return {', '.join(rets)}{',' if len(rets) == 1 else ''}" if rets else ""
+            defs.append(f"\n@njit({', '.join(fl)})\ndef {fn}({', '.join(args)}):\n"
+                        + textwrap.indent(text, "    ") + ret + ("\n" if ret else ""))
+        body += [ln for ln in block if ln.strip().startswith("#") and ln.startswith("    #")]
+        call = f"{fn}({', '.join(values)})"
+        body.append(f"    {', '.join(rets)}{',' if len(rets) == 1 else ''} = {call}" if rets
+                    else f"    {call}")
+        known |= set(rets)
+    body += lines[at:]
+    return defs, body
+
 
 
 def _bind_in_kernel(p: Program, ids: dict, scratch) -> list[str]:
