@@ -42,6 +42,18 @@ def default_target() -> str:
     return "cpu"
 
 
+def _report(model, hist, seconds, Xte, yte, target, verbose) -> dict:
+    """What ``run`` returns, the test quarter evaluated; ``seconds`` includes compiling."""
+    from . import train
+
+    test = train.evaluate(model, Xte, yte, target=target)
+    if verbose:
+        print(f"test accuracy {test['accuracy']:.2%} on {len(Xte)} digits "
+              f"(test loss {test['loss']:.4f}); {seconds:.1f} s including compilation")
+    return {"accuracy": test["accuracy"], "loss": test["loss"], "seconds": seconds,
+            "target": target, "history": hist, "model": model}
+
+
 def run(epochs: int = 20, target: str | None = None, progress: bool = True,
         batch_size: int = 32, lr: float = 1e-3, seed: int = 0, verbose: bool = True) -> dict:
     """Train on the digits with Adam and return {'accuracy', 'loss', 'seconds',
@@ -60,13 +72,7 @@ def run(epochs: int = 20, target: str | None = None, progress: bool = True,
     t0 = time.perf_counter()
     hist = train.fit(model, Xtr, ytr, epochs=epochs, batch_size=batch_size,
                      optimizer=optim.Adam(lr), target=target, seed=seed, progress=progress)
-    seconds = time.perf_counter() - t0  # compile included
-    test = train.evaluate(model, Xte, yte, target=target)
-    if verbose:
-        print(f"test accuracy {test['accuracy']:.2%} on {len(Xte)} digits "
-              f"(test loss {test['loss']:.4f}); {seconds:.1f} s including compilation")
-    return {"accuracy": test["accuracy"], "loss": test["loss"], "seconds": seconds,
-            "target": target, "history": hist, "model": model}
+    return _report(model, hist, time.perf_counter() - t0, Xte, yte, target, verbose)
 
 
 def cnn(seed: int = 0):
@@ -117,10 +123,4 @@ def run_cnn(epochs: int = 10, target: str | None = None, progress: bool = True,
     hist = train.fit(model, X, y, epochs=epochs, batch_size=batch_size,
                      optimizer=optim.Adam(lr), target=target, seed=seed, progress=progress,
                      lr_schedule=lambda e: lr * 0.5 * (1 + np.cos(np.pi * e / epochs)))
-    seconds = time.perf_counter() - t0  # compile included
-    test = train.evaluate(model, Xte, yte, target=target)
-    if verbose:
-        print(f"test accuracy {test['accuracy']:.2%} on {len(Xte)} digits "
-              f"(test loss {test['loss']:.4f}); {seconds:.1f} s including compilation")
-    return {"accuracy": test["accuracy"], "loss": test["loss"], "seconds": seconds,
-            "target": target, "history": hist, "model": model}
+    return _report(model, hist, time.perf_counter() - t0, Xte, yte, target, verbose)

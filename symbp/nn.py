@@ -226,33 +226,32 @@ class Conv2d:
 
 
 @dataclass
-class MaxPool2d:
-    """The maximum of each ``size``×``size`` window of each channel (``sb.max_pool2d``);
-    ``stride`` defaults to ``size`` (windows side by side)."""
-
+class _Pool2d:
     size: int
     stride: int | None = None
 
     def build(self, H, width, b: _Builder, after=None):
-        _image(width, f"MaxPool2d({self.size})")
-        H = _max_pool2d(H, self.size, self.stride)
-        b.layers.append(f"MaxPool2d({self.size}{_sp(self.stride, 0, self.size)})")
+        name = type(self).__name__
+        _image(width, f"{name}({self.size})")
+        H = self.pool(H, self.size, self.stride)
+        b.layers.append(f"{name}({self.size}{_sp(self.stride, 0, self.size)})")
         return H, tuple(int(d) for d in H.shape[1:])
 
 
 @dataclass
-class AvgPool2d:
+class MaxPool2d(_Pool2d):
+    """The maximum of each ``size``×``size`` window of each channel (``sb.max_pool2d``);
+    ``stride`` defaults to ``size`` (windows side by side)."""
+
+    pool = staticmethod(_max_pool2d)
+
+
+@dataclass
+class AvgPool2d(_Pool2d):
     """The mean of each ``size``×``size`` window of each channel (``sb.avg_pool2d``);
     ``stride`` defaults to ``size``."""
 
-    size: int
-    stride: int | None = None
-
-    def build(self, H, width, b: _Builder, after=None):
-        _image(width, f"AvgPool2d({self.size})")
-        H = _avg_pool2d(H, self.size, self.stride)
-        b.layers.append(f"AvgPool2d({self.size}{_sp(self.stride, 0, self.size)})")
-        return H, tuple(int(d) for d in H.shape[1:])
+    pool = staticmethod(_avg_pool2d)
 
 
 @dataclass
