@@ -370,7 +370,11 @@ def printing(monkeypatch):
 
     if not HAVE_DERIVE:
         monkeypatch.setitem(sys.modules, "symbp.printing", types.ModuleType("symbp.printing"))
-    return sys.modules["symbp.printing"]
+        return sys.modules["symbp.printing"]
+    import importlib
+
+    # imported here: run alone, no earlier test has loaded it into sys.modules
+    return importlib.import_module("symbp.printing")
 
 
 def test_library_error_is_one_line(printing, monkeypatch, capsys):
