@@ -319,7 +319,7 @@ def bind_inputs(p: Program, arrays: dict, dtype) -> list:
                     f"{x.shape}"
                 )
             for axis, (d, n) in enumerate(zip(s.shape, x.shape)):
-                _bind_dim(name, axis, sp.sympify(d), n, dims)
+                _bind_dim(name, axis, sp.sympify(d), n, dims, len(s.shape))
         else:
             x = _as_array(name, x, dtype)
             if x.ndim != 0:
@@ -356,14 +356,18 @@ def _as_array(name, x, dtype):
     return x if x.flags.writeable else x.copy()
 
 
-_AXIS = {0: "rows", 1: "columns"}
+def _axis_word(axis: int, rank: int) -> str:
+    # rows and columns of a matrix; an image's axis 1 is its channels, not columns
+    if rank == 2 and axis < 2:
+        return ("rows", "columns")[axis]
+    return f"entries along axis {axis}"
 
 
-def _bind_dim(name, axis, d, n, dims):
+def _bind_dim(name, axis, d, n, dims, rank=2):
     if d.is_number:
         if int(d) != n:
             raise ShapeError(
-                f"{name} has {n} {_AXIS.get(axis, f'entries along axis {axis}')} but its "
+                f"{name} has {n} {_axis_word(axis, rank)} but its "
                 f"symbol says {d}"
             )
         return

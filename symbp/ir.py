@@ -79,7 +79,6 @@ class Program:
         return "\n".join(lines)
 
 
-
 # --- lowering ----------------------------------------------------------------------------
 
 
@@ -245,7 +244,6 @@ class _Lowering:
 
     def materialize(self, op):
         return self.emit(op, tuple(op.shape)) if isinstance(op, sp.Transpose) else op
-
 
 
 def _children(e) -> list:

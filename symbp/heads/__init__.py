@@ -40,12 +40,14 @@ class Head:
     kind: str = "array"
     children: Callable | None = None  # e -> operands the front end lowers first
     lower: Callable | None = None  # (lowering, e) -> the lowered value
-    operands: Callable | None = None  # e -> operand expressions (None: every arg)
-    rebuild: Callable | None = None  # (e, operands) -> the head over new operands
+    # e -> operand expressions, and (e, operands) -> the head over new ones: the reverse
+    # pass names each nested head of a contribution (both None: it names none inside)
+    operands: Callable | None = None
+    rebuild: Callable | None = None
     keeps_transpose: bool = False  # Xᵀ stays an operand (BLAS transposes for free)
     check: Callable | None = None  # (e, where) -> None or raises ShapeError
     vjp: Callable | None = None  # (e, y, g, wants, local) -> [(operand, contribution)]
-    numpy: Callable | None = None  # (e, op, printer, shape_src) -> NumPy source
+    numpy: Callable | None = None  # (ctx, assignment) -> NumPy source of the value
     cpu: Callable | None = None  # (gen, assignment) -> prints a block of the Numba kernel
     cuda: Callable | None = None  # (gen, assignment) -> launches kernels
     label: Callable | None = None  # e -> a short graph label (@, Σ, softmax)
@@ -94,32 +96,28 @@ def of_class(cls: type) -> Head | None:
     return REGISTRY.get(cls)
 
 
-def lacking(program, backend: str) -> list[str]:
-    """The heads of ``program`` that ``backend`` cannot lower, by name (empty: it can)."""
-    out = []
+def _missing(program, backend: str) -> dict:
+    """Head name -> its record (None if it has none), for each head ``backend`` lacks."""
+    out: dict = {}
     for a in program.body:
         h = rule(a.expr)
         if h is None or getattr(h, backend) is None:
-            n = type(a.expr).__name__
-            if n not in out:
-                out.append(n)
+            out.setdefault(type(a.expr).__name__, h)
     return out
+
+
+def lacking(program, backend: str) -> list[str]:
+    """The heads of ``program`` that ``backend`` cannot lower, by name (empty: it can)."""
+    return list(_missing(program, backend))
 
 
 def require(program, backend: str, target: str | None = None) -> None:
     """Raise before compiling when ``backend`` lacks a head of ``program``."""
-    missing = lacking(program, backend)
+    missing = _missing(program, backend)
     if missing:
         others = [b for b in BACKENDS if b != backend and all(
-            getattr(rule_of(n, program), b) is not None for n in missing)]
+            h is not None and getattr(h, b) is not None for h in missing.values())]
         hint = f"; compile for {' or '.join(repr(b) for b in others)}" if others else ""
         raise UnsupportedError(
             f"the {target or backend} backend cannot lower {', '.join(missing)}: it has no "
             f"rule for {'it' if len(missing) == 1 else 'them'} in symbp/heads{hint}")
-
-
-def rule_of(type_name: str, program) -> Head:
-    for a in program.body:
-        if type(a.expr).__name__ == type_name:
-            return rule(a.expr) or Head(cls=object)
-    return Head(cls=object)

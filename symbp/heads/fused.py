@@ -9,6 +9,8 @@ names in ``Assign.also``; the backends that have a rule print it, the others nev
     SoftmaxCE(Z, T, extras)      softmax-CE, and in the same row loop softmax(Z)
                                  ("softmax") and the target row sums T𝟏 ("rowsum") that
                                  its gradient reads
+    UpdateProduct(A, B, how)     a gradient A·B that a training step's update adds into
+                                 its parameter by one gemm (never stored)
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def map_sums_cpu(gen, a):
              store=e.store)
 
 
-register(MapSums, kind="array", cpu=map_sums_cpu, front_end=False,
+register(MapSums, cpu=map_sums_cpu,
          label=lambda e: "map+Σ", doc="a map and its sums in one loop")
 
 

@@ -25,7 +25,6 @@ def blas_worth(A, B) -> bool:
     return fixed > SMALL_PRODUCT
 
 
-
 def matmul_check(e, where):
     l, r = e.args
     if not same_dim(l.shape[1], r.shape[0]):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sympy as sp
 
 from ..errors import SymbpError
-from ..matrix import AxisSum, Elementwise, Total, broadcast_shape, is_matrix  # noqa: F401
+from ..matrix import AxisSum, Elementwise, Total, broadcast_shape, is_matrix
 from ..vjp import map_vjp
 from . import register
 
@@ -26,16 +26,22 @@ def numpy(ctx, a):
     return f"_full({ctx.pr.doprint(e.lam.expr.xreplace(names))}, {ctx.shape(e.shape)})"
 
 
+def _body(gen, e):
+    """The map's body over its operands' loads, common subexpressions as temporaries:
+    ``(body, temps, value, names)``, ``names`` saying how each load and temp prints."""
+    loads = {v: sp.Symbol(f"_ld{k}") for k, v in enumerate(e.lam.variables)}
+    names = {loads[v]: gen.load(x, e.shape) for v, x in zip(e.lam.variables, e.operands)}
+    body = e.lam.expr.xreplace(loads)
+    temps, (value,) = sp.cse([body], symbols=sp.numbered_symbols("_x"), optimizations=None)
+    names.update({t: str(t) for t, _ in temps})
+    return body, temps, value, names
+
 
 def cpu_nd(gen, a):
     """A map over an array of any rank: one loop per axis, the body once per entry."""
     e = a.expr
     gen.head(a)
-    loads = {v: sp.Symbol(f"_ld{k}") for k, v in enumerate(e.lam.variables)}
-    extra = {loads[v]: gen.load(x, e.shape) for v, x in zip(e.lam.variables, e.operands)}
-    body = e.lam.expr.xreplace(loads)
-    temps, (value,) = sp.cse([body], symbols=sp.numbered_symbols("_x"), optimizations=None)
-    extra.update({t: str(t) for t, _ in temps})
+    body, temps, value, extra = _body(gen, e)
     work = 1
     for d in e.shape:
         work *= gen.est(d)
@@ -61,11 +67,7 @@ def map_loop(gen, a, e, sums, store: bool):
     gen.head(a)
     for s in sums:
         gen.head(s)
-    loads = {v: sp.Symbol(f"_ld{k}") for k, v in enumerate(e.lam.variables)}
-    extra = {loads[v]: gen.load(x, e.shape) for v, x in zip(e.lam.variables, e.operands)}
-    body = e.lam.expr.xreplace(loads)
-    temps, (value,) = sp.cse([body], symbols=sp.numbered_symbols("_x"), optimizations=None)
-    extra.update({t: str(t) for t, _ in temps})
+    body, temps, value, extra = _body(gen, e)
     axis0 = [s for s in sums if isinstance(s.expr, AxisSum) and s.expr.axis == 0]
     axis1 = [s for s in sums if isinstance(s.expr, AxisSum) and s.expr.axis == 1]
     totals = [s for s in sums if isinstance(s.expr, Total)]

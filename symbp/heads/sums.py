@@ -11,7 +11,6 @@ from . import register
 _G = sp.Symbol("_g", real=True)
 
 
-
 def cpu_nd(gen, a):
     """A sum over an array of any rank, one loop per axis (a total in a float64
     accumulator, an axis sum straight into its output)."""
