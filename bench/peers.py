@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,23 @@ WORKLOADS = {
 FRAMEWORKS = ["symbp-cpu", "symbp-parallel", "jax-jit", "torch-eager", "numpy"]
 
 
+def workload(name):
+    """W1-W3, or a grid point of bench/scale.py: ``mlp-d16-w64-b32`` is a tanh MLP
+    64 -> 64 x 16 -> 10 with softmax-CE on random data, batch 32, its steps per repeat
+    chosen so that a repeat takes ~0.2 s on this machine."""
+    if name in WORKLOADS:
+        return workload(name)
+    m = re.fullmatch(r"mlp-d(\d+)-w(\d+)-b(\d+)", name)
+    if m is None:
+        raise SystemExit(f"unknown workload {name!r}: W1, W2, W3 or mlp-d<depth>-w<width>-b<batch>")
+    depth, width, batch = map(int, m.groups())
+    flops = 6 * batch * width * width * (depth + 1)  # forward and backward products
+    seconds = flops / 2e10 + 3e-6 * (depth + 1)  # a rough single-core estimate
+    return dict(sizes=[width] * (depth + 1) + [10], acts=["tanh"] * depth, loss="ce",
+                batch=batch, lr=0.01, steps=int(min(2000, max(3, 0.2 / seconds))),
+                what=f"tanh MLP {width}-{width}x{depth}-10, softmax-CE, batch {batch}")
+
+
 # --- the same data and initialisation for everyone ------------------------------------------
 
 
@@ -50,11 +68,16 @@ def data(name):
     elif name == "W2":
         X = rng.random((60000, 784), dtype=np.float32)
         y = rng.integers(0, 10, 60000)
-    else:
+    elif name == "W3":
         X = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float64)
         y = np.array([0, 1, 1, 0])
+    else:  # a grid point: four batches of random rows
+        w = workload(name)
+        rows = 4 * w["batch"]
+        X = rng.standard_normal((rows, w["sizes"][0]), dtype=np.float32)
+        y = rng.integers(0, w["sizes"][-1], rows)
     X = np.ascontiguousarray(X, dtype=np.float32)
-    k = WORKLOADS[name]["sizes"][-1]
+    k = workload(name)["sizes"][-1]
     T = (np.eye(k, dtype=np.float32)[y] if k > 1 else y[:, None].astype(np.float32))
     return X, np.ascontiguousarray(T)
 
@@ -62,7 +85,7 @@ def data(name):
 def init(name):
     """Xavier-uniform weights, zero biases, seeded."""
     rng = np.random.default_rng(1)
-    sizes, params = WORKLOADS[name]["sizes"], {}
+    sizes, params = workload(name)["sizes"], {}
     for k, (a, b) in enumerate(zip(sizes, sizes[1:])):
         lim = np.sqrt(6 / (a + b))
         params[f"W{k}"] = rng.uniform(-lim, lim, (a, b)).astype(np.float32)
@@ -72,7 +95,7 @@ def init(name):
 
 def batches(name):
     X, T = data(name)
-    n = WORKLOADS[name]["batch"]
+    n = workload(name)["batch"]
     return [(X[i:i + n], T[i:i + n]) for i in range(0, len(X) - n + 1, n)]
 
 
@@ -98,7 +121,7 @@ def symbp_expr(name):
 
     import symbp as sb
 
-    w = WORKLOADS[name]
+    w = workload(name)
     N = sp.Symbol("N")
     X = sp.MatrixSymbol("X", N, w["sizes"][0])
     T = sp.MatrixSymbol("T", N, w["sizes"][-1])
@@ -119,7 +142,7 @@ def run_symbp(name, target, repeats, **options):
     import symbp as sb
 
     L, params = symbp_expr(name)
-    w = WORKLOADS[name]
+    w = workload(name)
     step = sb.compile_step(L, params, sb.SGD(w["lr"]), target=target, dtype=np.float32,
                            **options)
     P = init(name)
@@ -130,7 +153,7 @@ def run_symbp(name, target, repeats, **options):
 
 def run_numpy(name, repeats):
     """Hand-written NumPy layers: forward, backward and SGD, no framework."""
-    w, P = WORKLOADS[name], init(name)
+    w, P = workload(name), init(name)
     lr = np.float32(w["lr"])
     nl = len(w["sizes"]) - 1
 
@@ -173,8 +196,8 @@ def run_numpy(name, repeats):
 def run_torch(name, repeats):
     import torch
 
-    torch.set_num_threads(2)
-    w = WORKLOADS[name]
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # 1 under taskset -c 0
+    w = workload(name)
     P = {k: torch.tensor(v, requires_grad=True) for k, v in init(name).items()}
     nl = len(w["sizes"]) - 1
     labels = w["loss"] == "ce"
@@ -206,7 +229,7 @@ def run_jax(name, repeats):
     import jax
     import jax.numpy as jnp
 
-    w = WORKLOADS[name]
+    w = workload(name)
     nl = len(w["sizes"]) - 1
 
     def loss_fn(P, X, T):

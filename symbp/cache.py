@@ -111,7 +111,12 @@ def stamp(source: str) -> str:
                 f"{llvmlite.__version__}, numpy {numpy.__version__}, "
                 f"{sys.implementation.cache_tag}")
     lines = ["# --- symbp.cache key: the source above, compiled against ---", f"# {versions}"]
-    lines += [f"# {name} sha256:{_file_hash(name)}" for name in dependencies(source)]
+    deps = dependencies(source)
+    lines += [f"# {name} sha256:{_file_hash(name)}" for name in deps]
+    if "symbp.backends.blas" in deps:  # the same gemm calls one library or another
+        from .backends.blas import LIBRARY
+
+        lines.append(f"# BLAS: {LIBRARY}")
     return "\n".join(lines) + "\n"
 
 

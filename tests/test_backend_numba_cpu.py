@@ -445,9 +445,22 @@ def test_auto_blas_threads_step_matches_reference():
 # --- the BLAS product the kernels call ----------------------------------------------------
 
 
-def test_gemm_every_layout_alpha_beta_and_empty_sizes():
+@pytest.fixture(params=["numpy", "scipy"])
+def blas_library(request, monkeypatch):
+    """gemm compiled against NumPy's OpenBLAS (where NumPy bundles one) or SciPy's."""
+    from symbp.backends import blas
+
+    if request.param == "numpy" and blas.NUMPY_OPENBLAS is None:
+        pytest.skip("this NumPy bundles no ILP64 OpenBLAS: the kernels call SciPy's")
+    if request.param == "scipy":
+        monkeypatch.setattr(blas, "NUMPY_OPENBLAS", None)  # read when a kernel is lowered
+    return request.param
+
+
+def test_gemm_every_layout_alpha_beta_and_empty_sizes(blas_library):
     """symbp.backends.blas.gemm: C = alpha A@B + beta C for C and F (transposed) operands,
-    both dtypes, empty sizes; a size mismatch is a ValueError, not a wrong answer."""
+    both dtypes, empty sizes, on either library; a size mismatch is a ValueError, not a
+    wrong answer."""
     from numba import njit
 
     from symbp.backends.blas import gemm
@@ -471,7 +484,41 @@ def test_gemm_every_layout_alpha_beta_and_empty_sizes():
                 C = C0.copy()
                 f(a, b, C, -0.5, 2.0)
                 np.testing.assert_allclose(C, want, **TOL[dt], err_msg=f"{form} {m}x{k}x{n}")
+    symbol = {"numpy": "gemm64(", "scipy": "@numba_xxgemm("}[blas_library]
+    assert all(symbol in llvm for llvm in kernels["tn"].inspect_llvm().values())
     with pytest.raises(ValueError, match="sizes"):
         kernels["nn"](np.zeros((2, 3)), np.zeros((4, 5)), np.zeros((2, 5)), 1.0, 0.0)
     with pytest.raises(ValueError, match="sizes"):
         kernels["nn"](np.zeros((2, 3)), np.zeros((3, 5)), np.zeros((2, 4)), 1.0, 0.0)
+
+
+def test_kernels_give_back_the_users_blas_threads():
+    """The kernels' OpenBLAS is NumPy's own: a step run on one BLAS thread leaves the
+    user's thread count as it found it, also when the call fails."""
+    from symbp.backends import blas
+    from symbp.runtime.threads import BLAS
+
+    lib = blas.NUMPY_OPENBLAS
+    if lib is None:
+        pytest.skip("this NumPy bundles no ILP64 OpenBLAS: the kernels call SciPy's")
+    g, params = mlp(["tanh"], "ce", n_in=20, hidden=160, n_out=4)
+    step = sb.compile_step(g, params, sb.SGD(0.1), target="cpu", dtype=np.float64,
+                           blas_threads=1)
+    assert "_gemm(" in step.source
+    rng = np.random.default_rng(0)
+    P = {p.name: rng.standard_normal(p.shape) for p in params}
+    X, T = rng.standard_normal((64, 20)), np.eye(4)[rng.integers(0, 4, 64)]
+    before = lib.scipy_openblas_get_num_threads64_()
+    try:
+        lib.scipy_openblas_set_num_threads64_(2)
+        BLAS.use(1)
+        assert lib.scipy_openblas_get_num_threads64_() == 1
+        BLAS.done()
+        assert lib.scipy_openblas_get_num_threads64_() == 2
+        step(P, X=X, T=T)
+        assert lib.scipy_openblas_get_num_threads64_() == 2
+        with pytest.raises((InputError, ShapeError)):
+            step(P, X=X[:, :3], T=T)
+        assert lib.scipy_openblas_get_num_threads64_() == 2
+    finally:
+        lib.scipy_openblas_set_num_threads64_(before)

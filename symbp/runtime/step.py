@@ -65,7 +65,11 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
         elif blas and BLAS.now != threads:
             BLAS.use(threads)
         outs = [np.empty(s, dt) for s in shapes]
-        ret = kern(*args, *extra, *outs)  # args: the inputs, then the sizes (ints)
+        try:
+            ret = kern(*args, *extra, *outs)  # args: the inputs, then the sizes (ints)
+        finally:
+            if blas:
+                BLAS.done()  # the user's own BLAS thread count back
         if tuner is not None:
             tuner.stop(t0)
         if direct:
@@ -193,6 +197,9 @@ class FusedStep:
             if self._scalar_params:
                 xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
             ret = self.kernel(*xs, self._wsa, *sv, self._f64, t)
+        finally:
+            if self._blas:
+                BLAS.done()  # the user's own BLAS thread count back
         if tuner is not None:
             tuner.stop(t0)
         st["t"] = t

@@ -1,8 +1,8 @@
 """BLAS threads of the compiled kernels: how many the matrix products use, measured while a
 compiled function runs (``blas_threads="auto"``) or fixed by the user.
 
-The kernels call SciPy's OpenBLAS through ``symbp.backends.blas.gemm``; ``BLAS`` sets its
-thread count, ``ThreadTuner`` decides it, ``for_kernel`` reads the user's option and the
+The kernels call OpenBLAS through ``symbp.backends.blas.gemm``; ``BLAS`` sets its thread
+count, ``ThreadTuner`` decides it, ``for_kernel`` reads the user's option and the
 kernel's source (BLAS calls? prange loops?) once per compiled function.
 """
 
@@ -16,7 +16,7 @@ from ..errors import SymbpError
 
 
 class Blas:
-    """The thread count of the OpenBLAS the kernels call (SciPy's copy, as njit's np.dot).
+    """The thread count of the OpenBLAS the kernels call (``symbp.backends.blas.LIBRARY``).
 
     Whether a second thread pays depends on the moment, not the program: on this
     project's 2-core machine the W2 step (two 128x784x256 products) took 1.0-1.1 ms on
@@ -26,30 +26,60 @@ class Blas:
     a compiled function measures it while it is called (``ThreadTuner``,
     ``blas_threads="auto"``, the default); a fixed ``blas_threads=n`` is kept as given.
     A 'parallel' kernel with prange loops keeps one BLAS thread: its loops own the cores,
-    and two pools would fight.  NumPy's OpenBLAS (the user's matmuls) is left alone.
-    Needs threadpoolctl; without it the library default stays.
+    and two pools would fight.
+
+    The user's own matmuls are left alone.  When the kernels call NumPy's OpenBLAS (the
+    one ``np.dot`` uses), ``use`` sets its count for one kernel call and ``done`` gives the
+    user's count back right after (two ctypes calls, ~1 µs, and only when the counts
+    differ).  When they call SciPy's copy, ``use`` sets it through threadpoolctl and
+    keeps it (``now``); without threadpoolctl the library default stays.
     """
 
     def __init__(self):
         self.libs = None
-        self.now = None
+        self.now = None  # SciPy's copy: the count set last.  NumPy's: always None
+        self.user = None  # NumPy's copy: the user's count while a kernel runs, or None
 
     def use(self, n: int) -> None:
+        if self.libs is None:
+            self.libs = self._find()
+        if self.libs == "numpy":
+            from ..backends.blas import NUMPY_OPENBLAS as lib
+
+            user = lib.scipy_openblas_get_num_threads64_()
+            if user != n:
+                lib.scipy_openblas_set_num_threads64_(n)
+                self.user = user
+            return
         if n == self.now:
             return
-        if self.libs is None:
-            try:
-                import scipy.linalg.cython_blas  # noqa: F401  (load it, so it can be found)
-                from threadpoolctl import ThreadpoolController
-
-                self.libs = [c for c in ThreadpoolController().lib_controllers
-                             if c.user_api == "blas" and "scipy" in os.path.basename(
-                                 os.path.dirname(c.filepath))]
-            except ImportError:
-                self.libs = []
         for c in self.libs:
             c.set_num_threads(n)
         self.now = n
+
+    def done(self) -> None:
+        """After a kernel call: the user's thread count back (NumPy's OpenBLAS)."""
+        if self.user is not None:
+            from ..backends.blas import NUMPY_OPENBLAS
+
+            NUMPY_OPENBLAS.scipy_openblas_set_num_threads64_(self.user)
+            self.user = None
+
+    @staticmethod
+    def _find():
+        from ..backends.blas import NUMPY_OPENBLAS
+
+        if NUMPY_OPENBLAS is not None:
+            return "numpy"
+        try:
+            import scipy.linalg.cython_blas  # noqa: F401  (load it, so it can be found)
+            from threadpoolctl import ThreadpoolController
+
+            return [c for c in ThreadpoolController().lib_controllers
+                    if c.user_api == "blas" and "scipy" in os.path.basename(
+                        os.path.dirname(c.filepath))]
+        except ImportError:
+            return []
 
 
 BLAS = Blas()
