@@ -1,8 +1,7 @@
 """One BLAS matrix product for generated njit kernels: ``gemm(A, B, C, alpha, beta)``.
 
-Computes ``C = alpha * A @ B + beta * C`` in place, on the same BLAS that Numba's
-``np.dot`` calls (SciPy's OpenBLAS through Numba's ``numba_xxgemm`` helper).  Why not
-``np.dot(A, B, out)``:
+Computes ``C = alpha * A @ B + beta * C`` in place with one BLAS ``?gemm`` call (which
+library: below).  Why not ``np.dot(A, B, out)``:
 
 - ``beta`` lets a kernel add a product into an array: the SGD update ``W -= lr * A @ B``
   is one call with ``alpha = -lr, beta = 1``; no gradient buffer is written and read back.
