@@ -4,6 +4,7 @@ time per depth, the public call, and ``blas_threads="auto"`` beside a busy neigh
     python bench/scale.py                           # everything, ~15-25 minutes
     python bench/scale.py --parts grid --modes pinned --rounds 3
     python bench/scale.py --parts grid --points mlp-d16-w64-b32,mlp-d2-w2048-b64
+    python bench/scale.py --parts grid --base /tmp/before   # and symbp from another checkout
 
 The grid: a tanh MLP width -> width x depth -> 10, softmax-CE, float32, SGD (peers.py's
 ``mlp-d<depth>-w<width>-b<batch>`` workloads), value, gradient and update in one step:
@@ -12,7 +13,9 @@ at depth 2 and width 256.  Every (point, framework, mode) runs in its own fresh 
 round-robin over the frameworks; ``pinned`` = ``taskset -c 0`` for every framework (one
 core: symbp and PyTorch then use one thread, XLA one core), ``unpinned`` = both cores,
 each framework with its defaults (symbp ``blas_threads="auto"``, PyTorch two threads).
-The table gives medians in ms/step and symbp/JAX, symbp/PyTorch from this one run.
+The table gives medians in ms/step and symbp/JAX, symbp/PyTorch from this one run;
+``--base`` adds a column: symbp imported from another checkout (its ``PYTHONPATH``), the
+same workloads, in the same round-robin (before/after in one run).
 
 The other parts run the scripts that own them and print their tables: ``compile``
 (bench/compile.py: cold and cached compile per depth, JAX's cold jit beside it), ``call``
@@ -29,6 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,13 +46,17 @@ PARTS = {"compile": ["compile.py", "--depths", "2,4,8,16,32", "--rounds", "1"],
          "threads": ["threads.py", "--steps", "1000", "--repeats", "2"]}
 
 
-def step_ms(framework: str, point: str, pinned: bool, repeats: int):
+def step_ms(framework: str, point: str, pinned: bool, repeats: int, base=None):
     """Median ms/step of one framework on one point, in a fresh process; None if the
-    framework is not installed (its error's last line goes to stderr)."""
+    framework is not installed (its error's last line goes to stderr).  ``symbp-base``:
+    symbp-cpu imported from the checkout ``base``."""
     pin = ["taskset", "-c", "0"] if pinned else []
+    env = dict(os.environ)
+    if framework == "symbp-base":
+        framework, env["PYTHONPATH"] = "symbp-cpu", base
     r = subprocess.run([*pin, sys.executable, os.path.join(HERE, "peers.py"), "--worker",
                         framework, point, "--repeats", str(repeats)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["?"])[-1]
         print(f"  {point} {framework}: skipped ({last[:120]})", file=sys.stderr)
@@ -56,14 +64,15 @@ def step_ms(framework: str, point: str, pinned: bool, repeats: int):
     return statistics.median(json.loads(r.stdout.strip().splitlines()[-1])["per"])
 
 
-def grid(points, modes, rounds, repeats):
+def grid(points, modes, rounds, repeats, base=None):
     load, t0 = os.getloadavg()[0], time.time()
+    fws = FRAMEWORKS + (("symbp-base",) if base else ())
     got: dict = {}
     for _ in range(rounds):
         for mode in modes:
             for point in points:
-                for fw in FRAMEWORKS:
-                    ms = step_ms(fw, point, mode == "pinned", repeats)
+                for fw in fws:
+                    ms = step_ms(fw, point, mode == "pinned", repeats, base)
                     if ms is not None:
                         got.setdefault((mode, point, fw), []).append(ms)
     print(f"## step grid: median ms/step of {rounds} fresh process(es) x {repeats} repeats; "
@@ -71,14 +80,16 @@ def grid(points, modes, rounds, repeats):
           f"{time.time() - t0:.0f} s\n")
     for mode in modes:
         print(f"### {mode}\n")
-        print("| point | symbp | JAX | PyTorch | symbp/JAX | symbp/PyTorch |")
-        print("|---|---|---|---|---|---|")
+        head = ["symbp", "JAX", "PyTorch"] + (["symbp before"] if base else [])
+        ratio_of = ["JAX", "PyTorch"] + (["before"] if base else [])
+        print("| point | " + " | ".join(head + [f"symbp/{r}" for r in ratio_of]) + " |")
+        print("|---|" + "---|" * (len(head) + len(ratio_of)))
         for point in points:
             ms = {fw: statistics.median(got[mode, point, fw])
-                  for fw in FRAMEWORKS if (mode, point, fw) in got}
-            cells = [f"{ms[fw]:.4g}" if fw in ms else "-" for fw in FRAMEWORKS]
+                  for fw in fws if (mode, point, fw) in got}
+            cells = [f"{ms[fw]:.4g}" if fw in ms else "-" for fw in fws]
             ratios = [f"{ms['symbp-cpu'] / ms[fw]:.2f}" if {"symbp-cpu", fw} <= ms.keys()
-                      else "-" for fw in FRAMEWORKS[1:]]
+                      else "-" for fw in fws[1:]]
             print(f"| {point} | " + " | ".join(cells + ratios) + " |")
         print()
 
@@ -90,12 +101,14 @@ def main():
     ap.add_argument("--modes", default="pinned,unpinned")
     ap.add_argument("--rounds", type=int, default=1, help="fresh processes per grid cell")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--base", help="another checkout: its symbp as one more grid column")
     args = ap.parse_args()
     parts = args.parts.split(",")
     if "pinned" in args.modes and not shutil.which("taskset"):
         raise SystemExit("pinned runs need taskset (util-linux)")
     if "grid" in parts:
-        grid(args.points.split(","), args.modes.split(","), args.rounds, args.repeats)
+        base = os.path.abspath(args.base) if args.base else None
+        grid(args.points.split(","), args.modes.split(","), args.rounds, args.repeats, base)
     for part in parts:
         if part in PARTS:
             script, *rest = PARTS[part]
