@@ -39,13 +39,15 @@ import numpy
 import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 
+from .. import optim
 from ..errors import SymbpError, UnsupportedError
 from ..heads import require, rule
 from ..ir import Program
 from ..matrix import Elementwise, is_matrix
 from ..passes import optimize
+from ..runtime import device
 from . import Kernel, identifiers
-from .scalar import Routines, ScalarPrinter
+from .scalar import Routines, ScalarPrinter, entry_lines
 
 # Kernel code sees these globals; an IR name spelled like one is renamed (`math` ->
 # `math_2`; Python's builtins, `max`, `range`, ..., are avoided by `identifiers` itself).
@@ -367,7 +369,8 @@ class _Gen:
         return uses
 
     def sig(self, kinds: str) -> str:
-        t = {"M": f"{self.dt}[:, ::1]", "V": f"{self.dt}[::1]", "i": "int64", "f": self.dt}
+        t = {"M": f"{self.dt}[:, ::1]", "V": f"{self.dt}[::1]", "i": "int64", "f": self.dt,
+             "L": f"{self.dt}[:, ::1]"}
         return "void(" + ", ".join(t[k] for k in kinds) + ")"
 
     def use_fixed(self, name: str):
@@ -379,7 +382,7 @@ class _Gen:
                 self.fixed.setdefault("_row_trees", _ROW_TREES)
 
     # the walk ------------------------------------------------------------------------
-    def run(self) -> str:
+    def run(self, update=None) -> str:
         body = list(self.p.body)
         k = 0
         while k < len(body):
@@ -402,7 +405,7 @@ class _Gen:
             else:
                 how(self, a)
                 k += 1
-        return self.module()
+        return self.module(update)
 
     def _fusable(self, group, b) -> bool:
         """b joins the group if it is a map of the same shape that reads the group's
@@ -533,65 +536,166 @@ class _Gen:
         return _doc(e, self.ids)
 
     # the module ----------------------------------------------------------------------
-    def module(self) -> str:
+    def module(self, update=None) -> str:
+        """The module text; ``update`` (an optimizer's rule) adds its flat ``_update``
+        kernel, which a device-resident training step launches after ``symbp_cuda_run``."""
         p, ids = self.p, self.ids
-        unbuffered = self.unbuffered
-        mats = [n for n in list(p.inputs) + [n for a in p.body for n in (a.name, *a.also)]
-                if is_matrix(n) and n not in unbuffered]
+        # the device arrays a call reads and writes: the matrix inputs, then the matrix
+        # values that are outputs (the gradients); a training step passes its own (views
+        # of its flat parameter and gradient buffers), a host call its copies
+        ins = [s for s in p.inputs if is_matrix(s)]
+        made = {n for a in p.body for n in (a.name, *a.also)}
+        outs = list(dict.fromkeys(o for o in p.outputs if is_matrix(o) and o in made))
+        io = ins + outs
+        mats = [n for a in p.body for n in (a.name, *a.also)
+                if is_matrix(n) and n not in self.unbuffered and n not in outs]
         dims = [ids[d] for d in p.dims]
         key = "(" + "".join(f"{d}, " for d in dims) + ")"
-        allocs = [f"cuda.device_array(({', '.join(self.shape_src(n.shape))}), _HT)" for n in mats]
+
+        def alloc(shape):
+            return f"cuda.device_array(({', '.join(shape)},), _HT)"
+
+        allocs = [alloc(self.shape_src(n.shape)) for n in mats]
         allocs += [f"cuda.device_array({shape}, _HT)" for _, shape in self.scratch]
         allocs.append(f"cuda.device_array({max(len(self.slot), 1)}, _HT)")
         names = [self.d(n) for n in mats] + [b for b, _ in self.scratch] + ["_scalars"]
 
         out = [_HEADER.format(dt=self.dt, tile=self.tile, block=self.block)]
+        if update is not None:  # a training step's kernels
+            self.kernels += [self.update_kernel(update), _GATHER]
+            self.sigs["_gather"] = f"void({self.dt}[:, ::1], int64[::1], {self.dt}[:, ::1])"
         out += [_HELPERS[h] for h in sorted(self.helpers)]
         trees = self.fixed.pop("_row_trees", None)  # device functions before their callers
         out += ([trees] if trees else []) + list(self.fixed.values()) + self.kernels
         sigs = "".join(f"    {k!r}: {v!r},\n" for k, v in self.sigs.items())
         out.append("# argument types of every kernel, for ahead-of-time compiling "
                    "(cuda.compile_ptx)\n_SIGNATURES = {\n" + sigs + "}\n")
+        out.append(self.layout(ins, outs))
+
+        lines = [*_sized("_buffers", dims, key, allocs, names,
+                         "Scratch device buffers for one set of sizes: allocated once, then "
+                         "reused."), "", "",
+                 *_sized("_io", dims, key, [alloc(self.shape_src(n.shape)) for n in io],
+                         [self.d(n) for n in io],
+                         "The device copies of a host call's matrix inputs and outputs."),
+                 "", ""]
+        run = [self.d(n) for n in io] + dims
+        lines += [f"def symbp_cuda_run({', '.join(run)}):",
+                  '    """Every kernel of one call, in order, on device arrays: the matrix '
+                  'inputs, then\n    the matrix outputs (written in place).  Returns the '
+                  'device scalars."""',
+                  "    (", *_wrap(names, "        "), f"    ) = _buffers({', '.join(dims)})"]
+        lines += [f"    {s}" for s in self.driver]
+        lines += ["    return _scalars", "", ""]
 
         params = [ids[s] for s in p.inputs] + dims
-        lines = [f"def _buffers({', '.join(dims)}):",
-                 '    """Device buffers for one set of sizes: allocated once, then reused."""',
-                 f"    key = {key}",
-                 "    got = _cache.get(key)",
-                 "    if got is None:",
-                 "        if len(_cache) >= 4:  # a few batch sizes (e.g. the last, short batch)",
-                 "            _cache.clear()",
-                 "        got = _cache[key] = (",
-                 *[f"            {a},  # {n}" for a, n in zip(allocs, names)],
-                 "        )",
-                 "    return got",
-                 "",
-                 "",
-                 f"def symbp_cuda({', '.join(params)}):",
-                 "    (", *_wrap(names, "        "), f"    ) = _buffers({', '.join(dims)})"]
-        for s in p.inputs:
-            if is_matrix(s):
-                lines.append(f"    {self.d(s)}.copy_to_device({ids[s]})")
+        lines += [f"def symbp_cuda({', '.join(params)}):",
+                  '    """Host arrays in, host arrays out: copies around symbp_cuda_run."""']
+        if io:
+            lines += ["    (", *_wrap([self.d(n) for n in io], "        "),
+                      f"    ) = _io({', '.join(dims)})"]
+        for s in ins:
+            lines.append(f"    {self.d(s)}.copy_to_device({ids[s]})")
+        lines.append(f"    _scalars = _buffers({', '.join(dims)})[-1]")
         if self.n_scalar_inputs:
             vals = ", ".join(ids[s] for s in p.inputs if not is_matrix(s))
             lines.append(f"    _scalars[:{self.n_scalar_inputs}].copy_to_device("
                          f"numpy.array([{vals}], _HT))")
-        lines += [f"    {s}" for s in self.driver]
-        outs = []
+        lines.append(f"    symbp_cuda_run({', '.join(run)})")
+        results = []
         if any(not is_matrix(o) and o in self.slot for o in p.outputs):
             lines.append("    _h = _scalars.copy_to_host()")
         for o in p.outputs:
             if is_matrix(o):
-                outs.append(f"{self.d(o)}.copy_to_host()")
+                results.append(f"{self.d(o)}.copy_to_host()")
             elif o in self.slot:
-                outs.append(f"_HT(_h[{self.slot[o]}])")
+                results.append(f"_HT(_h[{self.slot[o]}])")
             elif o in self.dims:
-                outs.append(f"_HT({ids[o]})")
+                results.append(f"_HT({ids[o]})")
             else:
-                outs.append(f"_HT({float(o)!r})")
-        lines.append(f"    return ({', '.join(outs)},)")
+                results.append(f"_HT({float(o)!r})")
+        lines.append(f"    return ({', '.join(results)},)")
         out.append("_cache = {}\n\n\n" + "\n".join(lines) + "\n")
         return "\n\n".join(out)
+
+    def layout(self, ins, outs) -> str:
+        """What a caller of ``symbp_cuda_run`` needs to know, as module constants."""
+        p = self.p
+        where = []  # each output of the program: where its value is after a run
+        for o in p.outputs:
+            if o in outs:
+                where.append(("run", outs.index(o)))
+            elif o in self.slot:
+                where.append(("slot", self.slot[o]))
+            elif o in p.inputs:
+                where.append(("input", p.inputs.index(o)))
+            else:
+                where.append(("const", float(o) if not is_matrix(o) else 0.0))
+        scal = [str(s) for s in p.inputs if not is_matrix(s)]
+        return ("# symbp_cuda_run's calling convention: its matrix inputs by name, the scalar "
+                "inputs\n# (in _scalars[:n]), where each output of the program lies after a "
+                "run, and\n# how many kernels one run launches\n"
+                f"_RUN_INPUTS = {tuple(str(s) for s in ins)!r}\n"
+                f"_SCALAR_INPUTS = {tuple(scal)!r}\n"
+                f"_OUTPUTS = {tuple(where)!r}\n"
+                f"_LAUNCHES = {len(self.driver)}\n"
+                f"_N_SLOTS = {max(len(self.slot), 1)}\n")
+
+    def update_kernel(self, rule) -> str:
+        """``_update``: the optimizer's rule (symbp.optim) on every entry of the flat
+        parameter buffer, with the step's log: ``L[s] = (loss, 1 if an entry is not
+        finite)``.  The hyperparameters and per-step scalars come as arguments, rounded
+        to the dtype once per step on the host (as the CPU step rounds them)."""
+        bufs = [f"_{b}_w" for b in rule.state]
+        scalars = [f"_opt_{h}" for h in rule.hyper] + [f"_opt_{s}" for s, _ in rule.per_step]
+        refs = {rule.w: "w[_i]", **{sp.Symbol(b): f"_{b}_w[_i]" for b in rule.state}}
+
+        def expr(e, names):
+            return self.pr.doprint(e.xreplace({x: sp.Symbol(n) for x, n in names.items()}))
+
+        body = entry_lines(rule, rule.update, refs, "g[_i]", expr)
+        params = ["w", "_B", "g", *bufs, *scalars, "_n", "_S", "_slot", "_L", "_s"]
+        lines = ["@cuda.jit", f"def _update({', '.join(params)}):",
+                 '    """The optimizer\'s update of every parameter entry (one flat buffer), '
+                 "each first\n    kept in B (the guard\'s backup); L[s, 0] = the loss, "
+                 'L[s, 1] = 1 when an updated\n    entry is not finite."""',
+                 "    _i = cuda.grid(1)",
+                 "    if _i == 0:",
+                 "        _L[_s, 0] = _S[_slot]",
+                 "    if _i < _n:",
+                 "        _B[_i] = w[_i]",
+                 *[f"        {ln}" for ln in body],
+                 "        if not math.isfinite(w[_i]):",
+                 "            _L[_s, 1] = _DT(1)"]
+        kinds = "VVV" + "V" * len(bufs) + "f" * len(scalars) + "iVi" + "L" + "i"
+        self.sigs["_update"] = self.sig(kinds)
+        return "\n".join(lines) + "\n"
+
+
+# the epoch's shuffle of training data kept on the device
+_GATHER = '''\
+@cuda.jit
+def _gather(X, idx, Y):
+    """Y[r, c] = X[idx[r], c]: one thread per entry."""
+    n = cuda.grid(1)
+    if n < Y.shape[0] * Y.shape[1]:
+        r = n // Y.shape[1]
+        Y[r, n - r * Y.shape[1]] = X[idx[r], n - r * Y.shape[1]]
+'''
+
+
+def _sized(fn, dims, key, allocs, names, doc) -> list[str]:
+    """A function of the sizes returning device arrays made once per set of sizes."""
+    return [f"def {fn}({', '.join(dims)}):", f'    """{doc}"""',
+            f"    key = {key}",
+            f"    got = _cache.get(('{fn}', key))",
+            "    if got is None:",
+            "        if len(_cache) >= 8:  # a few batch sizes (e.g. the last, short batch)",
+            "            _cache.clear()",
+            f"        got = _cache[('{fn}', key)] = (",
+            *[f"            {a},  # {n}" for a, n in zip(allocs, names)],
+            "        )",
+            "    return got"]
 
 
 _HEADER = '''\
@@ -668,8 +772,9 @@ def _power_of_two(name, v) -> int:
 
 
 def generate(program: Program, dtype=numpy.float32, tile: int = 16, block: int = 256,
-             fuse: bool = True) -> str:
-    """The CUDA module source for ``program`` (no Numba needed to generate it)."""
+             fuse: bool = True, update=None) -> str:
+    """The CUDA module source for ``program`` (no Numba needed to generate it); with
+    ``update`` (an optimizer's ``Rule``) also its ``_update`` kernel."""
     dtype = numpy.dtype(dtype)
     if dtype not in (numpy.float32, numpy.float64):
         raise SymbpError(f"the CUDA backend computes in float32 or float64, not {dtype}")
@@ -688,7 +793,7 @@ def generate(program: Program, dtype=numpy.float32, tile: int = 16, block: int =
             f"the CUDA backend computes with matrices only, and {nd.name} = {nd.expr} is a "
             f"{len(nd.name.shape)}-D array: compile this program for 'cpu', 'parallel' or "
             "'numpy'")
-    return _Gen(program, dtype, tile, block, fuse).run()
+    return _Gen(program, dtype, tile, block, fuse).run(update)
 
 
 def load(source: str) -> dict:
@@ -700,8 +805,18 @@ def load(source: str) -> dict:
     return ns
 
 
-def build(program: Program, dtype=numpy.float32, target: str = "cuda", tile: int = 16,
-          block: int = 256, fuse: bool = True, **options) -> Kernel:
+def _options(tile=None, block=None, fuse=True, **options) -> dict:
+    if options:
+        raise SymbpError(f"unknown CUDA options {sorted(options)}: use tile, block, fuse")
+    from numba import config
+
+    # Numba's simulator runs one Python thread per CUDA thread: small blocks there
+    small = config.ENABLE_CUDASIM
+    return {"tile": tile or (4 if small else 16), "block": block or (8 if small else 256),
+            "fuse": fuse}
+
+
+def build(program: Program, dtype=numpy.float32, target: str = "cuda", **options) -> Kernel:
     """Compile ``program`` for Numba CUDA.
 
     ``fn(*inputs, *dims)`` takes host arrays and returns host arrays ``(loss, *grads)``
@@ -709,16 +824,37 @@ def build(program: Program, dtype=numpy.float32, target: str = "cuda", tile: int
     compiled function must not be called from two threads at once.
 
     Options: ``tile`` (matmul tile and reduction block edge, a power of two,
-    tile² ≤ 1024), ``block`` (threads of 1-D kernels) and
+    tile² ≤ 1024; 16), ``block`` (threads of 1-D kernels; 256; in Numba's simulator the
+    defaults are 4 and 8) and
     ``fuse`` (``passes.optimize`` first, then consecutive same-shape maps share one
     kernel; ``fuse=False`` gives one kernel per assignment, for debugging).
     """
-    if options:
-        raise SymbpError(f"unknown CUDA options {sorted(options)}: use tile, block, fuse")
-    source = generate(program, dtype, tile=tile, block=block, fuse=fuse)
-    try:
-        from numba import cuda  # noqa: F401
-    except ImportError as err:  # pragma: no cover - numba is a core dependency
-        raise SymbpError(f"the CUDA target needs numba's CUDA support: {err}") from err
+    source = generate(program, dtype, **_options(**options))
+    device.cuda()  # no GPU: one line saying so, before any kernel is compiled
+    return Kernel(fn=device.host_call(load(source)), source=source)
+
+
+def build_step(program: Program, optimizer, dtype=numpy.float32, target: str = "cuda",
+               **options):
+    """A training step whose parameters, gradients and optimizer buffers stay on the
+    device (``symbp.runtime.device.DeviceStep``): the program's kernels, then one
+    ``_update`` kernel over the flat parameter buffer.  Used by ``sb.compile_step``.
+
+    A program with a scalar parameter, or a parameter whose shape depends on a size,
+    gets the gradient call followed by the NumPy update instead (``symbp.api.Step``).
+    """
+    from ..api import Compiled, Step
+
+    opts = _options(**options)
+    rule_ = optim.rule(optimizer)
+    if any(not is_matrix(w) or not all(sp.sympify(d).is_Integer for d in w.shape)
+           for w in program.wrt):
+        return Step(Compiled(program, target, numpy.dtype(dtype),
+                             build(program, dtype, **opts)), optimizer)
+    source = generate(program, dtype, update=rule_, **opts)
+    device.cuda()
     ns = load(source)
-    return Kernel(fn=ns["symbp_cuda"], source=source)
+    if ns["_OUTPUTS"][0][0] != "slot":
+        raise UnsupportedError(f"the loss {program.outputs[0]} is not computed on the device: "
+                               "compile this step for 'cpu'")
+    return device.DeviceStep(program, source, ns, optimizer, dtype, opts["block"])
