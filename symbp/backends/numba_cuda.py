@@ -43,7 +43,7 @@ from .. import optim
 from ..errors import SymbpError, UnsupportedError
 from ..heads import require, rule
 from ..ir import Program
-from ..matrix import Elementwise, is_matrix
+from ..matrix import AxisSum, Elementwise, is_matrix
 from ..passes import optimize
 from ..runtime import device
 from . import Kernel, identifiers
@@ -213,6 +213,25 @@ def _sce_rows(Z, T, L, Rs, R, C):
         L[i, 0] = tm + r * math.log(s)
         Rs[i, 0] = r
 ''', "MMMMii"),
+    "_sce_softmax_rows": ('''\
+@cuda.jit
+def _sce_softmax_rows(Z, T, L, Rs, Y, R, C):
+    """_sce_rows, and Y = softmax(Z) (the gradient's) from the same max and Σ exp: one
+    pass over the logits instead of two."""
+''' + _ROW_PROLOGUE + '''\
+    tm = _DT(0)
+    r = _DT(0)
+    if ok:
+        for j in range(tx, C, _TILE):
+            tm += T[i, j] * (m - Z[i, j])
+            r += T[i, j]
+            Y[i, j] = math.exp(Z[i, j] - m) / s
+    tm = _row_sum(sh, tm, ty, tx)
+    r = _row_sum(sh, r, ty, tx)
+    if tx == 0 and ok:
+        L[i, 0] = tm + r * math.log(s)
+        Rs[i, 0] = r
+''', "MMMMMii"),
     "_transpose": ('''\
 @cuda.jit
 def _transpose(X, Y, R, C):
@@ -225,7 +244,7 @@ def _transpose(X, Y, R, C):
 ''', "MMii"),
 }
 
-_NEEDS_TREES = {"_axis_sum1", "_softmax", "_log_softmax", "_sce_rows"}
+_NEEDS_TREES = {"_axis_sum1", "_softmax", "_log_softmax", "_sce_rows", "_sce_softmax_rows"}
 
 
 def _matmul_kernel(ta: bool, tb: bool) -> tuple[str, str]:
@@ -393,8 +412,10 @@ class _Gen:
                 while (self.fuse and k + len(group) < len(body)
                        and self._fusable(group, body[k + len(group)])):
                     group.append(body[k + len(group)])
-                self.elementwise(group, k)
-                k += len(group)
+                after = body[k + len(group)] if k + len(group) < len(body) else None
+                colsum = after if self._colsum(group, after) else None
+                self.elementwise(group, k, colsum)
+                k += len(group) + (colsum is not None)
             elif how == "scalars":
                 run = [a]
                 while (k + len(run) < len(body)
@@ -407,6 +428,13 @@ class _Gen:
                 k += 1
         return self.module(update)
 
+    def _colsum(self, group, b) -> bool:
+        """b = 1ᵀ M (column sums, a bias gradient) of a member M of the group: the group's
+        kernel can sum M where it computes it."""
+        return (self.fuse and b is not None and isinstance(b.expr, AxisSum)
+                and b.expr.axis == 0 and b.expr.args[0] in {g.name for g in group}
+                and not isinstance(b.expr.args[0], sp.Transpose))
+
     def _fusable(self, group, b) -> bool:
         """b joins the group if it is a map of the same shape that reads the group's
         values only at its own entry (never transposed)."""
@@ -418,10 +446,13 @@ class _Gen:
         return not any(isinstance(x, sp.Transpose) and x.arg in members for x in b.expr.operands)
 
     # elementwise groups --------------------------------------------------------------
-    def elementwise(self, group, k):
+    def elementwise(self, group, k, colsum=None):
+        """One kernel for a group of maps; with ``colsum`` (the next assignment, Y = 1ᵀ M
+        of a member M) the kernel also sums the columns, in ``_axis_sum0``'s layout and
+        order: one launch instead of two, M read from registers, not memory."""
         shape = tuple(group[0].expr.shape)
         members = {g.name for g in group}
-        last = k + len(group)  # index of the first assignment after the group
+        last = k + len(group) + (colsum is not None)  # the first assignment after the kernel
         # a member is stored if something outside the group reads it
         stored = [g.name for g in group
                   if any(u >= last for u in self.uses.get(g.name, ()))]
@@ -477,20 +508,41 @@ class _Gen:
         arrays = [x for x in arrays if x not in members]
         R, C = self.shape_src(shape)
         name = f"_k_{self.ids[group[0].name]}"
-        params = ([self.ids[x] for x in arrays] + [self.ids[x] for x in stored]
+        sums = [colsum.name] if colsum is not None else []
+        params = ([self.ids[x] for x in arrays] + [self.ids[x] for x in stored + sums]
                   + (["_S"] if scal else []) + [self.ids[x] for x in dims] + ["_R", "_C"])
-        kinds = "M" * (len(arrays) + len(stored)) + ("V" if scal else "") + "i" * (len(dims) + 2)
+        kinds = ("M" * (len(arrays) + len(stored) + len(sums)) + ("V" if scal else "")
+                 + "i" * (len(dims) + 2))
+        if colsum is not None:
+            docs.append(f"{self.ids[colsum.name]} = {_doc(colsum.expr, self.ids)}")
         lines = ["@cuda.jit", f"def {name}({', '.join(params)}):"]
         lines.append(f'    """{"; ".join(docs)}"""')
-        lines += ["    _n = cuda.grid(1)", "    if _n < _R * _C:",
-                  "        _i = _n // _C", "        _j = _n - _i * _C"]
-        lines += [f"        {s}" for s in loads + body]
+        if colsum is None:
+            lines += ["    _n = cuda.grid(1)", "    if _n < _R * _C:",
+                      "        _i = _n // _C", "        _j = _n - _i * _C"]
+            lines += [f"        {s}" for s in loads + body]
+            grid, block = f"_grid1({R} * {C})", "_BLOCK"
+        else:  # _axis_sum0's loop and tree, the map's entry computed where it is summed
+            lines += ["    _sh = cuda.shared.array((_TILE, _PAD), _DT)",
+                      "    _tx = cuda.threadIdx.x", "    _ty = cuda.threadIdx.y",
+                      "    _j = cuda.blockIdx.x * _TILE + _tx", "    _acc = _DT(0)",
+                      "    if _j < _C:", "        for _i in range(_ty, _R, _TILE):"]
+            lines += [f"            {s}" for s in loads + body]
+            lines += [f"            _acc += {local[colsum.expr.args[0]]}",
+                      "    _sh[_ty, _tx] = _acc", "    cuda.syncthreads()",
+                      "    _s = _TILE // 2", "    while _s > 0:", "        if _ty < _s:",
+                      "            _sh[_ty, _tx] += _sh[_ty + _s, _tx]",
+                      "        cuda.syncthreads()", "        _s //= 2",
+                      "    if _ty == 0 and _j < _C:",
+                      f"        {self.ids[colsum.name]}[0, _j] = _sh[0, _tx]"]
+            grid, block = f"_grid_tiles({C})", "(_TILE, _TILE)"
         self.kernels.append("\n".join(lines) + "\n")
         self.sigs[name] = self.sig(kinds)
-        args = ([self.d(x) for x in arrays] + [self.d(x) for x in stored]
+        args = ([self.d(x) for x in arrays] + [self.d(x) for x in stored + sums]
                 + (["_scalars"] if scal else []) + [self.ids[x] for x in dims] + [R, C])
-        what = ", ".join(self.ids[g.name] for g in group)
-        self.driver.append(f"{name}[_grid1({R} * {C}), _BLOCK]({', '.join(args)})  # {what}")
+        what = ", ".join(self.ids[g.name] for g in group) + "".join(
+            f", {self.ids[x]}" for x in sums)
+        self.driver.append(f"{name}[{grid}, {block}]({', '.join(args)})  # {what}")
         self.unbuffered |= members - set(stored)
 
     # runs of scalar assignments -------------------------------------------------------

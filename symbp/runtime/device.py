@@ -67,9 +67,10 @@ def out_of_memory(err: BaseException) -> bool:
     return "OUT_OF_MEMORY" in str(err) or "out of memory" in str(err).lower()
 
 
-def oom_error(what: str, nbytes: int) -> SymbpError:
-    return SymbpError(f"the GPU ran out of memory for {what} ({nbytes / 2**20:.1f} MiB): use a "
-                      "smaller batch_size or model, float32, or target='cpu'")
+def oom_error(what: str, nbytes: int | None = None) -> SymbpError:
+    size = f" ({nbytes / 2**20:.1f} MiB)" if nbytes is not None else ""
+    return SymbpError(f"the GPU ran out of memory for {what}{size}: use a smaller batch_size "
+                      "or model, float32, or target='cpu'")
 
 
 def alloc(nc, shape, dtype, what: str):
@@ -275,7 +276,8 @@ class DeviceStep:
             S = self.kernel(*args, *self._outs, *dims)
         except Exception as err:  # noqa: BLE001 - numba-cuda's CudaAPIError
             if out_of_memory(err):
-                raise oom_error(f"a batch of sizes {dims}", 0) from None
+                sizes = ", ".join(f"{d}={v}" for d, v in zip(self.program.dims, dims))
+                raise oom_error(f"the buffers of a batch with {sizes}") from None
             raise
         for dst, (kind, ref) in self._after:
             dst.copy_to_device(self._outs[ref] if kind == "out" else args[
