@@ -43,7 +43,7 @@ from .. import optim
 from ..errors import SymbpError, UnsupportedError
 from ..heads import require, rule
 from ..ir import Program
-from ..matrix import AxisSum, Elementwise, is_matrix
+from ..matrix import Elementwise, is_matrix
 from ..passes import optimize
 from ..runtime import device
 from . import Kernel, identifiers
@@ -431,9 +431,9 @@ class _Gen:
     def _colsum(self, group, b) -> bool:
         """b = 1ᵀ M (column sums, a bias gradient) of a member M of the group: the group's
         kernel can sum M where it computes it."""
-        return (self.fuse and b is not None and isinstance(b.expr, AxisSum)
-                and b.expr.axis == 0 and b.expr.args[0] in {g.name for g in group}
-                and not isinstance(b.expr.args[0], sp.Transpose))
+        into_map = b is not None and rule(b.expr).extra.get("cuda_into_map")
+        return bool(self.fuse and into_map and into_map(b.expr)
+                    and b.expr.args[0] in {g.name for g in group})
 
     def _fusable(self, group, b) -> bool:
         """b joins the group if it is a map of the same shape that reads the group's
