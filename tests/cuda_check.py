@@ -374,10 +374,13 @@ def ptx() -> dict:
     dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=(8, 0))
 
     result, seen = {}, {}
-    for name, (make, _, _) in CASES.items():
+    # every case, then a training step's module for each optimizer (its _update, _gather)
+    modules = [(name, make, None) for name, (make, _, _) in CASES.items()]
+    modules += [(f"step_{o}", _mlp_sce, getattr(sb, o)().rule) for o, _ in STEP_OPTS]
+    for name, make, update in modules:
         f, wrt = make()
         fn = sb.compile(f, wrt, target="numpy", dtype=np.float32)  # just for its Program
-        ns = numba_cuda.load(numba_cuda.generate(fn.program, np.float32))
+        ns = numba_cuda.load(numba_cuda.generate(fn.program, np.float32, update=update))
         for kname, sig in ns["_SIGNATURES"].items():
             text = inspect.getsource(ns[kname].py_func) + sig
             if text in seen:  # a fixed kernel (_mm_nn, _total, ...) already compiled
