@@ -8,9 +8,11 @@ launch, or "maps"/"scalars" for the heads this module groups into one kernel:
                       chains, then consecutive maps of one shape share a kernel (a value
                       used only inside its group stays in a register)
     MatMul            a tiled shared-memory product, one TILE×TILE block per output tile;
-                      transposed operands are read transposed, never copied
+                      transposed operands are read transposed, never copied; maps that
+                      alone read the product (bias, activation) run in its kernel
     AxisSum           a TILE×TILE block sums a strip of columns (axis 0) or rows (axis 1)
-                      with a tree in shared memory
+                      with a tree in shared memory; the column sums of a map's value (a
+                      bias gradient) are taken in that map's kernel, in the same order
     Total             one block: strided partial sums, then a tree in shared memory
     Softmax, LogSoftmax, SoftmaxCrossEntropy
                       TILE rows per block, TILE threads per row: max, then Σ exp, each
@@ -26,8 +28,11 @@ float32 kernels to PTX and checks that no ``.f64`` instruction is left.
 
 The generated module is plain text (``Kernel.source``): kernels, the device helpers the
 program uses, a ``_SIGNATURES`` table (argument types of every kernel, for ahead-of-time
-compiling) and the driver ``symbp_cuda``.  This printer shares no code with the NumPy
-reference backend, so the tests compare two independent printings.
+compiling), ``symbp_cuda_run`` (every launch, on device arrays) and the host driver
+``symbp_cuda`` around it.  A training step's module adds ``_update``, the optimizer's rule
+(symbp.optim) printed as one kernel over the flat parameter buffer, which
+``symbp.runtime.device.DeviceStep`` launches after the run.  This printer shares no code
+with the NumPy reference backend, so the tests compare two independent printings.
 """
 
 from __future__ import annotations
@@ -247,44 +252,49 @@ def _transpose(X, Y, R, C):
 _NEEDS_TREES = {"_axis_sum1", "_softmax", "_log_softmax", "_sce_rows", "_sce_softmax_rows"}
 
 
-def _matmul_kernel(ta: bool, tb: bool) -> tuple[str, str]:
-    """C = op(A) op(B), op(A) M×K, op(B) K×N, with op a transpose where flagged.
+def _matmul_loop(ta: bool, tb: bool) -> str:
+    """The tiled product's body up to its accumulator ``_acc`` = (op(A) op(B))[_i0 + _ty,
+    _j0 + _tx] for arrays ``_A``, ``_B`` and sizes ``_M``×``_N`` (shared ``_K``).
 
-    Each block computes one TILE×TILE tile of C; per step along K it stages a tile of
-    op(A) and of op(B) in shared memory.  Threads load along the stored rows (coalesced):
-    a transposed operand's tile is written transposed into shared memory, padded by one
+    Each block computes one TILE×TILE tile; per step along K it stages a tile of op(A) and
+    of op(B) in shared memory.  Threads load along the stored rows (coalesced): a
+    transposed operand's tile is written transposed into shared memory, padded by one
     column so that those writes do not collide in one bank.
     """
-    name = f"_mm_{'t' if ta else 'n'}{'t' if tb else 'n'}"
-    a_load = ("sA[tx, ty] = A[k0 + ty, i0 + tx] if (k0 + ty < K and i0 + tx < M) else _DT(0)"
-              if ta else
-              "sA[ty, tx] = A[i0 + ty, k0 + tx] if (i0 + ty < M and k0 + tx < K) else _DT(0)")
-    b_load = ("sB[tx, ty] = B[j0 + ty, k0 + tx] if (j0 + ty < N and k0 + tx < K) else _DT(0)"
-              if tb else
-              "sB[ty, tx] = B[k0 + ty, j0 + tx] if (k0 + ty < K and j0 + tx < N) else _DT(0)")
-    a_txt = "Aᵀ" if ta else "A"
-    b_txt = "Bᵀ" if tb else "B"
-    src = f'''\
-@cuda.jit
-def {name}(A, B, Cm, M, N, K):
-    """Cm = {a_txt} {b_txt}, tiled: Cm is M×N, the shared dimension is K."""
-    sA = cuda.shared.array((_TILE, _PAD), _DT)
-    sB = cuda.shared.array((_TILE, _PAD), _DT)
-    tx = cuda.threadIdx.x
-    ty = cuda.threadIdx.y
-    i0 = cuda.blockIdx.y * _TILE
-    j0 = cuda.blockIdx.x * _TILE
-    acc = _DT(0)
-    for k0 in range(0, K, _TILE):
+    a_load = ("_sA[_tx, _ty] = _A[_k0 + _ty, _i0 + _tx] if (_k0 + _ty < _K and _i0 + _tx < _M) "
+              "else _DT(0)" if ta else
+              "_sA[_ty, _tx] = _A[_i0 + _ty, _k0 + _tx] if (_i0 + _ty < _M and _k0 + _tx < _K) "
+              "else _DT(0)")
+    b_load = ("_sB[_tx, _ty] = _B[_j0 + _ty, _k0 + _tx] if (_j0 + _ty < _N and _k0 + _tx < _K) "
+              "else _DT(0)" if tb else
+              "_sB[_ty, _tx] = _B[_k0 + _ty, _j0 + _tx] if (_k0 + _ty < _K and _j0 + _tx < _N) "
+              "else _DT(0)")
+    return f'''\
+    _sA = cuda.shared.array((_TILE, _PAD), _DT)
+    _sB = cuda.shared.array((_TILE, _PAD), _DT)
+    _tx = cuda.threadIdx.x
+    _ty = cuda.threadIdx.y
+    _i0 = cuda.blockIdx.y * _TILE
+    _j0 = cuda.blockIdx.x * _TILE
+    _acc = _DT(0)
+    for _k0 in range(0, _K, _TILE):
         {a_load}
         {b_load}
         cuda.syncthreads()
-        for kk in range(_TILE):
-            acc += sA[ty, kk] * sB[kk, tx]
+        for _kk in range(_TILE):
+            _acc += _sA[_ty, _kk] * _sB[_kk, _tx]
         cuda.syncthreads()
-    if i0 + ty < M and j0 + tx < N:
-        Cm[i0 + ty, j0 + tx] = acc
 '''
+
+
+def _matmul_kernel(ta: bool, tb: bool) -> tuple[str, str]:
+    """Cm = op(A) op(B), op(A) M×K, op(B) K×N, with op a transpose where flagged."""
+    name = f"_mm_{'t' if ta else 'n'}{'t' if tb else 'n'}"
+    text = f"{'Aᵀ' if ta else 'A'} {'Bᵀ' if tb else 'B'}"
+    src = (f'@cuda.jit\ndef {name}(_A, _B, _C, _M, _N, _K):\n    """C = {text}, tiled: C is M×N, '
+           'the shared dimension is K."""\n' + _matmul_loop(ta, tb)
+           + "    if _i0 + _ty < _M and _j0 + _tx < _N:\n"
+           "        _C[_i0 + _ty, _j0 + _tx] = _acc\n")
     return name, src
 
 
@@ -408,10 +418,7 @@ class _Gen:
             a = body[k]
             how = rule(a.expr).cuda  # "maps", "scalars" or the head's own launch rule
             if how == "maps":
-                group = [a]
-                while (self.fuse and k + len(group) < len(body)
-                       and self._fusable(group, body[k + len(group)])):
-                    group.append(body[k + len(group)])
+                group = self._group(body, k)
                 after = body[k + len(group)] if k + len(group) < len(body) else None
                 colsum = after if self._colsum(group, after) else None
                 self.elementwise(group, k, colsum)
@@ -423,10 +430,40 @@ class _Gen:
                     run.append(body[k + len(run)])
                 self.scalars(run)
                 k += len(run)
+            elif (group := self._epilogue(body, k)) is not None:
+                self.elementwise(group, k + 1, product=a)
+                k += 1 + len(group)
             else:
                 how(self, a)
                 k += 1
         return self.module(update)
+
+    def _group(self, body, k) -> list:
+        """The maps from body[k] on that share one kernel."""
+        group = [body[k]]
+        while (self.fuse and k + len(group) < len(body)
+               and self._fusable(group, body[k + len(group)])):
+            group.append(body[k + len(group)])
+        return group
+
+    def _epilogue(self, body, k):
+        """The maps after product body[k] that its kernel can compute where it holds each
+        entry (bias and activation after a dense layer's product): they alone read the
+        product, at their own entry.  None if not (or if a column sum will take them)."""
+        a = body[k]
+        if not (self.fuse and rule(a.expr).extra.get("cuda_epilogue") and k + 1 < len(body)
+                and rule(body[k + 1].expr).cuda == "maps"):
+            return None
+        group = self._group(body, k + 1)
+        end = k + 1 + len(group)
+        if (tuple(group[0].expr.shape) != tuple(a.name.shape)
+                or not self.uses.get(a.name)
+                or any(u not in range(k + 1, end) for u in self.uses[a.name])
+                or any(isinstance(x, sp.Transpose) and x.arg == a.name
+                       for g in group for x in g.expr.operands)
+                or self._colsum(group, body[end] if end < len(body) else None)):
+            return None
+        return group
 
     def _colsum(self, group, b) -> bool:
         """b = 1ᵀ M (column sums, a bias gradient) of a member M of the group: the group's
@@ -446,10 +483,12 @@ class _Gen:
         return not any(isinstance(x, sp.Transpose) and x.arg in members for x in b.expr.operands)
 
     # elementwise groups --------------------------------------------------------------
-    def elementwise(self, group, k, colsum=None):
+    def elementwise(self, group, k, colsum=None, product=None):
         """One kernel for a group of maps; with ``colsum`` (the next assignment, Y = 1ᵀ M
         of a member M) the kernel also sums the columns, in ``_axis_sum0``'s layout and
-        order: one launch instead of two, M read from registers, not memory."""
+        order; with ``product`` (the assignment before, P = op(A) op(B), read by the group
+        alone) it is the product's kernel, the maps its epilogue.  Either way one launch
+        instead of two, and the value passed on from a register, not memory."""
         shape = tuple(group[0].expr.shape)
         members = {g.name for g in group}
         last = k + len(group) + (colsum is not None)  # the first assignment after the kernel
@@ -459,6 +498,8 @@ class _Gen:
         arrays, scal, dims = [], False, []
         loads, body = [], []
         local: dict = {}  # name -> local variable in the kernel
+        if product is not None:
+            local[product.name] = "_acc"  # the product's entry, in the tiled loop's register
 
         def operand(x):
             nonlocal scal
@@ -517,7 +558,20 @@ class _Gen:
             docs.append(f"{self.ids[colsum.name]} = {_doc(colsum.expr, self.ids)}")
         lines = ["@cuda.jit", f"def {name}({', '.join(params)}):"]
         lines.append(f'    """{"; ".join(docs)}"""')
-        if colsum is None:
+        if product is not None:  # _mm_*'s tiled loop, then the maps at (_i, _j)
+            A, B = product.expr.args
+            ta, tb = isinstance(A, sp.Transpose), isinstance(B, sp.Transpose)
+            (K,) = self.shape_src([A.shape[1]])
+            lines[1] = f"def {name}(_A, _B, {', '.join(params[:-2])}, _M, _N, _K):"
+            docs.insert(0, f"{self.ids[product.name]} = {_doc(product.expr, self.ids)}")
+            lines[2] = f'    """{"; ".join(docs)}"""'
+            lines.append(_matmul_loop(ta, tb).rstrip("\n"))
+            lines += ["    _i = _i0 + _ty", "    _j = _j0 + _tx", "    if _i < _M and _j < _N:"]
+            lines += [f"        {s}" for s in loads + body]
+            grid, block = f"_grid2({R}, {C})", "(_TILE, _TILE)"
+            kinds = "MM" + kinds + "i"
+            ops = [self.d(x.arg if isinstance(x, sp.Transpose) else x) for x in (A, B)]
+        elif colsum is None:
             lines += ["    _n = cuda.grid(1)", "    if _n < _R * _C:",
                       "        _i = _n // _C", "        _j = _n - _i * _C"]
             lines += [f"        {s}" for s in loads + body]
@@ -540,8 +594,13 @@ class _Gen:
         self.sigs[name] = self.sig(kinds)
         args = ([self.d(x) for x in arrays] + [self.d(x) for x in stored + sums]
                 + (["_scalars"] if scal else []) + [self.ids[x] for x in dims] + [R, C])
+        if product is not None:
+            args = ops + args + [K]
         what = ", ".join(self.ids[g.name] for g in group) + "".join(
             f", {self.ids[x]}" for x in sums)
+        if product is not None:
+            what = f"{self.ids[product.name]} = {self.doc(product.expr)}; {what}"
+            self.unbuffered.add(product.name)
         self.driver.append(f"{name}[{grid}, {block}]({', '.join(args)})  # {what}")
         self.unbuffered |= members - set(stored)
 
