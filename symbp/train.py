@@ -224,7 +224,10 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
     ``History``.  Minibatches are slices of the first axis.
 
     optimizer    ``symbp.SGD`` (default, lr 0.1), ``Momentum`` or ``Adam``.
-    target       'numpy' (reference), 'cpu' or 'parallel' (Numba, update fused in).
+    target       'numpy' (reference), 'cpu' or 'parallel' (Numba, update fused in), or
+                 'cuda' (parameters, optimizer buffers and the data, when it fits, on the
+                 GPU for the whole run; ``model.params`` are brought up to date after
+                 every epoch).
     dtype        float32 (default) or float64; ``model.params`` are converted in place.
     seed         seeds the batch order and RReLU slopes (the model's own seed its init).
     target_loss  stop early once an epoch's mean loss is at or below it.
@@ -237,6 +240,9 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                  failure restores those of the step before (one finiteness pass and one
                  copy of the parameters per step); False: only the loss is checked per
                  step and the parameters per epoch, a failure restores the epoch's start.
+                 On 'cuda' the update kernel checks and backs up the parameters itself;
+                 with guard=False and no callback the loss too stays on the device until
+                 the epoch ends.
     distributed  'mpi': data-parallel over the processes of ``mpiexec -n K`` (needs
                  ``pip install 'symbp[mpi]'``); each rank computes the gradient of its
                  shard of every global batch of ``batch_size`` rows, one Allreduce sums

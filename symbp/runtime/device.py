@@ -37,10 +37,6 @@ class Counts:
     d2h_bytes: int = 0
     d2d: int = 0
 
-    def reset(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, 0)
-
     def copy(self) -> Counts:
         return Counts(**{f.name: getattr(self, f.name) for f in fields(self)})
 
@@ -139,8 +135,7 @@ class DeviceStep:
     def __init__(self, program, source: str, ns: dict, optimizer, dtype, block: int):
         self.program, self.source, self.dtype = program, source, np.dtype(dtype)
         self.kernel = ns["symbp_cuda_run"]
-        self.kernels = ns  # the generated module: every kernel by name
-        self._ns, self._block = ns, block
+        self.module, self._block = ns, block  # the generated module: every kernel by name
         self._nc = cuda()
         self.launches = ns["_LAUNCHES"] + 1  # the program's kernels, then _update
         self._run_inputs = ns["_RUN_INPUTS"]
@@ -164,8 +159,7 @@ class DeviceStep:
         gviews = self._views(self.G)
         # the gradients: written by the run in place, or copied on the device after it
         # (a gradient that is an input, or equal to another's), or constant (set once)
-        self._outs, self._after, consts = [], [], np.zeros(self.size, self.dtype)
-        written = {}
+        self._after, consts, written = [], np.zeros(self.size, self.dtype), {}
         for name, (kind, ref) in zip(self._wrt, where[1:]):
             if kind == "run" and ref not in written:
                 written[ref] = gviews[name]
@@ -287,7 +281,7 @@ class DeviceStep:
         scal = [self.dtype.type(v) for v in optim.step_scalars(self._optimizer, t)]
         n = self.size
         grid = (max(n, 1) + self._block - 1) // self._block
-        self._ns["_update"][grid, self._block](self.P, self.backup, self.G,
+        self.module["_update"][grid, self._block](self.P, self.backup, self.G,
                                                *self._bufs.values(), *scal, n, S,
                                                self._loss_slot, log, s)
         COUNT.launches += self.launches
@@ -341,7 +335,7 @@ class DeviceStep:
             args = [consts[n] if n in consts else a for n, a in zip(self._run_inputs, args)]
         if self._scalar_inputs:
             vals = np.array([data[n] for n in self._scalar_inputs], self.dtype)
-            upload(self._ns["_buffers"](*dv)[-1][:len(vals)], vals)
+            upload(self.module["_buffers"](*dv)[-1][:len(vals)], vals)
         return args, dv
 
     def _data_array(self, name, x):
@@ -435,7 +429,7 @@ class DeviceParams:
         data = {k: v for k, v in data.items() if v.ndim == 2}
         self.data = None  # streamed: host batches, copied by the step
         if len(data) == 2 and DeviceData.fits(data):
-            self.data = DeviceData(data, step.kernels["_gather"], block)
+            self.data = DeviceData(data, step.module["_gather"], block)
 
     def finite(self, step) -> bool:
         return step.finite  # the flag the last loss came with
