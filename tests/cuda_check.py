@@ -315,7 +315,29 @@ def step() -> dict:
             "param_bytes": sorted({int(v.nbytes) for v in a["params"].values()}
                                   | {sum(int(v.nbytes) for v in a["params"].values())})}
     out["oom"] = _oom(f, wrt)
+    out["resume"] = _resume(X, y)
     return out
+
+
+def _resume(X, y) -> float:
+    """Adam on cuda, 2 epochs at once against 1 epoch, a checkpoint, and a resumed second:
+    the optimizer's buffers go to the file and back to the device.  The relative
+    difference of the parameters."""
+    import tempfile
+
+    from symbp import nn, train
+
+    kw = dict(batch_size=6, optimizer=sb.Adam(0.01), target="cuda", dtype="float64",
+              progress=False)
+    whole = nn.mlp([4, 5, 3], "tanh", seed=1)
+    train.fit(whole, X, y, epochs=2, **kw)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "ck.npz")
+        part = nn.mlp([4, 5, 3], "tanh", seed=1)
+        train.fit(part, X, y, epochs=1, checkpoint=path, **kw)
+        part = nn.mlp([4, 5, 3], "tanh", seed=1)
+        train.fit(part, X, y, epochs=2, checkpoint=path, resume=True, **kw)
+    return max(rel_err(part.params[k], whole.params[k]) for k in whole.params)
 
 
 def _oom(f, wrt) -> dict:

@@ -109,7 +109,12 @@ def host_call(ns: dict):
     down = ns["_N_SLOTS"] * size if any(k == "slot" for k, _ in ns["_OUTPUTS"]) else 0
 
     def fn(*args):
-        out = run(*args)
+        try:
+            out = run(*args)
+        except Exception as err:  # noqa: BLE001 - numba-cuda's CudaAPIError
+            if out_of_memory(err):
+                raise oom_error("the device buffers of this call") from None
+            raise
         ins = [a.nbytes for a in args if isinstance(a, np.ndarray) and a.ndim]
         outs = [o.nbytes for o in out if isinstance(o, np.ndarray) and o.ndim]
         COUNT.launches += launches
