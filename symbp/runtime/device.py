@@ -64,7 +64,8 @@ def out_of_memory(err: BaseException) -> bool:
 
 
 def oom_error(what: str, nbytes: int | None = None) -> SymbpError:
-    size = f" ({nbytes / 2**20:.1f} MiB)" if nbytes is not None else ""
+    size = "" if nbytes is None else (f" ({nbytes / 2**20:,.1f} MiB)" if nbytes >= 2**20
+                                      else f" ({nbytes:,} bytes)")
     return SymbpError(f"the GPU ran out of memory for {what}{size}: use a smaller batch_size "
                       "or model, float32, or target='cpu'")
 
