@@ -44,7 +44,6 @@ import numpy
 import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 
-from .. import optim
 from ..errors import SymbpError, UnsupportedError
 from ..heads import require, rule
 from ..ir import Program
@@ -951,17 +950,16 @@ def build_step(program: Program, optimizer, dtype=numpy.float32, target: str = "
     device (``symbp.runtime.device.DeviceStep``): the program's kernels, then one
     ``_update`` kernel over the flat parameter buffer.  Used by ``sb.compile_step``.
 
-    A program with a scalar parameter, or a parameter whose shape depends on a size,
-    gets the gradient call followed by the NumPy update instead (``symbp.api.Step``).
+    None for a program with a scalar parameter, or a parameter whose shape depends on a
+    size: ``compile_step`` then takes the gradient call and the NumPy update.
     """
-    from ..api import Compiled, Step
-
     opts = _options(**options)
-    rule_ = optim.rule(optimizer)
+    rule_ = getattr(optimizer, "rule", None)
+    if rule_ is None:
+        raise SymbpError(f"unknown optimizer {optimizer!r}: use SGD, Momentum or Adam")
     if any(not is_matrix(w) or not all(sp.sympify(d).is_Integer for d in w.shape)
            for w in program.wrt):
-        return Step(Compiled(program, target, numpy.dtype(dtype),
-                             build(program, dtype, **opts)), optimizer)
+        return None
     source = generate(program, dtype, update=rule_, **opts)
     device.cuda()
     ns = load(source)
