@@ -1,15 +1,17 @@
-"""CUDA on a real NVIDIA GPU: results against NumPy, then W2 timed on CUDA vs the CPU.
+"""CUDA on a real NVIDIA GPU: results against NumPy, then training steps timed on CUDA,
+the CPU and PyTorch CUDA.
 
     python bench/gpu_check.py [--steps 200] [--repeats 5] [--tile 16] [--json out.json]
 
 1. Checks: a few programs (MLPs with tanh/relu/sigmoid/elu/softplus/gelu, softmax-CE,
    log-softmax, MSE, a scalar program) at realistic sizes, cuda vs the float64 NumPy
    reference, in float32 and float64.
-2. W2: synthetic MNIST-shaped data (60,000 × 784 float32, 10 classes), 784-256(relu)-10
-   softmax-CE, batch 128, one SGD step (forward + backward + update) per call; median
-   ms/step over repeats on 'cuda', 'cpu' and 'parallel' (when symbp/backends/numba_cpu.py
-   exists) and 'numpy'.  The CUDA step is the gradient call (host arrays in, host arrays
-   out, device buffers reused) followed by the NumPy SGD update.
+2. Steps: W2 (784-256(relu)-10, batch 128, 60,000 synthetic rows) and a wide MLP
+   (4096-4096-4096(relu)-10, batch 1024), softmax-CE, one SGD step (forward + backward +
+   update) per call; median ms/step on 'cuda' (parameters and data on the device, as
+   ``fit`` keeps them: once reading the loss every step, once leaving it there), 'cpu',
+   and PyTorch CUDA when importable; per cuda step, the kernel launches and the bytes
+   copied up and down (symbp.runtime.device.COUNT).
 
 Exit status: 0 all checks passed, 1 a check failed or a target crashed, 2 no usable GPU
 (the message says why).  Runs in about 1-3 minutes on a GPU; the whole run stops itself
@@ -179,66 +181,132 @@ def check_results(tile: int) -> tuple[list, bool]:
     return rows, ok
 
 
-# --- 2. W2 timing -------------------------------------------------------------------------
+# --- 2. step timing ------------------------------------------------------------------------
+
+WORKLOADS = {  # name: (layer sizes, batch, rows of synthetic data)
+    "W2 784-256(relu)-10": ([784, 256, 10], 128, 60000),
+    "wide 4096-4096-4096(relu)-10": ([4096, 4096, 4096, 10], 1024, 8192),
+}
 
 
-def w2(targets, steps: int, repeats: int, tile: int, deadline: float,
-       n_data=60000, d_in=784, hidden=256, classes=10, batch=128) -> list:
-    """Rows (target, cold s, ms/step, loss first -> last, note) for the W2 step."""
-    import sympy as sp
+def synthetic(sizes, n_data, seed=0):
+    """Random float32 inputs and one-hot targets (the timing does not depend on values)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (n_data, sizes[0])).astype(np.float32)
+    t = np.eye(sizes[-1], dtype=np.float32)[rng.integers(0, sizes[-1], n_data)]
+    return x, t
 
+
+def timed(run, steps, repeats, deadline, sync=lambda: None) -> float:
+    """Median ms per step of ``run(k)`` over repeats of ``steps`` steps (warmed up)."""
+    for k in range(3):
+        run(k)
+    sync()
+    times, k = [], 3
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            run(k)
+            k += 1
+        sync()
+        times.append((time.perf_counter() - t0) / steps * 1e3)
+        if time.monotonic() > deadline:
+            break
+    return statistics.median(times)
+
+
+def symbp_rows(name, sizes, batch, n_data, targets, steps, repeats, tile, deadline) -> list:
+    """Rows (workload, target, cold s, ms/step, launches/step, bytes up/down per step, note)
+    for an SGD step of the MLP ``sizes`` with softmax-CE.  On 'cuda' the parameters and the
+    data stay on the device (as ``fit`` keeps them): timed once reading the loss every step
+    (the guard's sync) and once leaving it on the device."""
     import symbp as sb
+    from symbp import nn
+    from symbp.runtime.device import COUNT
 
-    N = sp.Symbol("N")
-    X, T = sp.MatrixSymbol("X", N, d_in), sp.MatrixSymbol("T", N, classes)
-    W1, b1 = sp.MatrixSymbol("W1", d_in, hidden), sp.MatrixSymbol("b1", 1, hidden)
-    W2, b2 = sp.MatrixSymbol("W2", hidden, classes), sp.MatrixSymbol("b2", 1, classes)
-    loss = sb.softmax_cross_entropy(sb.dense(sb.relu(sb.dense(X, W1, b1)), W2, b2), T)
-    rng = np.random.default_rng(0)
-    data_x = rng.normal(0, 1, (n_data, d_in)).astype(np.float32)
-    data_t = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, n_data)]
+    x, t = synthetic(sizes, n_data)
     n_batches = n_data // batch
     rows = []
     for target in targets:
         if time.monotonic() > deadline:
-            rows.append((target, "-", "-", "-", "skipped: time budget spent"))
+            rows.append((name, target, "-", "-", "-", "-", "skipped: time budget spent"))
             continue
         try:
-            p_rng = np.random.default_rng(1)  # same initialisation for every target
-            params = {  # He initialisation
-                "W1": p_rng.normal(0, np.sqrt(2 / d_in), (d_in, hidden)).astype(np.float32),
-                "b1": np.zeros((1, hidden), np.float32),
-                "W2": p_rng.normal(0, np.sqrt(2 / hidden), (hidden, classes)).astype(np.float32),
-                "b2": np.zeros((1, classes), np.float32),
-            }
+            model = nn.mlp(sizes, "relu", seed=1)
+            params = {k: np.ascontiguousarray(v, np.float32) for k, v in model.params.items()}
             opts = {"tile": tile} if target == "cuda" else {}
             t0 = time.perf_counter()
-            step = sb.compile_step(loss, [W1, b1, W2, b2], sb.SGD(lr=0.1), target=target,
+            step = sb.compile_step(model.loss, model.wrt, sb.SGD(lr=0.01), target=target,
                                    dtype=np.float32, **opts)
-            first = step(params, X=data_x[:batch], T=data_t[:batch])  # compiles kernels
-            cold = time.perf_counter() - t0
-            def batch_at(k):  # the k-th batch, cycling through the data (C-contiguous views)
-                i = (k % n_batches) * batch
-                return {"X": data_x[i:i + batch], "T": data_t[i:i + batch]}
+            if target == "cuda":
+                from numba import cuda
 
-            for k in range(1, 11):  # warm up
-                step(params, **batch_at(k))
-            k = 11
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    last = step(params, **batch_at(k))
-                    k += 1
-                times.append((time.perf_counter() - t0) / steps * 1e3)
-                if time.monotonic() > deadline:
-                    break
-            rows.append((target, f"{cold:.2f}", f"{statistics.median(times):.3f}",
-                         f"{first:.4f} -> {last:.4f}", ""))
+                params = step.to_device(params)
+                xd, td = cuda.to_device(x), cuda.to_device(t)  # uploaded once
+                log = cuda.device_array((1, 2), np.float32)
+                log.copy_to_device(np.zeros((1, 2), np.float32))
+            else:
+                xd, td = x, t
+
+            def batch_at(k):
+                i = (k % n_batches) * batch
+                return {"X": xd[i:i + batch], "T": td[i:i + batch]}
+
+            step(params, **batch_at(0))  # compiles the kernels
+            cold = time.perf_counter() - t0
+            n = steps if target == "cuda" else max(2, steps // 20)
+            runs = [("", lambda k: step(params, **batch_at(k)), lambda: None)]
+            if target == "cuda":
+                runs.append((", loss left on the device",
+                             lambda k: step.launch(params, log, 0, **batch_at(k)),
+                             cuda.synchronize))
+            for note, run, sync in runs:
+                c0 = COUNT.copy()
+                ms = timed(run, n, repeats, deadline, sync)
+                total = COUNT.launches - c0.launches
+                done = max(1, round(total / step.launches)) if target == "cuda" else 1
+                per = (f"{total / done:.0f}", f"{(COUNT.h2d_bytes - c0.h2d_bytes) / done:,.0f}"
+                       f" / {(COUNT.d2h_bytes - c0.d2h_bytes) / done:,.0f}") \
+                    if target == "cuda" else ("-", "-")
+                rows.append((name, target + note, f"{cold:.2f}", f"{ms:.3f}", *per, ""))
         except Exception as e:  # noqa: BLE001 - one target failing must not hide the others
-            rows.append((target, "-", "-", "-", f"ERROR {type(e).__name__}: {e}"[:200]))
+            rows.append((name, target, "-", "-", "-", "-", f"ERROR {type(e).__name__}: {e}"[:200]))
             traceback.print_exc()
     return rows
+
+
+def torch_rows(name, sizes, batch, n_data, steps, repeats, deadline) -> list:
+    """The same step in PyTorch on the GPU (eager; data and parameters on the device)."""
+    if importlib.util.find_spec("torch") is None:
+        return [(name, "pytorch cuda", "-", "-", "-", "-", "not installed")]
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return [(name, "pytorch cuda", "-", "-", "-", "-", "no CUDA build or device")]
+        dev = torch.device("cuda")
+        layers = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+        net = torch.nn.Sequential(*layers[:-1]).to(dev)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        x, t = synthetic(sizes, n_data)
+        xd, yd = torch.from_numpy(x).to(dev), torch.from_numpy(t.argmax(1)).to(dev)
+        n_batches = n_data // batch
+        lossf = torch.nn.CrossEntropyLoss()
+
+        def run(k):
+            i = (k % n_batches) * batch
+            opt.zero_grad(set_to_none=True)
+            lossf(net(xd[i:i + batch]), yd[i:i + batch]).backward()
+            opt.step()
+
+        ms = timed(run, steps, repeats, deadline, torch.cuda.synchronize)
+        return [(name, f"pytorch {torch.__version__} cuda", "-", f"{ms:.3f}", "-", "-",
+                 "one sync per repeat")]
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        return [(name, "pytorch cuda", "-", "-", "-", "-", f"ERROR {type(e).__name__}: {e}"[:200])]
 
 
 def table(header, rows) -> str:
@@ -281,21 +349,20 @@ def main() -> int:
 
     targets = ["cuda"]
     if importlib.util.find_spec("symbp.backends.numba_cpu") is not None:
-        targets += ["cpu", "parallel"]
-    targets.append("numpy")
-    w2_rows = w2(targets, args.steps, args.repeats, args.tile, deadline)
-    base = {r[0]: float(r[2]) for r in w2_rows if r[2] != "-"}
-    ref = base.get("numpy")
-    w2_rows = [r[:3] + ((f"{ref / float(r[2]):.2f}x" if ref and r[2] != "-" else "-"),) + r[3:]
-               for r in w2_rows]
-    print("\n## W2: 784-256(relu)-10 softmax-CE, batch 128, SGD step, float32 "
-          f"(median of {args.repeats} × {args.steps} steps)\n")
-    print(table(("target", "cold s", "ms/step", "speed vs numpy", "loss first -> last", "note"),
-                w2_rows))
-    crashed = any(r[-1].startswith("ERROR") for r in w2_rows)
+        targets += ["cpu"]
+    step_rows = []
+    for name, (sizes, batch, n_data) in WORKLOADS.items():
+        step_rows += symbp_rows(name, sizes, batch, n_data, targets, args.steps, args.repeats,
+                                args.tile, deadline)
+        step_rows += torch_rows(name, sizes, batch, n_data, args.steps, args.repeats, deadline)
+    print("\n## SGD step, softmax-CE, float32: median ms/step of "
+          f"{args.repeats} repeats (cuda {args.steps} steps, cpu {max(2, args.steps // 20)})\n")
+    print(table(("workload", "target", "cold s", "ms/step", "launches/step",
+                 "bytes up / down per step", "note"), step_rows))
+    crashed = any(r[-1].startswith("ERROR") for r in step_rows)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"gpu": gpu, "checks": check_rows, "w2": w2_rows}, fh, indent=1)
+            json.dump({"gpu": gpu, "checks": check_rows, "steps": step_rows}, fh, indent=1)
     status = 0 if ok and not crashed else 1
     print(f"\ngpu_check: {'all checks passed' if status == 0 else 'FAILED (see above)'}")
     return status

@@ -273,13 +273,16 @@ def compile_step(f, params, optimizer, target: str = "numpy", dtype=np.float64, 
     """Compile a training step of loss ``f`` over ``params`` with ``optimizer``.
 
     A backend whose module defines ``build_step`` fuses the update into the compiled
-    call; otherwise the step is the gradient call followed by the NumPy update.
+    call; otherwise (or where it returns None) the step is the gradient call followed by
+    the NumPy update.
     """
     mod = backend(target)
     if hasattr(mod, "build_step"):
         dtype = _float_dtype(dtype)
-        return mod.build_step(gradient_program(f, params), optimizer, dtype=dtype,
+        step = mod.build_step(gradient_program(f, params), optimizer, dtype=dtype,
                               target=target, **options)
+        if step is not None:  # None: this backend fuses no update into this program
+            return step
     return Step(compile(f, params, target=target, dtype=dtype, **options), optimizer)
 
 

@@ -158,6 +158,15 @@ def hyper(opt) -> np.ndarray:
     return np.array([float(getattr(opt, h)) for h in rule(opt).hyper])
 
 
+def step_scalars(opt, t: int) -> list:
+    """The hyperparameters, then the per-step scalars of step ``t``, in float64: what an
+    update kernel that is not handed ``t`` (the CUDA step's) takes as arguments."""
+    r = rule(opt)
+    _, scalars, _ = _numpy_update(type(opt))
+    h = [float(getattr(opt, name)) for name in r.hyper]
+    return h + [float(f(*h, t)) for _, f in scalars]
+
+
 def init_state(opt, params: dict) -> dict:
     """Zeroed optimizer buffers: {buffer: {param name: array}} plus the step count."""
     state = {b: {k: np.zeros_like(a) for k, a in params.items()} for b in opt.buffers}
@@ -202,7 +211,7 @@ def update(opt, params: dict, grads: dict, state: dict) -> None:
 
 
 __all__ = ["SGD", "Momentum", "Adam", "Optimizer", "Rule", "rule", "hyper", "init_state",
-           "update"]
+           "step_scalars", "update"]
 
 @functools.cache
 def axpby(rule: Rule):

@@ -224,7 +224,10 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
     ``History``.  Minibatches are slices of the first axis.
 
     optimizer    ``symbp.SGD`` (default, lr 0.1), ``Momentum`` or ``Adam``.
-    target       'numpy' (reference), 'cpu' or 'parallel' (Numba, update fused in).
+    target       'numpy' (reference), 'cpu' or 'parallel' (Numba, update fused in), or
+                 'cuda' (parameters, optimizer buffers and the data, when it fits, on the
+                 GPU for the whole run; ``model.params`` are brought up to date after
+                 every epoch).
     dtype        float32 (default) or float64; ``model.params`` are converted in place.
     seed         seeds the batch order and RReLU slopes (the model's own seed its init).
     target_loss  stop early once an epoch's mean loss is at or below it.
@@ -237,6 +240,9 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                  failure restores those of the step before (one finiteness pass and one
                  copy of the parameters per step); False: only the loss is checked per
                  step and the parameters per epoch, a failure restores the epoch's start.
+                 On 'cuda' the update kernel checks and backs up the parameters itself;
+                 with guard=False and no callback the loss too stays on the device until
+                 the epoch ends.
     distributed  'mpi': data-parallel over the processes of ``mpiexec -n K`` (needs
                  ``pip install 'symbp[mpi]'``); each rank computes the gradient of its
                  shard of every global batch of ``batch_size`` rows, one Allreduce sums
@@ -286,7 +292,11 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
         if not ranks.root:
             path = None  # rank 0 alone writes the checkpoint
     n = len(X)
-    good = flat.copy()  # the last parameters known to be finite
+    # where the parameters live while training: this process's flat array, or the GPU
+    # (a device-resident step: parameters, optimizer buffers and, when they fit, the data)
+    store = (_device_store(step, params, guard, {model.X.name: X, model.T.name: T})
+             if hasattr(step, "to_device") else _HostParams(flat, params))
+    lazy = store.lazy and not guard and callback is None  # the loss stays on the device
     bar = _progress(progress, epochs, epoch0)
     fails = ranks.stop_all_on_error() if ranks is not None else contextlib.nullcontext()
     try:
@@ -296,35 +306,60 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                 if lr_schedule is not None:
                     step.optimizer = _scheduled(optimizer, lr_schedule, epoch)
                 if not guard:
-                    np.copyto(good, flat)
+                    store.keep()
                 if perm is None:
                     perm = rng.permutation(n) if shuffle else np.arange(n)
                 # One gather per epoch; the batches are then contiguous slices (views).
-                Xs, Ts = X[perm], T[perm]
+                batches = store.shuffle(X, T, perm)
                 losses, first = (resumed_losses or []), row0 // batch_size
                 resumed_losses = None
+                log = store.log(-(-(n - row0) // batch_size)) if lazy else None
+
+                def failed(s, loss, i):
+                    rows = perm[i:i + batch_size]
+                    _fail(model, store, epoch, s, loss, {model.X.name: X[rows],
+                          model.T.name: T[rows]}, rows, path, guard)
+
+                read = [0]  # rows of the device's loss log read so far
+
+                def flush(upto):  # the losses logged on the device up to step upto, checked
+                    got = store.losses(log, read[0], upto)
+                    for k, loss in enumerate(got, start=read[0]):
+                        if not math.isfinite(loss):
+                            failed(first + k, loss, row0 + k * batch_size)
+                    losses.extend(got)
+                    read[0] = upto
+
                 for s, i in enumerate(range(row0, n, batch_size), start=first):
-                    xb, tb = Xs[i:i + batch_size], Ts[i:i + batch_size]
+                    xb, tb = batches(i, i + batch_size)
                     data = {model.X.name: xb, model.T.name: tb,
                             **model.slopes(len(xb), dtype, rng)}
-                    loss = step(params, **data)
-                    if not (math.isfinite(loss) and (not guard or np.isfinite(flat).all())):
-                        _fail(model, flat, good, epoch, s, loss, data, perm[i:i + batch_size],
-                              path, guard)
-                    if guard:
-                        np.copyto(good, flat)
-                    losses.append(loss)
-                    hist.steps += 1
-                    if callback is not None:
-                        callback(epoch, s, loss)
+                    if lazy:
+                        step.launch(store.params, log, s - first, **data)
+                        hist.steps += 1
+                        if sigint.hit:
+                            flush(s - first + 1)
+                    else:
+                        loss = step(store.params, **data)
+                        if not (math.isfinite(loss) and (not guard or store.finite(step))):
+                            failed(s, loss, i)
+                        if guard:
+                            store.keep()
+                        losses.append(loss)
+                        hist.steps += 1
+                        if callback is not None:
+                            callback(epoch, s, loss)
                     if sigint.hit:
+                        store.sync()
                         if path is not None and np.isfinite(flat).all():
                             _save(path, model, step, optimizer, rng, epoch, i + len(xb), perm,
                                   hist, seed, losses)
                         raise KeyboardInterrupt
+                if lazy:
+                    flush(s - first + 1)
+                store.sync()
                 if not guard and not np.isfinite(flat).all():
-                    _fail(model, flat, good, epoch, s, loss, data, perm[i:i + batch_size],
-                          path, guard)
+                    failed(s, losses[-1] if losses else math.nan, i)
                 perm, row0 = None, 0
                 _record(hist, model, epoch, losses, time.perf_counter() - t0, X, y_raw,
                         validation, target, dtype, ranks)
@@ -341,9 +376,44 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                     hist.stopped = "target_loss"
                     break
     finally:
+        store.sync()
         if bar is not None:
             bar.close()
     return hist
+
+
+class _HostParams:
+    """The parameters in one host array (``flat``; ``model.params`` are views of it): the
+    guard's finiteness check, backup and restore, each one pass over one buffer."""
+
+    lazy = False  # the step returns its loss on every call
+
+    def __init__(self, flat, params):
+        self.flat, self.good = flat, flat.copy()  # good: the last parameters known finite
+        self.params = params  # what the step takes: model.params, views of flat
+
+    def finite(self, step) -> bool:
+        return bool(np.isfinite(self.flat).all())
+
+    def keep(self) -> None:
+        np.copyto(self.good, self.flat)
+
+    def restore(self) -> None:
+        np.copyto(self.flat, self.good)
+
+    def sync(self) -> None:
+        """The host parameters are current (the device's copy is on the host)."""
+
+    @staticmethod
+    def shuffle(X, T, perm):
+        Xs, Ts = X[perm], T[perm]
+        return lambda i, j: (Xs[i:j], Ts[i:j])
+
+
+def _device_store(step, params, guard, data):
+    from .runtime.device import DeviceParams
+
+    return DeviceParams(step, params, guard, data)
 
 
 def _scheduled(optimizer, lr_schedule, epoch: int):
@@ -374,10 +444,11 @@ def _flatten(params: dict, dtype) -> np.ndarray:
     return flat
 
 
-def _fail(model, flat, good, epoch, s, loss, data, rows, path, guard):
+def _fail(model, store, epoch, s, loss, data, rows, path, guard):
     """Restore the last good parameters and raise the error that names the culprits."""
+    store.sync()
     bad = [k for k, v in model.params.items() if not np.isfinite(v).all()]
-    np.copyto(flat, good)
+    store.restore()
     causes = []
     for name, a in data.items():
         r = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))

@@ -2,6 +2,9 @@
 
     python tests/cuda_check.py sim   # needs NUMBA_ENABLE_CUDASIM=1 set before numba loads:
                                      # every case on the simulator vs the NumPy reference
+    python tests/cuda_check.py step  # NUMBA_ENABLE_CUDASIM=1: the device-resident training
+                                     # step and fit against 'cpu', with the simulator's own
+                                     # launches and copies counted
     python tests/cuda_check.py ptx   # real NVVM, no GPU needed: every float32 kernel of the
                                      # cases compiled to PTX for sm_80, counting .f64 lines;
                                      # needs NVIDIA's numba-cuda (pip install 'symbp[cuda]')
@@ -194,6 +197,190 @@ def sim() -> dict:
     return result
 
 
+class Traffic:
+    """What the simulator really does, counted by wrapping it: kernel launches, and copies
+    between host and device with their sizes (an implicit copy, a host array passed to a
+    kernel, counts both ways)."""
+
+    def __init__(self):
+        from numba.cuda.simulator import kernel
+        from numba.cuda.simulator.cudadrv import devicearray as da
+
+        self.launches, self.copies = 0, []  # copies: (direction, bytes)
+        me = self
+        call, to_host, to_dev = (kernel.FakeCUDAKernel.__call__, da.FakeCUDAArray.copy_to_host,
+                                 da.FakeCUDAArray.copy_to_device)
+
+        def launch(k, *args):
+            if not k._device:
+                me.launches += 1
+                me.copies += [("arg", a.nbytes) for a in args
+                              if isinstance(a, np.ndarray) and a.ndim]
+            return call(k, *args)
+
+        def host(a, ary=None, stream=0):
+            me.copies.append(("d2h", a.nbytes))
+            return to_host(a, ary, stream)
+
+        def dev(a, ary, stream=0):
+            if not isinstance(ary, da.FakeCUDAArray):  # device to device is no transfer
+                me.copies.append(("h2d", np.asarray(ary).nbytes))
+            return to_dev(a, ary, stream)
+
+        kernel.FakeCUDAKernel.__call__ = launch
+        da.FakeCUDAArray.copy_to_host = host
+        da.FakeCUDAArray.copy_to_device = dev
+
+    def mark(self):
+        return self.launches, len(self.copies)
+
+    def since(self, m):
+        return self.launches - m[0], self.copies[m[1]:]
+
+
+STEP_OPTS = [("SGD", {"lr": 0.1}), ("Momentum", {"lr": 0.05}), ("Adam", {"lr": 0.01})]
+
+
+def step() -> dict:
+    """The CUDA training step against the CPU's, on the simulator: parameters after a few
+    steps of each optimizer in each dtype; per step, the launches and copies the
+    simulator saw against the runtime's own count (symbp.runtime.device.COUNT)."""
+    from numba import config
+
+    assert config.ENABLE_CUDASIM, "run with NUMBA_ENABLE_CUDASIM=1"
+    from symbp import nn, train
+    from symbp.runtime.device import COUNT
+
+    seen = Traffic()
+    out: dict = {"step": {}, "fit": {}}
+    f, wrt = _mlp_sce()
+    rng = np.random.default_rng(0)
+    p0 = {w.name: rng.normal(0, 0.5, tuple(int(d) for d in w.shape)) for w in wrt}
+    batches = [(rng.normal(size=(7, 6)), np.eye(3)[rng.integers(0, 3, 7)]) for _ in range(4)]
+    for opt_name, hyper in STEP_OPTS:
+        opt = getattr(sb, opt_name)(**hyper)
+        for dtype in ("float64", "float32"):
+            cpu = sb.compile_step(f, wrt, opt, target="cpu", dtype=dtype)
+            cu = sb.compile_step(f, wrt, opt, target="cuda", dtype=dtype)
+            want = {k: v.astype(dtype) for k, v in p0.items()}
+            host = {k: v.astype(dtype) for k, v in p0.items()}
+            dev = cu.to_device(host)
+            per_step = []
+            for x, t in batches:
+                cpu(want, X=x, T=t)
+                xd, td = (sb_to_device(a.astype(dtype)) for a in (x, t))
+                c0, m = COUNT.copy(), seen.mark()
+                cu(dev, X=xd, T=td)
+                launches, copies = seen.since(m)
+                per_step.append({"launches": launches, "copies": copies,
+                                 "counted": [COUNT.launches - c0.launches,
+                                             COUNT.h2d - c0.h2d, COUNT.d2h - c0.d2h,
+                                             COUNT.d2h_bytes - c0.d2h_bytes]})
+            cu.to_host(host)
+            out["step"][f"{opt_name}/{dtype}"] = {
+                "err": max(rel_err(host[k], want[k]) for k in want),
+                "per_step": per_step, "launches": cu.launches,
+                "param_bytes": [int(v.nbytes) for v in host.values()]}
+    # host parameters (the CPU step's contract): updated in place through the device
+    cu = sb.compile_step(f, wrt, sb.Adam(0.01), target="cuda", dtype="float64")
+    cpu = sb.compile_step(f, wrt, sb.Adam(0.01), target="cpu", dtype="float64")
+    a, b = ({k: v.copy() for k, v in p0.items()} for _ in range(2))
+    for x, t in batches:
+        la, lb = cpu(a, X=x, T=t), cu(b, X=x, T=t)
+    out["host_params"] = {"err": max(rel_err(b[k], a[k]) for k in a), "loss": [la, lb]}
+    # fit: the data uploaded once, the loss read per step (guard) or per epoch (no guard);
+    # run at two batch sizes, the difference in traffic is what the extra steps cost
+    X = rng.normal(size=(20, 4))
+    y = rng.integers(0, 3, 20)
+    for (opt_name, hyper), dtype, guard in [(STEP_OPTS[0], "float64", True),
+                                            (STEP_OPTS[1], "float32", False),
+                                            (STEP_OPTS[2], "float64", False),
+                                            (STEP_OPTS[2], "float32", True)]:
+        got = {}
+        for target, bs in (("cpu", 6), ("cuda", 6), ("cuda", 3)):
+            m = nn.mlp([4, 5, 3], "tanh", seed=1)
+            c0, mark = COUNT.copy(), seen.mark()
+            h = train.fit(m, X, y, epochs=2, batch_size=bs, optimizer=getattr(sb, opt_name)(
+                **hyper), target=target, dtype=dtype, progress=False, guard=guard)
+            launches, copies = seen.since(mark)
+            got[target, bs] = {"params": m.params, "loss": h.loss, "steps": h.steps,
+                               "launches": launches, "copies": copies,
+                               "counted": COUNT.launches - c0.launches}
+        cpu, a, b = got["cpu", 6], got["cuda", 6], got["cuda", 3]
+        out["fit"][f"{opt_name}/{dtype}/guard={guard}"] = {
+            "err": max(rel_err(a["params"][k], cpu["params"][k]) for k in cpu["params"]),
+            "loss_err": max(abs(u - v) / abs(v) for u, v in zip(a["loss"], cpu["loss"])),
+            "steps": [a["steps"], b["steps"]], "copies": [a["copies"], b["copies"]],
+            "launches": [a["launches"], b["launches"]], "counted": [a["counted"], b["counted"]],
+            "param_bytes": sorted({int(v.nbytes) for v in a["params"].values()}
+                                  | {sum(int(v.nbytes) for v in a["params"].values())})}
+    out["oom"] = _oom(f, wrt)
+    out["resume"] = _resume(X, y)
+    return out
+
+
+def _resume(X, y) -> float:
+    """Adam on cuda, 2 epochs at once against 1 epoch, a checkpoint, and a resumed second:
+    the optimizer's buffers go to the file and back to the device.  The relative
+    difference of the parameters."""
+    import tempfile
+
+    from symbp import nn, train
+
+    kw = dict(batch_size=6, optimizer=sb.Adam(0.01), target="cuda", dtype="float64",
+              progress=False)
+    whole = nn.mlp([4, 5, 3], "tanh", seed=1)
+    train.fit(whole, X, y, epochs=2, **kw)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "ck.npz")
+        part = nn.mlp([4, 5, 3], "tanh", seed=1)
+        train.fit(part, X, y, epochs=1, checkpoint=path, **kw)
+        part = nn.mlp([4, 5, 3], "tanh", seed=1)
+        train.fit(part, X, y, epochs=2, checkpoint=path, resume=True, **kw)
+    return max(rel_err(part.params[k], whole.params[k]) for k in whole.params)
+
+
+def _oom(f, wrt) -> dict:
+    """The messages when the device runs out of memory: allocating the step's buffers,
+    and a batch's buffers inside a step (numba-cuda raises CudaAPIError there)."""
+    from numba import cuda
+
+    real = cuda.device_array
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[CUDA_ERROR_OUT_OF_MEMORY] Call to cuMemAlloc results in "
+                           "CUDA_ERROR_OUT_OF_MEMORY")
+
+    out = {}
+    cuda.device_array = full
+    try:
+        sb.compile_step(f, wrt, sb.SGD(0.1), target="cuda", dtype="float32")
+    except sb.SymbpError as err:
+        out["build"] = str(err)
+    finally:
+        cuda.device_array = real
+    step = sb.compile_step(f, wrt, sb.SGD(0.1), target="cuda", dtype="float32")
+    rng = np.random.default_rng(1)
+    params = {w.name: rng.normal(size=tuple(int(d) for d in w.shape)).astype(np.float32)
+              for w in wrt}
+    data = {"X": cuda.to_device(np.ones((9, 6), np.float32)),
+            "T": cuda.to_device(np.eye(3, dtype=np.float32)[[0] * 9])}
+    cuda.device_array = full
+    try:
+        step(params, **data)
+    except sb.SymbpError as err:
+        out["run"] = str(err)
+    finally:
+        cuda.device_array = real
+    return out
+
+
+def sb_to_device(a):
+    from numba import cuda
+
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
 def ptx() -> dict:
     """Compile every float32 kernel of every case for sm_80; count .f64 lines."""
     from numba import config
@@ -209,10 +396,13 @@ def ptx() -> dict:
     dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=(8, 0))
 
     result, seen = {}, {}
-    for name, (make, _, _) in CASES.items():
+    # every case, then a training step's module for each optimizer (its _update, _gather)
+    modules = [(name, make, None) for name, (make, _, _) in CASES.items()]
+    modules += [(f"step_{o}", _mlp_sce, getattr(sb, o)().rule) for o, _ in STEP_OPTS]
+    for name, make, update in modules:
         f, wrt = make()
         fn = sb.compile(f, wrt, target="numpy", dtype=np.float32)  # just for its Program
-        ns = numba_cuda.load(numba_cuda.generate(fn.program, np.float32))
+        ns = numba_cuda.load(numba_cuda.generate(fn.program, np.float32, update=update))
         for kname, sig in ns["_SIGNATURES"].items():
             text = inspect.getsource(ns[kname].py_func) + sig
             if text in seen:  # a fixed kernel (_mm_nn, _total, ...) already compiled
@@ -263,6 +453,8 @@ if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "sim":
         out = sim()
+    elif mode == "step":
+        out = step()
     elif mode == "ptx":
         why = nvvm_available()
         out = {"nvvm": why or "ok"}

@@ -128,11 +128,12 @@ def test_float64_source_uses_float64_constants():
 
 
 @pytest.mark.parametrize("case, heads", [
-    ("mlp_tanh_sce", ["_mm_nn", "_mm_nt", "_mm_tn", "_sce_rows", "_softmax", "_axis_sum0"]),
+    ("mlp_tanh_sce", ["_mm_nt", "_mm_tn", "_sce_softmax_rows", "_total"]),
+    ("softmax_mse_prelu", ["_softmax", "_axis_sum0", "_axis_sum1"]),
     ("mlp_activations_logsoftmax", ["_log_softmax", "_axis_sum1", "_elu", "_softplus",
                                     "_leaky_relu", "math.erf"]),
     ("tied_autoencoder", ["_mm_nt", "_total"]),
-    ("transposes_zero_grad", ["_transpose", "_mm_tn", "_scalars"]),
+    ("transposes_zero_grad", ["_transpose", "_mm_nn", "_mm_nt", "_scalars"]),
 ])
 def test_source_names_its_kernels(case, heads):
     src = numba_cuda.generate(_program(case), np.float32)
@@ -142,10 +143,25 @@ def test_source_names_its_kernels(case, heads):
 
 
 def test_fused_map_keeps_intermediates_in_registers():
-    # dense + tanh: one kernel writes tanh(X W + b) and never stores the sum X W + b
+    # dense + tanh: one kernel, the product's, writes tanh(X W + b) and never stores the
+    # product X W nor the sum X W + b
     src = numba_cuda.generate(_program("mlp_tanh_sce"), np.float32)
     k = [b for b in _kernels(src).split("@cuda.jit") if "math.tanh" in b]
-    assert len(k) == 1 and k[0].count("] = ") == 1
+    assert len(k) == 1 and k[0].count("] = ") == 3  # two shared-memory loads, one store
+    assert "_acc += _sA" in k[0] and "math.tanh(_acc + b1_)" in k[0].replace("b1_ + _acc",
+                                                                            "_acc + b1_")
+
+
+def test_bias_gradients_are_summed_in_their_map_kernel():
+    # g = a map's value, 1ᵀ g its bias gradient: one kernel computes both (launches: the
+    # unfused program has one _axis_sum0 per bias, the fused none)
+    p = _program("mlp_tanh_sce")
+    fused = numba_cuda.generate(p, np.float32)
+    assert "_axis_sum0[" not in fused and "_softmax[" not in fused
+    summing = [k for k in _kernels(fused).split("@cuda.jit") if "def _k_" in k and "_sh[" in k]
+    assert len(summing) == 2, summing  # the two biases
+    unfused = numba_cuda.generate(p, np.float32, fuse=False)
+    assert unfused.count("_axis_sum0[") == 2
 
 
 def test_unfused_has_one_kernel_per_map():

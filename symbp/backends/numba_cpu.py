@@ -49,7 +49,7 @@ from ..passes import optimize
 from ..runtime.step import FusedStep, gradient_call
 from ..runtime.threads import blas_threads
 from . import Kernel, identifiers
-from .scalar import Routines, ScalarPrinter
+from .scalar import Routines, ScalarPrinter, entry_lines, rule_names
 
 # --- the table: the njit routines kernels call ----------------------------------------------
 # max, min and one per function row, printed from the row (scalar.Routines), plus the CPU's
@@ -329,7 +329,7 @@ class _Gen:
     def step(self, rule):
         """The optimizer's update of every parameter, printed from its rule's formulas."""
         self.emit("# the optimizer update: every read of the parameters is above this line")
-        names = _rule_names(rule)
+        names = rule_names(rule)
         for w, g in zip(self.p.wrt, self.p.outputs[1:]):
             start = len(self.lines)
             self.param_update(rule, names, w, g)
@@ -364,7 +364,7 @@ class _Gen:
         for a scalar."""
         if not assigns:
             return
-        lines = _entry_lines(rule, assigns, refs, gx, self.rule_expr)
+        lines = entry_lines(rule, assigns, refs, gx, self.rule_expr)
         depth = 1
         if is_matrix(w):  # one loop per axis (a kernel F×C×kh×kw has four)
             size = 1
@@ -383,18 +383,7 @@ class _Gen:
         return out
 
 
-# --- the optimizer's rule, printed ---------------------------------------------------------
-# A rule (symbp.optim.Rule) is data: hyperparameter and buffer names, per-step scalars, and
-# ordered assignments per parameter entry.  Its names get the prefix _opt_ in the kernel, so
-# none can meet the kernel's own (_i, _m, _s, ...) or a program's.
-
-
-def _rule_names(rule) -> dict:
-    names = {sp.Symbol(h): f"_opt_{h}" for h in rule.hyper}
-    names.update({s: f"_opt_{s}" for s, _ in rule.per_step})
-    entry = {rule.w} | {sp.Symbol(b) for b in rule.state}
-    names.update({x: f"_opt_{x}" for x, _ in rule.update if x not in entry})  # temporaries
-    return names
+# --- the optimizer's rule, printed (its names and entries: scalar.rule_names, entry_lines) --
 
 
 def _rule_prologue(rule) -> tuple[list[str], set]:
@@ -407,27 +396,6 @@ def _rule_prologue(rule) -> tuple[list[str], set]:
     lines = [f"_opt_{h} = DT(_f64[{k}])" for k, h in enumerate(rule.hyper)]
     lines += [f"_opt_{s} = DT({pr.doprint(e)})" for s, e in rule.per_step]
     return lines, pr.used
-
-
-def _entry_lines(rule, assigns, refs, gx, expr) -> list[str]:
-    """One entry's update: ``refs`` names the entries of w and the buffers (``W[_i, _j]``),
-    ``gx`` the gradient's; a buffer written and then read is read back from its array,
-    as the rule says."""
-    names = {**_rule_names(rule), **refs}
-    out = []
-    if sum(rule.g in e.free_symbols for _, e in assigns) > 1:  # load g once
-        out.append(f"_opt_g = {gx}")
-        gx = "_opt_g"
-    names[rule.g] = gx
-    for x, e in assigns:
-        # x ← x − d reads as x -= d (one term d: x − d rounds as written)
-        d = e - x if x in refs else None
-        if d is not None and not isinstance(d, sp.Add) and x not in d.free_symbols:
-            op, d = ("-=", -d) if d.could_extract_minus_sign() else ("+=", d)
-            out.append(f"{names[x]} {op} {expr(d, names)}")
-        else:
-            out.append(f"{names[x]} = {expr(e, names)}")
-    return out
 
 
 
@@ -584,7 +552,7 @@ def generate_update(rule, dtype, cache_=True) -> str:
         pr_used.update(pr.used)
         return out
 
-    body = _entry_lines(rule, rule.update, refs, "g[_i]", expr)
+    body = entry_lines(rule, rule.update, refs, "g[_i]", expr)
     flags = ['error_model="numpy"', f"cache={bool(cache_)}"]
     types = [_array_type(dt, 1)] * (2 + len(bufs)) + ["float64[::1]", "int64"]
     lines = [_HEADER.format(target="cpu", dtype=dt)]

@@ -244,3 +244,38 @@ class ScalarPrinter(PythonCodePrinter):
     def _helper(self, name: str, args) -> str:
         self.used |= {name} | self.helpers.needs(name)
         return f"_{name}({', '.join(self._print(a) for a in args)})"
+
+
+# --- an optimizer's rule, printed (symbp.optim.Rule) ---------------------------------------
+# A rule is data: hyperparameter and buffer names, per-step scalars, and ordered assignments
+# per parameter entry.  Its names get the prefix _opt_ in a kernel, so none can meet the
+# kernel's own (_i, _m, _s, ...) or a program's.  Every backend prints it with these two.
+
+
+def rule_names(rule) -> dict:
+    names = {sp.Symbol(h): f"_opt_{h}" for h in rule.hyper}
+    names.update({s: f"_opt_{s}" for s, _ in rule.per_step})
+    entry = {rule.w} | {sp.Symbol(b) for b in rule.state}
+    names.update({x: f"_opt_{x}" for x, _ in rule.update if x not in entry})  # temporaries
+    return names
+
+
+def entry_lines(rule, assigns, refs, gx, expr) -> list[str]:
+    """One entry's update: ``refs`` names the entries of w and the buffers (``W[_i, _j]``),
+    ``gx`` the gradient's; a buffer written and then read is read back from its array,
+    as the rule says."""
+    names = {**rule_names(rule), **refs}
+    out = []
+    if sum(rule.g in e.free_symbols for _, e in assigns) > 1:  # load g once
+        out.append(f"_opt_g = {gx}")
+        gx = "_opt_g"
+    names[rule.g] = gx
+    for x, e in assigns:
+        # x ← x − d reads as x -= d (one term d: x − d rounds as written)
+        d = e - x if x in refs else None
+        if d is not None and not isinstance(d, sp.Add) and x not in d.free_symbols:
+            op, d = ("-=", -d) if d.could_extract_minus_sign() else ("+=", d)
+            out.append(f"{names[x]} {op} {expr(d, names)}")
+        else:
+            out.append(f"{names[x]} = {expr(e, names)}")
+    return out

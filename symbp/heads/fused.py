@@ -24,7 +24,7 @@ from ..ir import Assign
 from ..matrix import AxisSum, Softmax, SoftmaxCrossEntropy, Total
 from . import register
 from .maps import map_loop
-from .softmax import rows, sce_cuda, softmax_cuda_rows
+from .softmax import rows, sce_cuda
 
 
 class MapSums(MatrixExpr):
@@ -101,9 +101,8 @@ def softmax_ce_cpu(gen, a):
 def softmax_ce_cuda(gen, a):
     parts = a.expr.parts(a.also)
     rs = parts.get("rowsum")
-    sce_cuda(gen, a, a.expr.sce, rs=rs.name if rs is not None else None)
-    if "softmax" in parts:  # the CUDA row kernel of the loss writes no softmax: its own
-        softmax_cuda_rows(gen, parts["softmax"])
+    sce_cuda(gen, a, a.expr.sce, rs=rs.name if rs is not None else None,
+             sm=parts.get("softmax"))
 
 
 register(SoftmaxCE, kind="reduction", cpu=softmax_ce_cpu, cuda=softmax_ce_cuda,

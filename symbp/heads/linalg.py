@@ -95,7 +95,9 @@ register(sp.MatMul, lower=lambda lw, e: lw.matmul(e), children=lambda e: [
     a.arg if isinstance(a, sp.Transpose) else a for a in e.args
     if not isinstance(a, sp.OneMatrix)], keeps_transpose=True, check=matmul_check,
     vjp=matmul_vjp, numpy=matmul_numpy, cpu=matmul_cpu, cuda=matmul_cuda,
-    label=lambda e: "@", entry=matmul_entry, doc="matrix product (BLAS gemm)")
+    label=lambda e: "@", entry=matmul_entry, doc="matrix product (BLAS gemm)",
+    # CUDA: the maps that alone read a product run in its kernel, at each entry it holds
+    extra={"cuda_epilogue": True})
 
 
 # --- Y = Xᵀ ---------------------------------------------------------------------------------

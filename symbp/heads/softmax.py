@@ -123,7 +123,8 @@ def softmax_cuda_rows(gen, a):
                       f"{gen.d(a.name)}, {R}, {C})  # {gen.ids[a.name]} = {gen.doc(e)}")
 
 
-def sce_cuda(gen, a, e=None, rs=None):
+def sce_cuda(gen, a, e=None, rs=None, sm=None):
+    # with sm (an assignment Y = softmax(Z) of the same logits) one row kernel writes both
     e, out = e if e is not None else a.expr, gen.ids[a.name]
     Z, T = e.args
     R, C = gen.shape_src(Z.shape)
@@ -136,11 +137,14 @@ def sce_cuda(gen, a, e=None, rs=None):
         gen.scratch.append((rs_buf, f"({R}, 1)"))
     else:
         rs_buf = gen.d(rs)
-    gen.use_fixed("_sce_rows")
+    kernel = "_sce_rows" if sm is None else "_sce_softmax_rows"
+    y = "" if sm is None else f"{gen.d(sm.name)}, "
+    gen.use_fixed(kernel)
     gen.use_fixed("_total")
-    gen.driver.append(f"_sce_rows[_grid_tiles({R}), (_TILE, _TILE)]({gen.d(Z)}, "
-                      f"{gen.d(T)}, {rows}, {rs_buf}, {R}, {C})"
-                      f"  # {out}: cross-entropy and target sum per row")
+    gen.driver.append(f"{kernel}[_grid_tiles({R}), (_TILE, _TILE)]({gen.d(Z)}, "
+                      f"{gen.d(T)}, {rows}, {rs_buf}, {y}{R}, {C})"
+                      f"  # {out}: cross-entropy and target sum per row"
+                      + ("" if sm is None else f", {gen.ids[sm.name]} = softmax"))
     gen.driver.append(f"_total[1, _BLOCK]({rows}, {R}, 1, _scalars, "
                       f"{gen.slot[a.name]}, _HT(1 / ({R})))  # {out} = mean of rows")
 

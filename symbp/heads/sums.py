@@ -99,7 +99,10 @@ register(AxisSum, lower=lambda lw, e: lw.emit(AxisSum(lw.L(e.args[0]), e.axis), 
          numpy=lambda ctx, a: f"numpy.sum({ctx.op(a.expr.args[0])}, axis={a.expr.axis}, "
                               "keepdims=True)",
          cpu=cpu, cuda=axis_sum_cuda, label=lambda e: "𝟏ᵀ·" if e.axis == 0 else "·𝟏",
-         entry=axis_sum_entry, doc="sum over one axis")
+         entry=axis_sum_entry, doc="sum over one axis",
+         # column sums of a map's value: the CUDA map kernel sums them where it computes
+         # them (a bias gradient), in _axis_sum0's layout and order
+         extra={"cuda_into_map": lambda e: e.axis == 0 and len(e.shape) == 2})
 
 
 def total_cuda(gen, a):
