@@ -299,18 +299,26 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                     np.copyto(good, flat)
                 if perm is None:
                     perm = rng.permutation(n) if shuffle else np.arange(n)
-                # One gather per epoch; the batches are then contiguous slices (views).
-                Xs, Ts = X[perm], T[perm]
+                # One process: one gather per epoch, the batches are then contiguous
+                # slices (views).  A rank gathers its shard of each batch alone: the
+                # gather of every row would not shrink with the number of ranks.
+                Xs, Ts = (X[perm], T[perm]) if ranks is None else (X, T)
                 losses, first = (resumed_losses or []), row0 // batch_size
                 resumed_losses = None
                 for s, i in enumerate(range(row0, n, batch_size), start=first):
-                    xb, tb = Xs[i:i + batch_size], Ts[i:i + batch_size]
-                    data = {model.X.name: xb, model.T.name: tb,
-                            **model.slopes(len(xb), dtype, rng)}
-                    loss = step(params, **data)
+                    rows = perm[i:i + batch_size]
+                    drawn = model.slopes(len(rows), dtype, rng)
+                    if ranks is None:
+                        data = {model.X.name: Xs[i:i + batch_size],
+                                model.T.name: Ts[i:i + batch_size], **drawn}
+                        loss = step(params, **data)
+                    else:
+                        data = None
+                        loss = step(params, len(rows), **ranks.own(
+                            rows, {model.X.name: X, model.T.name: T}, drawn))
                     if not (math.isfinite(loss) and (not guard or np.isfinite(flat).all())):
-                        _fail(model, flat, good, epoch, s, loss, data, perm[i:i + batch_size],
-                              path, guard)
+                        data = data or {model.X.name: X[rows], model.T.name: T[rows], **drawn}
+                        _fail(model, flat, good, epoch, s, loss, data, rows, path, guard)
                     if guard:
                         np.copyto(good, flat)
                     losses.append(loss)
@@ -319,12 +327,12 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                         callback(epoch, s, loss)
                     if sigint.hit:
                         if path is not None and np.isfinite(flat).all():
-                            _save(path, model, step, optimizer, rng, epoch, i + len(xb), perm,
+                            _save(path, model, step, optimizer, rng, epoch, i + len(rows), perm,
                                   hist, seed, losses)
                         raise KeyboardInterrupt
                 if not guard and not np.isfinite(flat).all():
-                    _fail(model, flat, good, epoch, s, loss, data, perm[i:i + batch_size],
-                          path, guard)
+                    data = data or {model.X.name: X[rows], model.T.name: T[rows], **drawn}
+                    _fail(model, flat, good, epoch, s, loss, data, rows, path, guard)
                 perm, row0 = None, 0
                 _record(hist, model, epoch, losses, time.perf_counter() - t0, X, y_raw,
                         validation, target, dtype, ranks)
