@@ -16,7 +16,11 @@ the start), so the parameters stay identical without ever being sent again.
 The backends' fused step (``compile_step`` with 'cpu'/'parallel') cannot be used here:
 it applies the update inside the kernel right after the backward pass, and the reduction
 has to come between the gradient and the update.  So a rank calls the compiled gradient
-(``symbp.compile``, same target), then the reference ``optim.update``.
+(``symbp.compile``, same target), which writes into the reduced buffer itself, then one
+compiled update over the flat buffers.  What a step costs beyond its shard's gradient is
+what does not shrink with more ranks: the Allreduce, the update of every parameter on
+every rank (a reduce-scatter, an update of 1/K of them and an allgather would move more
+bytes than it saves on W2: bench/RESULTS.md), and the n_r/B scaling when shards differ.
 
 ``import symbp`` never imports mpi4py: it is imported when ``fit(..., distributed='mpi')``
 asks for it.
