@@ -12,7 +12,8 @@ alike), and the median of each.  Epoch time is the median over the epochs after 
 (the first compiles); "best" is the fastest epoch of all runs, the one a neighbour's load
 disturbed least.  Per step, rank 0's time in the phases: the compiled gradient of its
 shard, the Allreduce (waiting for the other rank included), the update, and the rest of
-the epoch's wall time (gathering the batch, the guard, Python, the epoch's accuracy).
+the epoch's time (gathering the batch, the guard, Python; ``fit`` times an epoch without
+the accuracy it computes at its end).
 The machine's load average is printed before and after: on a shared machine the 2-rank
 run needs both cores, the 1-process one only the less busy one.
 """
@@ -66,14 +67,15 @@ def worker(args) -> None:
             def __getattr__(self, name):
                 return getattr(self.comm, name)
 
-        class Ranks(distributed.Ranks):  # the step's gradient and update timed
+        class Ranks(distributed.Ranks):  # the step's gradient, Allreduce and update timed
             def step(self, *a):
                 s = super().step(*a)
                 s._into = timed(s._into, spent, "gradient")
                 s._kernel = timed(s._kernel, spent, "update")
+                s.ranks = distributed.Ranks(Comm(self.comm))  # not the accuracy's sum
                 return s
 
-        mode = Ranks(Comm(MPI.COMM_WORLD))
+        mode = Ranks(MPI.COMM_WORLD)
     t0 = time.perf_counter()
     h = train.fit(m, X, y, epochs=args.epochs, batch_size=256, optimizer=opt,
                   target="cpu", dtype=np.float32, progress=False, distributed=mode)
