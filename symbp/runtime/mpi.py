@@ -20,7 +20,8 @@ has to come between the gradient and the update.  So a rank calls the compiled g
 compiled update over the flat buffers.  What a step costs beyond its shard's gradient is
 what does not shrink with more ranks: the Allreduce, the update of every parameter on
 every rank (a reduce-scatter, an update of 1/K of them and an allgather would move more
-bytes than it saves on W2: bench/RESULTS.md), and the n_r/B scaling when shards differ.
+bytes than it saves on W2: bench/RESULTS.md), and the n_r/B scaling when shards differ
+(with equal shards the update applies 1/K itself).
 
 ``import symbp`` never imports mpi4py: it is imported when ``fit(..., distributed='mpi')``
 asks for it.
@@ -153,6 +154,7 @@ class Step:
             from ..backends.numba_cpu import build_update
 
             self._kernel = build_update(optim.rule(optimizer), flat.dtype)
+            self._f64 = np.zeros(len(optim.rule(optimizer).hyper) + 1)  # hyper, then 1/K
         self._flat_state = None  # (state dict, {buffer: flat array}) when the kernel runs
         # One buffer [∇w1 … ∇wk, loss] so a step makes a single Allreduce; the gradients
         # in the order of the parameters, as the update reads them beside ``flat``.
@@ -175,6 +177,10 @@ class Step:
         if self.state is None:
             self.state = optim.init_state(self.optimizer, params)
         n = len(next(iter(data.values())))
+        # ∇L(batch) = Σ_r (n_r / B) ∇L(shard r).  With equal shards that is 1/K of the sum,
+        # which the compiled update applies as it reads it (one pass over the buffer less);
+        # otherwise each rank scales its own gradient before the sum.
+        fold = self._kernel is not None and size % self.ranks.size == 0
         if n:
             if self._into is not None:
                 self.buf[-1] = self._into(self.buf, *self.fn.bind({**params, **data}))
@@ -182,19 +188,21 @@ class Step:
                 self.buf[-1], grads = self.fn(**params, **data)
                 for k, g in self.grads.items():
                     g[...] = grads[k]
-            if n != size:  # (n_r / B) ∇L(shard r), summed over the ranks, is ∇L(batch)
+            if not fold and n != size:
                 np.multiply(self.buf, n / size, out=self.buf)
         else:  # fewer rows than ranks: this rank adds nothing to the sum
             self.buf[...] = 0
         self.ranks.comm.Allreduce(MPI.IN_PLACE, self.buf, op=MPI.SUM)
+        scale = n / size if fold else 1.0
         if self._kernel is None:
             optim.update(self.optimizer, params, self.grads, self.state)
         else:
             self.state["t"] += 1
-            bufs = self._buffers(params)
-            self._kernel(self.flat, self.buf[:-1], *bufs, optim.hyper(self.optimizer),
+            self._f64[:-1] = optim.hyper(self.optimizer)
+            self._f64[-1] = scale
+            self._kernel(self.flat, self.buf[:-1], *self._buffers(params), self._f64,
                          self.state["t"])
-        return float(self.buf[-1])
+        return float(self.buf[-1]) * scale
 
     def _buffers(self, params) -> list:
         # The optimizer buffers as flat arrays whose per-parameter views are the state's, so
