@@ -19,9 +19,11 @@ has to come between the gradient and the update.  So a rank calls the compiled g
 (``symbp.compile``, same target), which writes into the reduced buffer itself, then one
 compiled update over the flat buffers.  What a step costs beyond its shard's gradient is
 what does not shrink with more ranks: the Allreduce, the update of every parameter on
-every rank (a reduce-scatter, an update of 1/K of them and an allgather would move more
-bytes than it saves on W2: bench/RESULTS.md), and the n_r/B scaling when shards differ
-(with equal shards the update applies 1/K itself).
+every rank, and the n_r/B scaling when shards differ (with equal shards the update
+applies 1/K itself).  A reduce-scatter, an update of 1/K of the parameters and an
+allgather (ZeRO-1) would save part of the update (about 0.1 of W2's 1.7 ms step on two
+ranks, bench/RESULTS.md) but leave each rank 1/K of the optimizer state, which rank 0's
+checkpoints (also the one Ctrl-C writes mid-epoch) need whole.
 
 ``import symbp`` never imports mpi4py: it is imported when ``fit(..., distributed='mpi')``
 asks for it.
