@@ -302,7 +302,8 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                 # One process: one gather per epoch, the batches are then contiguous
                 # slices (views).  A rank gathers its shard of each batch alone: the
                 # gather of every row would not shrink with the number of ranks.
-                Xs, Ts = (X[perm], T[perm]) if ranks is None else (X, T)
+                if ranks is None:
+                    Xs, Ts = X[perm], T[perm]
                 losses, first = (resumed_losses or []), row0 // batch_size
                 resumed_losses = None
                 for s, i in enumerate(range(row0, n, batch_size), start=first):
@@ -317,7 +318,7 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                         loss = step(params, len(rows), **ranks.own(
                             rows, {model.X.name: X, model.T.name: T}, drawn))
                     if not (math.isfinite(loss) and (not guard or np.isfinite(flat).all())):
-                        data = data or {model.X.name: X[rows], model.T.name: T[rows], **drawn}
+                        data = data or _batch(model, X, T, rows, drawn)
                         _fail(model, flat, good, epoch, s, loss, data, rows, path, guard)
                     if guard:
                         np.copyto(good, flat)
@@ -331,7 +332,7 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                                   hist, seed, losses)
                         raise KeyboardInterrupt
                 if not guard and not np.isfinite(flat).all():
-                    data = data or {model.X.name: X[rows], model.T.name: T[rows], **drawn}
+                    data = data or _batch(model, X, T, rows, drawn)
                     _fail(model, flat, good, epoch, s, loss, data, rows, path, guard)
                 perm, row0 = None, 0
                 _record(hist, model, epoch, losses, time.perf_counter() - t0, X, y_raw,
@@ -380,6 +381,12 @@ def _flatten(params: dict, dtype) -> np.ndarray:
         params[k] = view
         at += v.size
     return flat
+
+
+def _batch(model, X, T, rows, drawn) -> dict:
+    """The whole batch of ``rows``, for the error of a failed step: a rank holds only its
+    shard, but the error names the rows of the batch, as on one process."""
+    return {model.X.name: X[rows], model.T.name: T[rows], **drawn}
 
 
 def _fail(model, flat, good, epoch, s, loss, data, rows, path, guard):
