@@ -99,11 +99,11 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
                 tuner.stop(t0)
             return ret
 
-        fn.into = writer(p, layout, plan, lambda key: sized.get(key) or at_sizes(key), run)
+        fn.into = gradient_into(p, layout, plan, lambda key: sized.get(key) or at_sizes(key), run)
     return fn
 
 
-def writer(p: Program, layout: dict, plan: list, at_sizes, run):
+def gradient_into(p: Program, layout: dict, plan: list, at_sizes, run):
     """``into(buf, *inputs, *dims)`` -> the value, as a float; the gradients, raveled and
     concatenated in ``wrt`` order, are written into the first entries of the 1-D ``buf``.
 
