@@ -309,8 +309,10 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                     store.keep()
                 if perm is None:
                     perm = rng.permutation(n) if shuffle else np.arange(n)
-                # One gather per epoch; the batches are then contiguous slices (views).
-                batches = store.shuffle(X, T, perm)
+                # One process: one gather per epoch, the batches are then contiguous
+                # slices (views).  A rank gathers its shard of each batch alone: the
+                # gather of every row would not shrink with the number of ranks.
+                batches = store.shuffle(X, T, perm) if ranks is None else None
                 losses, first = (resumed_losses or []), row0 // batch_size
                 resumed_losses = None
                 log = store.log(-(-(n - row0) // batch_size)) if lazy else None
@@ -331,16 +333,22 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                     read[0] = upto
 
                 for s, i in enumerate(range(row0, n, batch_size), start=first):
-                    xb, tb = batches(i, i + batch_size)
-                    data = {model.X.name: xb, model.T.name: tb,
-                            **model.slopes(len(xb), dtype, rng)}
+                    rows = perm[i:i + batch_size]
+                    drawn = model.slopes(len(rows), dtype, rng)
+                    if ranks is None:
+                        xb, tb = batches(i, i + batch_size)
+                        data = {model.X.name: xb, model.T.name: tb, **drawn}
                     if lazy:
                         step.launch(store.params, log, s - first, **data)
                         hist.steps += 1
                         if sigint.hit:
                             flush(s - first + 1)
                     else:
-                        loss = step(store.params, **data)
+                        if ranks is None:
+                            loss = step(store.params, **data)
+                        else:
+                            loss = step(store.params, len(rows), **ranks.own(
+                                rows, {model.X.name: X, model.T.name: T}, drawn))
                         if not (math.isfinite(loss) and (not guard or store.finite(step))):
                             failed(s, loss, i)
                         if guard:
@@ -352,7 +360,7 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                     if sigint.hit:
                         store.sync()
                         if path is not None and np.isfinite(flat).all():
-                            _save(path, model, step, optimizer, rng, epoch, i + len(xb), perm,
+                            _save(path, model, step, optimizer, rng, epoch, i + len(rows), perm,
                                   hist, seed, losses)
                         raise KeyboardInterrupt
                 if lazy:

@@ -268,3 +268,32 @@ def test_compile_forward_after_good_calls(target, rng, checks):
     for convert in (_int, _strided, _readonly, _nan, _batch):
         arrays = {k: v for k, v in convert({**d, "T": None}).items() if k != "T"}
         np.testing.assert_array_equal(fwd(**arrays), fresh(fwd)(**arrays))
+
+
+C_ = sp.Symbol("c")
+
+
+@pytest.mark.parametrize("f,wrt", [
+    (F, [W, b]),                  # every gradient is one of the kernel's output buffers
+    (F + a**2, [a, W, b]),        # a scalar's gradient: a value the kernel returns
+    (F + a * C_, [W, b, a]),      # a gradient that is an input (c)
+    (F + 3 * a, [W, a]),          # a constant gradient
+], ids=["buffers", "scalar", "input", "constant"])
+def test_gradients_written_into_a_buffer_match_the_call(f, wrt, rng):
+    # Data-parallel training reduces one buffer of all gradients: into() writes them there
+    # (raveled, in wrt order) instead of fresh arrays; the call is the reference.
+    fn = sb.compile(f, wrt, target="cpu")
+    into = fn.kernel.fn.into
+    size = sum(int(np.prod(w.shape)) if hasattr(w, "shape") else 1 for w in wrt)
+    buf = np.full(size + 1, np.nan)
+    for n in (4, 7, 4):  # another batch size cuts the buffer anew, and back
+        d = {**data(rng, n=n), "a": 0.7, "c": -1.5}
+        d = {k: v for k, v in d.items() if k in fn.input_names}
+        value, grads = fn(**d)
+        assert into(buf, *fresh(fn).bind(d)) == value
+        np.testing.assert_array_equal(
+            buf[:-1], np.concatenate([np.ravel(grads[w.name]) for w in wrt]))
+        assert np.isnan(buf[-1])  # past the gradients: left alone
+    other = np.zeros(size)
+    into(other, *fn.bind(d))
+    np.testing.assert_array_equal(other, buf[:-1])

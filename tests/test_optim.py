@@ -168,8 +168,10 @@ def test_a_new_optimizer_is_fused_into_the_compiled_step(opt):
 @pytest.mark.parametrize("opt", [sb.SGD(0.3), sb.Momentum(0.1, 0.8), sb.Adam(0.01),
                                  RMSprop(0.02)], ids=["sgd", "momentum", "adam", "rmsprop"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_flat_update_gives_the_reference_bits(opt, dtype):
-    # the data-parallel update over concatenated parameters, against optim.update
+@pytest.mark.parametrize("scale", [1.0, 0.5, 1 / 3])
+def test_flat_update_gives_the_reference_bits(opt, dtype, scale):
+    # the data-parallel update over concatenated parameters, against optim.update of the
+    # scaled gradient (the kernel scales by the last of its float64 words)
     from symbp.backends.numba_cpu import build_update
 
     rng = np.random.default_rng(5)
@@ -181,9 +183,10 @@ def test_flat_update_gives_the_reference_bits(opt, dtype):
     kern = build_update(opt.rule, dtype)
     for t in range(1, 4):
         gflat = rng.standard_normal(15).astype(dtype)
-        optim.update(opt, ref, {"W": gflat[:12].reshape(sizes["W"]),
-                                "b": gflat[12:].reshape(sizes["b"])}, state)
-        kern(flat, gflat, *bufs, optim.hyper(opt), t)
+        gs = gflat * dtype(scale)
+        optim.update(opt, ref, {"W": gs[:12].reshape(sizes["W"]),
+                                "b": gs[12:].reshape(sizes["b"])}, state)
+        kern(flat, gflat, *bufs, np.append(optim.hyper(opt), scale), t)
     np.testing.assert_array_equal(flat, np.concatenate([ref["W"].ravel(), ref["b"].ravel()]))
     for b, a in zip(opt.buffers, bufs):
         np.testing.assert_array_equal(

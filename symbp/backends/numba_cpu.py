@@ -538,8 +538,10 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
 
 def generate_update(rule, dtype, cache_=True) -> str:
     """The module source of ``flat_update(w, g, *buffers, _f64, _t)``: ``rule`` applied to
-    every entry of flat arrays (all the parameters, concatenated).  Data-parallel training
-    takes it where the reduction comes between the gradient and the update."""
+    every entry of flat arrays (all the parameters, concatenated), with the gradient
+    ``s * g``: ``_f64`` holds the hyperparameters, then ``s``.  Data-parallel training
+    takes it where the reduction comes between the gradient and the update; ``s`` is the
+    1/K of a mean over K equal shards, applied here instead of in a pass of its own."""
     dt = np.dtype(dtype).name
     prologue, used = _rule_prologue(rule)
     bufs = [sp.Symbol(b) for b in rule.state]
@@ -552,7 +554,7 @@ def generate_update(rule, dtype, cache_=True) -> str:
         pr_used.update(pr.used)
         return out
 
-    body = entry_lines(rule, rule.update, refs, "g[_i]", expr)
+    body = entry_lines(rule, rule.update, refs, "_gs*g[_i]", expr)
     flags = ['error_model="numpy"', f"cache={bool(cache_)}"]
     types = [_array_type(dt, 1)] * (2 + len(bufs)) + ["float64[::1]", "int64"]
     lines = [_HEADER.format(target="cpu", dtype=dt)]
@@ -562,6 +564,7 @@ def generate_update(rule, dtype, cache_=True) -> str:
     lines.append(f'\n@njit("({", ".join(types)},)", {", ".join(flags)})')
     lines.append(f"def flat_update(w, g, {''.join(f'_{b}_w, ' for b in bufs)}_f64, _t):")
     lines += ["    " + h for h in prologue]
+    lines.append(f"    _gs = DT(_f64[{len(rule.hyper)}])")
     lines.append("    for _i in range(w.size):")
     lines += ["        " + ln for ln in body]
     return "\n".join(lines) + "\n"
@@ -763,7 +766,7 @@ def build_step(program: Program, optimizer, dtype=np.float64, target: str = "cpu
 
 
 def build_update(rule, dtype=np.float64, **options):
-    """``flat_update(w, g, *buffers, hyper, t)`` compiled (``generate_update``); ``hyper``
-    the float64 hyperparameters, ``t`` the 1-based step count."""
+    """``flat_update(w, g, *buffers, f64, t)`` compiled (``generate_update``); ``f64`` the
+    float64 hyperparameters and the gradient's scale, ``t`` the 1-based step count."""
     source = generate_update(rule, dtype, options.get("cache", True))
     return cache.load(source).flat_update

@@ -16,7 +16,14 @@ the start), so the parameters stay identical without ever being sent again.
 The backends' fused step (``compile_step`` with 'cpu'/'parallel') cannot be used here:
 it applies the update inside the kernel right after the backward pass, and the reduction
 has to come between the gradient and the update.  So a rank calls the compiled gradient
-(``symbp.compile``, same target), then the reference ``optim.update``.
+(``symbp.compile``, same target), which writes into the reduced buffer itself, then one
+compiled update over the flat buffers.  What a step costs beyond its shard's gradient is
+what does not shrink with more ranks: the Allreduce, the update of every parameter on
+every rank, and the n_r/B scaling when shards differ (with equal shards the update
+applies 1/K itself).  A reduce-scatter, an update of 1/K of the parameters and an
+allgather (ZeRO-1) would save part of the update (about 0.1 of W2's 1.7 ms step on two
+ranks, bench/RESULTS.md) but leave each rank 1/K of the optimizer state, which rank 0's
+checkpoints (also the one Ctrl-C writes mid-epoch) need whole.
 
 ``import symbp`` never imports mpi4py: it is imported when ``fit(..., distributed='mpi')``
 asks for it.
@@ -95,6 +102,15 @@ class Ranks:
 
         self.comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
 
+    def own(self, rows: np.ndarray, arrays: dict, drawn: dict) -> dict:
+        """This rank's shard of the global batch of ``rows`` (indices into ``arrays``,
+        which every rank holds whole) and of ``drawn`` (arrays of the batch's rows, such
+        as random slopes), gathered alone."""
+        lo, hi = shard(len(rows), self.rank, self.size)
+        mine = rows[lo:hi]
+        return {**{k: a[mine] for k, a in arrays.items()},
+                **{k: v[lo:hi] for k, v in drawn.items()}}
+
     def step(self, fn: sb.Compiled, optimizer, params: dict, flat: np.ndarray) -> Step:
         return Step(fn, optimizer, params, flat, self)
 
@@ -117,16 +133,18 @@ class Ranks:
 
 
 class Step:
-    """``loss = step(params, **data)`` on the *global* batch ``data``: this rank takes its
-    shard of the rows, and every rank returns the loss of the global batch and holds the
+    """``loss = step(params, size, **data)``: ``data`` is this rank's shard of a global
+    batch of ``size`` rows; every rank returns the loss of the global batch and holds the
     same updated parameters.  ``state`` holds the optimizer buffers, as for one process.
 
-    ``params`` are views of ``flat`` in order (``fit`` keeps them so).  On the 'numpy'
-    target the update is the reference ``optim.update``; on the Numba targets one compiled
-    loop over the flat buffers applies the same rule (``numba_cpu.build_update``; NumPy's
-    update makes a temporary per operation: for Adam on W2 it took longer than the
-    gradient itself).  ``optimizer`` is read on every call: a schedule may replace it by
-    one of the same kind with another learning rate.
+    ``params`` are views of ``flat`` in order (``fit`` keeps them so).  On the Numba
+    targets the compiled gradient writes straight into the buffer that is reduced
+    (``fn.kernel.fn.into``: no gradient arrays to allocate and copy per step) and one
+    compiled loop over the flat buffers applies the update (``numba_cpu.build_update``;
+    NumPy's update makes a temporary per operation: for Adam on W2 it took longer than the
+    gradient itself).  On 'numpy' the gradient's arrays are copied into the buffer and
+    the update is the reference ``optim.update``.  ``optimizer`` is read on every call: a
+    schedule may replace it by one of the same kind with another learning rate.
     """
 
     def __init__(self, fn: sb.Compiled, optimizer, params: dict, flat: np.ndarray,
@@ -138,43 +156,55 @@ class Step:
             from ..backends.numba_cpu import build_update
 
             self._kernel = build_update(optim.rule(optimizer), flat.dtype)
+            self._f64 = np.zeros(len(optim.rule(optimizer).hyper) + 1)  # hyper, then 1/K
         self._flat_state = None  # (state dict, {buffer: flat array}) when the kernel runs
-        # One buffer [∇w1 … ∇wk, loss] so a step makes a single Allreduce.
-        dtype = next(iter(params.values())).dtype
-        self.buf = np.zeros(sum(v.size for v in params.values()) + 1, dtype=dtype)
+        # One buffer [∇w1 … ∇wk, loss] so a step makes a single Allreduce; the gradients
+        # in the order of the parameters, as the update reads them beside ``flat``.
+        self.buf = np.zeros(flat.size + 1, dtype=flat.dtype)
         self.grads, at = {}, 0
         for k, v in params.items():
             self.grads[k] = self.buf[at:at + v.size].reshape(v.shape)
             at += v.size
+        into = getattr(fn.kernel, "fn", None)
+        into = getattr(into, "into", None)
+        self._into = into if list(params) == [w.name for w in fn.wrt] else None
 
     @property
     def source(self) -> str:
         return self.fn.source
 
-    def __call__(self, params: dict, /, **data) -> float:
+    def __call__(self, params: dict, size: int, /, **data) -> float:
         from mpi4py import MPI
 
         if self.state is None:
             self.state = optim.init_state(self.optimizer, params)
-        B = len(next(iter(data.values())))
-        lo, hi = shard(B, self.ranks.rank, self.ranks.size)
-        if hi > lo:
-            loss, grads = self.fn(**params, **{k: v[lo:hi] for k, v in data.items()})
-            w = (hi - lo) / B
-            for k, g in self.grads.items():
-                np.multiply(grads[k], w, out=g)
-            self.buf[-1] = loss * w
+        n = len(next(iter(data.values())))
+        # ∇L(batch) = Σ_r (n_r / B) ∇L(shard r).  With equal shards that is 1/K of the sum,
+        # which the compiled update applies as it reads it (one pass over the buffer less);
+        # otherwise each rank scales its own gradient before the sum.
+        fold = self._kernel is not None and size % self.ranks.size == 0
+        if n:
+            if self._into is not None:
+                self.buf[-1] = self._into(self.buf, *self.fn.bind({**params, **data}))
+            else:
+                self.buf[-1], grads = self.fn(**params, **data)
+                for k, g in self.grads.items():
+                    g[...] = grads[k]
+            if not fold and n != size:
+                np.multiply(self.buf, n / size, out=self.buf)
         else:  # fewer rows than ranks: this rank adds nothing to the sum
             self.buf[...] = 0
         self.ranks.comm.Allreduce(MPI.IN_PLACE, self.buf, op=MPI.SUM)
+        scale = n / size if fold else 1.0
         if self._kernel is None:
             optim.update(self.optimizer, params, self.grads, self.state)
         else:
             self.state["t"] += 1
-            bufs = self._buffers(params)
-            self._kernel(self.flat, self.buf[:-1], *bufs, optim.hyper(self.optimizer),
+            self._f64[:-1] = optim.hyper(self.optimizer)
+            self._f64[-1] = scale
+            self._kernel(self.flat, self.buf[:-1], *self._buffers(params), self._f64,
                          self.state["t"])
-        return float(self.buf[-1])
+        return float(self.buf[-1]) * scale
 
     def _buffers(self, params) -> list:
         # The optimizer buffers as flat arrays whose per-parameter views are the state's, so

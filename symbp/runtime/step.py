@@ -92,7 +92,67 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
     fn.kernel = kern
     fn.tuner = tuner
     fn.shaped = True
+    if p.wrt and plan[0][0] != "out":  # a gradient, whose value the kernel returns
+        def run(*kargs):  # the kernel on the thread count fn would use
+            if tuner is not None:
+                t0 = tuner.start()
+            elif blas and BLAS.now != threads:
+                BLAS.use(threads)
+            ret = kern(*kargs)
+            if tuner is not None:
+                tuner.stop(t0)
+            return ret
+
+        fn.into = gradient_into(p, layout, plan, lambda key: sized.get(key) or at_sizes(key), run)
     return fn
+
+
+def gradient_into(p: Program, layout: dict, plan: list, at_sizes, run):
+    """``into(buf, *inputs, *dims)`` -> the value, as a float; the gradients, raveled and
+    concatenated in ``wrt`` order, are written into the first entries of the 1-D ``buf``.
+
+    Data-parallel training sums that buffer across processes: the kernel's output buffers
+    become its slices, so a call allocates and copies no gradient.  ``plan``,
+    ``at_sizes`` (sizes -> (sizes as ints, (workspace, *f64), ...)) and ``run`` (the kernel
+    on its BLAS threads) are ``gradient_call``'s.
+    """
+    n_in = len(p.inputs)
+    grad_shapes = [shape_fn(o.shape, p.dims) if is_matrix(o) else (lambda dims: ())
+                   for o in p.outputs[1:]]
+    # writes[k]: the gradient (0-based) that is the kernel's k-th output buffer; every
+    # other gradient (a scalar it returns, an input, a constant, a repeat) is copied
+    writes = [next(j for j, e in enumerate(plan[1:]) if e[:2] == ("out", k))
+              for k in range(len(layout["outs"]))]
+    copied = [j for j in range(len(plan) - 1) if j not in writes]
+    cut: dict = {}  # (sizes, buffer id) -> the buffer's slices, shaped as the gradients
+
+    def slices(buf, dims):
+        views = cut.get((dims, id(buf)))
+        if views is None:
+            cut.clear()  # one buffer at a time: another one (or other sizes) is cut anew
+            views, at = [], 0
+            for f in grad_shapes:
+                shape = f(dims)
+                size = int(np.prod(shape))
+                views.append(buf[at:at + size].reshape(shape))
+                at += size
+            cut[(dims, id(buf))] = views
+        return views
+
+    def value(entry, ret, outs, args):
+        kind, i, _ = entry
+        return {"ret": ret, "out": outs, "in": args}[kind][i] if kind != "const" else i
+
+    def into(buf, *args):
+        dims, extra, _ = at_sizes(args[n_in:])
+        views = slices(buf, dims)
+        outs = [views[j] for j in writes]
+        ret = run(*args, *extra, *outs)
+        for j in copied:
+            views[j][...] = value(plan[j + 1], ret, outs, args)
+        return float(value(plan[0], ret, outs, args))
+
+    return into
 
 
 class FusedStep:
