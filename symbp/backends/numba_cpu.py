@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import ast
 import functools
-import io
+import keyword
 import os
 import re
 import textwrap
-import tokenize
 
 # OpenMP threads that spin while they wait steal both cores from BLAS on a busy 2-core
 # machine (a parallel W1 step took 2-30 ms instead of 0.3): let idle threads sleep.  Set
@@ -215,6 +214,7 @@ class _Gen:
         self.into = {a.name: a.expr for a in p.body if rule(a.expr).extra.get("into_update")}
         self.imports: dict = {}  # (module, name) -> its alias in the kernel module
         self.blocks: list[tuple[int, int]] = []  # line ranges: one stage each (_stages)
+        self.sizes: dict = {}  # idx's memo
 
     # --- printing helpers -----------------------------------------------------------------
     def printer(self, extra=None) -> NumbaPrinter:
@@ -273,7 +273,10 @@ class _Gen:
         return f"for {var} in {'prange' if par else 'range'}({self.idx(n)}):"
 
     def idx(self, d) -> str:
-        return _idx(d, self.ids)
+        # a few sizes (N, 64, 2*N) are printed hundreds of times in a deep kernel
+        if d not in self.sizes:
+            self.sizes[d] = _idx(d, self.ids)
+        return self.sizes[d]
 
     def cost(self, body) -> int:
         return _cost(body, self.dt)
@@ -626,27 +629,26 @@ def _stored(lines) -> set:
             and isinstance(n.ctx, ast.Store)}
 
 
+# a variable of generated code: an identifier not after `.` (X.T's T is an attribute); the
+# kernel's text has no strings, so a regex reads it as the tokenizer would, ~20x faster
+_IDENT = re.compile(r"(?<![\w.])[A-Za-z_]\w*")
+
+
+def _code(text: str) -> str:
+    """``text`` without its comments (the head comment names the layer: two layers' blocks
+    still agree)."""
+    return "\n".join(ln.split("#", 1)[0].rstrip() for ln in text.splitlines())
+
+
 def _names(text) -> list[str]:
     """The variables of ``text`` in order of first appearance (no attributes: ``X.T``'s T)."""
-    seen: dict = {}
-    for n in ast.walk(ast.parse(text)):
-        if isinstance(n, ast.Name):
-            seen.setdefault(n.id, (n.lineno, n.col_offset))
-    return sorted(seen, key=seen.get)
+    found = (m[0] for m in _IDENT.finditer(_code(text)))
+    return list(dict.fromkeys(n for n in found if not keyword.iskeyword(n)))
 
 
 def _rename(text, names: dict) -> str:
-    """``text`` with its variables renamed token by token (an attribute after `.` stays)."""
-    out, prev = [], None
-    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-        s = tok.string
-        if tok.type == tokenize.NAME and s in names and prev != ".":
-            s = names[s]
-        if tok.type == tokenize.COMMENT:
-            s = ""  # the head comment names the layer: two layers' stages still agree
-        out.append((tok.type, s))
-        prev = tok.string
-    return tokenize.untokenize(out)
+    """``text``, comments dropped, with its variables renamed (an attribute stays)."""
+    return _IDENT.sub(lambda m: names.get(m[0], m[0]), _code(text))
 
 
 def _stages(lines, blocks, known: set, scalars: set, flags, views: dict, kinds: dict
@@ -926,7 +928,7 @@ def _lines(item, bodies=None) -> list[str]:
 
 def _rename_line(line: str, names: dict) -> str:
     """``line`` with its variables renamed (an attribute after `.`, ``X.T``'s T, stays)."""
-    return re.sub(r"(?<![\w.])[A-Za-z_]\w*", lambda m: names.get(m[0], m[0]), line)
+    return _IDENT.sub(lambda m: names.get(m[0], m[0]), line)
 
 
 def _bind_in_kernel(p: Program, ids: dict, scratch) -> list[str]:
