@@ -237,6 +237,22 @@ def test_rolled_stage_calls_match_the_reference(split, monkeypatch, target):
         np.testing.assert_allclose(p1[k], p2[k], rtol=1e-11, atol=1e-13, err_msg=k)
 
 
+def test_rolled_parallel_step_matches_the_reference(monkeypatch):
+    # the default path of a deep step (rolled, one function), with a prange in every loop
+    from symbp.backends import numba_cpu
+
+    monkeypatch.setattr(numba_cpu, "PAR_MIN_WORK", 0)
+    f, params, sizes = mlp(7, act=sb.relu)
+    step = sb.compile_step(f, params, sb.Adam(0.01), target="parallel", dtype=np.float64)
+    ref = sb.compile_step(f, params, sb.Adam(0.01), target="numpy", dtype=np.float64)
+    assert "for _l in range(" in step.source and not stage_defs(step.source)
+    assert "in prange(" in step.source.split("for _l in range(")[1]
+    (l1, p1), (l2, p2) = run_steps([step, ref], sizes, np.float64)
+    np.testing.assert_allclose(l1, l2, rtol=1e-12)
+    for k in p1:
+        np.testing.assert_allclose(p1[k], p2[k], rtol=1e-11, atol=1e-13, err_msg=k)
+
+
 def test_only_rows_that_step_evenly_roll(split):
     from symbp.backends.numba_cpu import _Call, _Loop, _roll
 

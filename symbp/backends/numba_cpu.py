@@ -737,6 +737,7 @@ def _stages(lines, blocks, known: set, scalars: set, flags, views: dict, kinds: 
     cuts = [f"    {n} = {w}[{lo}:{hi}]" for n, (w, lo, hi) in first_views.items() if n in read]
     return [], [ln for x in items for ln in _lines(x, bodies)], cuts
 
+
 # --- loops over repeated calls ----------------------------------------------------------------
 # Even with shared stages, a kernel that calls them once per layer grows with the depth: every
 # call site is typed, lowered, and LLVM inlines a copy of the stage into it.  A run of calls
@@ -850,7 +851,7 @@ def _run_at(items: list, i: int, period: int, kinds: dict) -> int:
 
 def _roll(items: list, kinds: dict) -> list:
     """The kernel body, ``items`` (lines and ``_Call``s), with repeated runs as ``_Loop``s."""
-    out, i = [], 0
+    out, i, made = [], 0, {}
     while i < len(items):
         best = (0, 0)  # (calls covered, period): the longest run, then the shortest period
         for period in range(1, _ROLL_MAX_PERIOD + 1):
@@ -862,13 +863,14 @@ def _roll(items: list, kinds: dict) -> list:
             i += 1
             continue
         covered, period = best
-        out.append(_loop(items[i:i + covered], period, kinds, f"_r{len(out)}"))
+        out.append(_loop(items[i:i + covered], period, kinds, f"_r{len(out)}", made))
         i += covered
     return out
 
 
-def _loop(calls: list, period: int, kinds: dict, name: str) -> _Loop:
-    """``calls`` (a run of ``period`` calls, repeated) as one loop over ``_l``."""
+def _loop(calls: list, period: int, kinds: dict, name: str, made: dict) -> _Loop:
+    """``calls`` (a run of ``period`` calls, repeated) as one loop over ``_l``; ``made``:
+    the tuples of earlier loops (the backward pass and the updates read the forward's)."""
     reps = len(calls) // period
     tuples, first = [], []
     for j, c in enumerate(calls[:period]):
@@ -878,9 +880,13 @@ def _loop(calls: list, period: int, kinds: dict, name: str) -> _Loop:
             how = _slot_reps(vals, kinds)[1]
             if how == "same":
                 values.append(vals[0])
-            elif how == "tuple":
-                tuples.append(f"{name}_{j}_{a} = ({', '.join(vals)},)")
-                values.append(f"{name}_{j}_{a}[_l]")
+            elif how == "tuple":  # one tuple per list of arrays, read forward or back
+                t = made.get(tuple(vals)) or made.get(tuple(vals[::-1]))
+                if t is None:
+                    t = made[tuple(vals)] = f"{name}_{j}_{a}"
+                    tuples.append(f"{t} = ({', '.join(vals)},)")
+                back = made.get(tuple(vals)) != t
+                values.append(f"{t}[{reps - 1} - _l]" if back else f"{t}[_l]")
             else:
                 values.append(_affine_text(_affine(vals[0]), _affine(vals[1])))
         first.append((c, values))
