@@ -521,7 +521,7 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     top = []  # the kernel's own lines before the stages: sizes, scratch views, scalars
     views: dict = {}  # split: a scratch matrix -> (its block, first row, end row)
     if rule is not None:
-        top += _bind_in_kernel(p, ids, scratch)
+        top += _bind_in_kernel(p, ids, scratch, loops=split)
     if scratch:
         # One reshape per column count, then row slices of it: a Numba reshape costs
         # ~50-80 ns (W3 had 11 of them, a quarter of its kernel), a row slice ~nothing,
@@ -937,25 +937,39 @@ def _rename_line(line: str, names: dict) -> str:
     return _IDENT.sub(lambda m: names.get(m[0], m[0]), line)
 
 
-def _bind_in_kernel(p: Program, ids: dict, scratch) -> list[str]:
+def _bind_in_kernel(p: Program, ids: dict, scratch, loops=False) -> list[str]:
     """A step's sizes come from its inputs' shapes, checked in the kernel.
 
     Python then hands arrays straight in (no shape tuple to build and look up per call:
     that was half of a W3 step).  A mismatch or a workspace too small raises ValueError
     before anything is written; the caller then runs the full check (``bind_inputs``),
-    which names the culprit, or grows the workspace."""
+    which names the culprit, or grows the workspace.  ``loops``: inputs of one shape (the
+    layers' W of a deep network) are checked by one loop over a tuple of them: a chain of
+    a hundred comparisons cost a deep kernel about a second of compile time."""
     mats = [x for x in p.inputs if is_matrix(x)]
     out, checks = [], []
     for d in p.dims:
         at = next(((x, k) for x in mats for k in range(len(x.shape)) if x.shape[k] == d), None)
         out.append(f"    {ids[d]} = {ids[at[0]]}.shape[{at[1]}]" if at else f"    {ids[d]} = 0")
         checks.append(f"{ids[d]} == 0")
+    groups: dict = {}  # a shape, as printed -> the inputs of that shape
     for x in mats:
-        for k in range(len(x.shape)):
-            checks.append(f"{ids[x]}.shape[{k}] != {_idx(x.shape[k], ids)}")
+        groups.setdefault(tuple(_idx(d, ids) for d in x.shape), []).append(x)
+    out.append("    # sizes from the inputs; a mismatch goes back to Python's full check")
+    for shape, xs in groups.items():
+        if loops and len(xs) >= 3:
+            k = len([c for c in checks if c.startswith("_bad")])
+            out.append(f"    _shape{k} = ({', '.join(ids[x] for x in xs)},)")
+            out.append(f"    _bad{k} = False")
+            out.append(f"    for _x in _shape{k}:")
+            out.append(f"        _bad{k} |= " + " or ".join(
+                f"_x.shape[{i}] != {n}" for i, n in enumerate(shape)))
+            checks.append(f"_bad{k}")
+            continue
+        for x in xs:
+            checks += [f"{ids[x]}.shape[{i}] != {n}" for i, n in enumerate(shape)]
     need = sum((sp.Mul(*[sp.sympify(d) for d in b.shape]) for b in scratch), sp.Integer(0))
     checks.append(f"_ws.size < {_idx(need, ids)}")
-    out.append("    # sizes from the inputs; a mismatch goes back to Python's full check")
     rows = [" or ".join(checks[k:k + 4]) for k in range(0, len(checks), 4)]
     out.append(f"    if ({(' or' + chr(10) + '            ').join(rows)}):")
     out.append('        raise ValueError("symbp: input shapes or workspace")')
