@@ -4,15 +4,17 @@ JAX's cold jit compile of the same step.
     python bench/compile.py                       # depths 2,4,8,16,32, 3 processes each
     python bench/compile.py --depths 2,16 --rounds 5
     python bench/compile.py --base /tmp/main      # another checkout beside this one, interleaved
+    python bench/compile.py --core 1              # pinned to core 1 instead of 0
 
 A tanh MLP 64 -> 64 x depth -> 10 (float32, softmax-CE, SGD, batch 32), compiled with
 ``sb.compile_step`` for the 'cpu' target in a fresh process pinned to one core
 (``taskset -c 0``): cold = an empty SYMBP_CACHE_DIR (which also holds Numba's cache), warm =
 the same directory again.  Times are ``compile_step`` seconds (symbp's import excluded;
 Numba's, which compile_step makes, included) and the median over ``--rounds`` fresh
-directories.  JAX: ``jax.jit`` of value_and_grad plus the SGD update, ``lower().compile()``
-seconds in a fresh pinned process (JAX's import and CPU client start excluded; its
-persistent compilation cache is off by default), skipped with a note when JAX is missing.
+directories, with the process's CPU seconds of the same span in brackets.  JAX:
+``jax.jit`` of value_and_grad plus the SGD update, ``lower().compile()`` seconds in a
+fresh pinned process (JAX's import and CPU client start excluded; its persistent
+compilation cache is off by default), skipped with a note when JAX is missing.
 With ``--base`` every measurement runs once per checkout, alternating, so drift of a busy
 machine hits both alike.
 """
@@ -44,9 +46,9 @@ for k, (a, b) in enumerate(zip(sizes, sizes[1:])):
     if k < depth:
         H = sb.tanh(H)
 L = sb.softmax_cross_entropy(H, T)
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 step = sb.compile_step(L, params, sb.SGD(0.1), target="cpu", dtype=np.float32)
-print(time.perf_counter() - t)
+print(time.perf_counter() - t, time.process_time() - c)
 '''
 
 JAX_SCRIPT = '''
@@ -70,29 +72,33 @@ def step(params, X, T):
     value, grads = jax.value_and_grad(loss)(params, X, T)
     return value, jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads)
 
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 jax.jit(step).lower(params, X, T).compile()
-print(time.perf_counter() - t)
+print(time.perf_counter() - t, time.process_time() - c)
 '''
 
 
-def _run(script: str, env: dict, cwd: str) -> float:
-    pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+CORE = "0"  # --core
+
+
+def _run(script: str, env: dict, cwd: str) -> tuple[float, float]:
+    pin = ["taskset", "-c", CORE] if shutil.which("taskset") else []
     r = subprocess.run([*pin, sys.executable, "-c", script], env=env, capture_output=True,
                        text=True, cwd=cwd)
     if r.returncode != 0:
         raise SystemExit(f"failed:\n{r.stderr[-2000:]}")
-    return float(r.stdout.split()[-1])
+    wall, cpu = r.stdout.split()[-2:]
+    return float(wall), float(cpu)
 
 
-def once(depth: int, cache: str, tree: str | None = None) -> float:
+def once(depth: int, cache: str, tree: str | None = None) -> tuple[float, float]:
     env = {**os.environ, "SYMBP_CACHE_DIR": cache}
     if tree:
         env["PYTHONPATH"] = tree
     return _run(SCRIPT.format(depth=depth), env, cache)
 
 
-def jax_once(depth: int) -> float:
+def jax_once(depth: int) -> tuple[float, float]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return _run(JAX_SCRIPT.format(depth=depth), env, tempfile.gettempdir())
 
@@ -110,12 +116,16 @@ def main():
     ap.add_argument("--depths", default="2,4,8,16,32")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--base", help="another checkout (a source tree), measured alternately")
+    ap.add_argument("--core", default="0", help="the core every process is pinned to")
     args = ap.parse_args()
+    global CORE
+    CORE = args.core
     trees = [("this", os.path.dirname(HERE))]
     if args.base:
         trees.insert(0, ("base", os.path.abspath(args.base)))
     jax = have_jax()
-    print(f"load average {os.getloadavg()[0]:.1f}; medians of {args.rounds} fresh processes"
+    print(f"load average {os.getloadavg()[0]:.1f}; medians of {args.rounds} fresh processes; "
+          "wall seconds (CPU seconds)"
           + ("" if jax else "; JAX is not installed: its column is left empty") + "\n")
     cols = [f"cold {n} (s)" for n, _ in trees] + [f"warm {n} (s)" for n, _ in trees]
     print("| depth | " + " | ".join(cols) + " | JAX cold (s) | cold this/JAX |")
@@ -131,12 +141,20 @@ def main():
                     warm[name].append(once(d, cache, tree))
             if jax:
                 jx.append(jax_once(d))
-        med = statistics.median
-        cells = [f"{med(cold[n]):.2f}" for n, _ in trees] + [f"{med(warm[n]):.2f}"
-                                                              for n, _ in trees]
-        j = f"{med(jx):.2f}" if jx else "—"
-        ratio = f"{med(cold['this']) / med(jx):.1f}" if jx else "—"
+        cells = [cell(cold[n]) for n, _ in trees] + [cell(warm[n]) for n, _ in trees]
+        j = cell(jx) if jx else "—"
+        ratio = f"{med(cold['this'], 0) / med(jx, 0):.1f}" if jx else "—"
         print(f"| {d} | " + " | ".join(cells) + f" | {j} | {ratio} |", flush=True)
+
+
+def med(runs: list, k: int) -> float:
+    return statistics.median(r[k] for r in runs)
+
+
+def cell(runs: list) -> str:
+    """Median wall seconds, and median CPU seconds of the process in brackets (on a busy
+    machine the CPU seconds are what the work cost; the wall also holds the waits)."""
+    return f"{med(runs, 0):.2f} ({med(runs, 1):.2f})"
 
 
 if __name__ == "__main__":
