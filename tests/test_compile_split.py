@@ -272,3 +272,18 @@ def test_only_rows_that_step_evenly_roll(split):
     assert _roll(items, kinds) == items
     items = [call("N", "x"), call("2*N", "x + 1")]  # a float is never a row number
     assert _roll(items, kinds) == items
+
+
+def test_a_rolled_step_still_names_a_wrong_shape():
+    # inputs of one shape are checked in one loop; a mismatch still reaches Python's check
+    from symbp.errors import ShapeError
+
+    sizes = [4] + [6] * 5 + [5] * 4 + [3]
+    f, params, _ = mlp(0, sizes=sizes)
+    step = sb.compile_step(f, params, sb.SGD(0.1), target="cpu", dtype=np.float32)
+    assert "for _x in _shape" in step.source
+    p = init(sizes, np.float32)
+    p["W3"] = np.zeros((6, 5), np.float32)  # one of the four 6×6 layers
+    X, T = next(batches(sizes, np.float32, 5))
+    with pytest.raises(ShapeError, match="W3"):
+        step(p, X=X, T=T)
