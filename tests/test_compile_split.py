@@ -253,6 +253,20 @@ def test_rolled_parallel_step_matches_the_reference(monkeypatch):
         np.testing.assert_allclose(p1[k], p2[k], rtol=1e-11, atol=1e-13, err_msg=k)
 
 
+def test_a_rolled_gradient_function_matches_the_reference():
+    # no optimizer: sizes are arguments and the gradients output arrays the loops write
+    f, params, sizes = mlp(0, sizes=[4] + [6] * 5 + [5] * 4 + [3])
+    fn = sb.compile(f, params, target="cpu", dtype=np.float64)
+    ref = sb.compile(f, params, target="numpy", dtype=np.float64)
+    assert "for _l in range(" in fn.source and not stage_defs(fn.source)
+    for X, T in batches(sizes, np.float64, 6, ns=(5, 9)):
+        args = {**init(sizes, np.float64), "X": X, "T": T}
+        (v, g), (rv, rg) = fn(**args), ref(**args)
+        np.testing.assert_allclose(v, rv, rtol=1e-12)
+        for k in rg:
+            np.testing.assert_allclose(g[k], rg[k], rtol=1e-10, atol=1e-13, err_msg=k)
+
+
 def test_only_rows_that_step_evenly_roll(split):
     from symbp.backends.numba_cpu import _Call, _Loop, _roll
 
