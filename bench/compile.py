@@ -1,14 +1,22 @@
-"""Compile time of the training step as the network deepens: cold and from the disk cache.
+"""Compile time of the training step as the network deepens: cold, from the disk cache, and
+JAX's cold jit compile of the same step.
 
     python bench/compile.py                       # depths 2,4,8,16,32, 3 processes each
     python bench/compile.py --depths 2,16 --rounds 5
+    python bench/compile.py --base /tmp/main      # another checkout beside this one, interleaved
+    python bench/compile.py --core 1              # pinned to core 1 instead of 0
 
 A tanh MLP 64 -> 64 x depth -> 10 (float32, softmax-CE, SGD, batch 32), compiled with
 ``sb.compile_step`` for the 'cpu' target in a fresh process pinned to one core
 (``taskset -c 0``): cold = an empty SYMBP_CACHE_DIR (which also holds Numba's cache), warm =
-the same directory again.  Times are ``compile_step`` seconds (imports excluded) and the
-median over ``--rounds`` fresh directories.  JAX is not installed here: the issue's JAX
-figures (jit, pinned, same network) are printed beside ours for comparison.
+the same directory again.  Times are ``compile_step`` seconds (symbp's import excluded;
+Numba's, which compile_step makes, included) and the median over ``--rounds`` fresh
+directories, with the process's CPU seconds of the same span in brackets.  JAX:
+``jax.jit`` of value_and_grad plus the SGD update, ``lower().compile()`` seconds in a
+fresh pinned process (JAX's import and CPU client start excluded; its persistent
+compilation cache is off by default), skipped with a note when JAX is missing.
+With ``--base`` every measurement runs once per checkout, alternating, so drift of a busy
+machine hits both alike.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 
-JAX = 1.17  # issue 12: JAX jit's cold compile of this step, 1.15-1.19 s at every depth 2-32
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 SCRIPT = '''
 import time
@@ -38,38 +46,115 @@ for k, (a, b) in enumerate(zip(sizes, sizes[1:])):
     if k < depth:
         H = sb.tanh(H)
 L = sb.softmax_cross_entropy(H, T)
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 step = sb.compile_step(L, params, sb.SGD(0.1), target="cpu", dtype=np.float32)
-print(time.perf_counter() - t)
+print(time.perf_counter() - t, time.process_time() - c)
+'''
+
+JAX_SCRIPT = '''
+import time
+import jax, jax.numpy as jnp
+depth = {depth}
+sizes = [64] + [64] * depth + [10]
+params = [(jnp.zeros((a, b), jnp.float32), jnp.zeros((1, b), jnp.float32))
+          for a, b in zip(sizes, sizes[1:])]
+X, T = jnp.zeros((32, 64), jnp.float32), jnp.zeros((32, 10), jnp.float32)
+
+def loss(params, X, T):
+    H = X
+    for k, (W, b) in enumerate(params):
+        H = H @ W + b
+        if k < depth:
+            H = jnp.tanh(H)
+    return -jnp.mean(jnp.sum(T * jax.nn.log_softmax(H), axis=1))
+
+def step(params, X, T):
+    value, grads = jax.value_and_grad(loss)(params, X, T)
+    return value, jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads)
+
+t, c = time.perf_counter(), time.process_time()
+jax.jit(step).lower(params, X, T).compile()
+print(time.perf_counter() - t, time.process_time() - c)
 '''
 
 
-def once(depth: int, cache: str) -> float:
-    env = {**os.environ, "SYMBP_CACHE_DIR": cache}
-    pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
-    r = subprocess.run([*pin, sys.executable, "-c", SCRIPT.format(depth=depth)], env=env,
-                       capture_output=True, text=True, cwd=cache)
+CORE = "0"  # --core
+
+
+def _run(script: str, env: dict, cwd: str) -> tuple[float, float]:
+    pin = ["taskset", "-c", CORE] if shutil.which("taskset") else []
+    r = subprocess.run([*pin, sys.executable, "-c", script], env=env, capture_output=True,
+                       text=True, cwd=cwd)
     if r.returncode != 0:
-        raise SystemExit(f"depth {depth} failed:\n{r.stderr[-2000:]}")
-    return float(r.stdout.split()[-1])
+        raise SystemExit(f"failed:\n{r.stderr[-2000:]}")
+    wall, cpu = r.stdout.split()[-2:]
+    return float(wall), float(cpu)
+
+
+def once(depth: int, cache: str, tree: str | None = None) -> tuple[float, float]:
+    env = {**os.environ, "SYMBP_CACHE_DIR": cache}
+    if tree:
+        env["PYTHONPATH"] = tree
+    return _run(SCRIPT.format(depth=depth), env, cache)
+
+
+def jax_once(depth: int) -> tuple[float, float]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return _run(JAX_SCRIPT.format(depth=depth), env, tempfile.gettempdir())
+
+
+def have_jax() -> bool:
+    try:
+        import jax  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", default="2,4,8,16,32")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--base", help="another checkout (a source tree), measured alternately")
+    ap.add_argument("--core", default="0", help="the core every process is pinned to")
     args = ap.parse_args()
-    print(f"load average {os.getloadavg()[0]:.1f}; medians of {args.rounds} fresh processes\n")
-    print("| depth | cold (s) | warm (s) | JAX cold (issue 12) | cold/JAX |")
-    print("|---|---|---|---|---|")
+    global CORE
+    CORE = args.core
+    trees = [("this", os.path.dirname(HERE))]
+    if args.base:
+        trees.insert(0, ("base", os.path.abspath(args.base)))
+    jax = have_jax()
+    print(f"load average {os.getloadavg()[0]:.1f}; medians of {args.rounds} fresh processes; "
+          "wall seconds (CPU seconds)"
+          + ("" if jax else "; JAX is not installed: its column is left empty") + "\n")
+    cols = [f"cold {n} (s)" for n, _ in trees] + [f"warm {n} (s)" for n, _ in trees]
+    print("| depth | " + " | ".join(cols) + " | JAX cold (s) | cold this/JAX |")
+    print("|---" * (len(cols) + 3) + "|")
     for d in (int(x) for x in args.depths.split(",")):
-        cold, warm = [], []
+        cold: dict = {n: [] for n, _ in trees}
+        warm: dict = {n: [] for n, _ in trees}
+        jx = []
         for _ in range(args.rounds):
-            with tempfile.TemporaryDirectory() as cache:
-                cold.append(once(d, cache))
-                warm.append(once(d, cache))
-        c, w = statistics.median(cold), statistics.median(warm)
-        print(f"| {d} | {c:.2f} | {w:.2f} | 1.15-1.19 | {c / JAX:.1f} |", flush=True)
+            for name, tree in trees:
+                with tempfile.TemporaryDirectory() as cache:
+                    cold[name].append(once(d, cache, tree))
+                    warm[name].append(once(d, cache, tree))
+            if jax:
+                jx.append(jax_once(d))
+        cells = [cell(cold[n]) for n, _ in trees] + [cell(warm[n]) for n, _ in trees]
+        j = cell(jx) if jx else "—"
+        ratio = f"{med(cold['this'], 0) / med(jx, 0):.1f}" if jx else "—"
+        print(f"| {d} | " + " | ".join(cells) + f" | {j} | {ratio} |", flush=True)
+
+
+def med(runs: list, k: int) -> float:
+    return statistics.median(r[k] for r in runs)
+
+
+def cell(runs: list) -> str:
+    """Median wall seconds, and median CPU seconds of the process in brackets (on a busy
+    machine the CPU seconds are what the work cost; the wall also holds the waits)."""
+    return f"{med(runs, 0):.2f} ({med(runs, 1):.2f})"
 
 
 if __name__ == "__main__":

@@ -15,16 +15,16 @@ import symbp as sb
 pytestmark = pytest.mark.needs(have("numba"), "numba")
 
 
-def mlp(depth, width=5, nin=4, nout=3, act=sb.tanh):
+def mlp(depth, width=5, nin=4, nout=3, act=sb.tanh, sizes=None):
+    sizes = sizes or [nin] + [width] * depth + [nout]
     N = sp.Symbol("N")
-    X, T = sp.MatrixSymbol("X", N, nin), sp.MatrixSymbol("T", N, nout)
+    X, T = sp.MatrixSymbol("X", N, sizes[0]), sp.MatrixSymbol("T", N, sizes[-1])
     H, params = X, []
-    sizes = [nin] + [width] * depth + [nout]
     for k, (a, b) in enumerate(zip(sizes, sizes[1:])):
         W, c = sp.MatrixSymbol(f"W{k}", a, b), sp.MatrixSymbol(f"b{k}", 1, b)
         params += [W, c]
         H = sb.dense(H, W, c)
-        if k < depth:
+        if k < len(sizes) - 2:
             H = act(H)
     return sb.softmax_cross_entropy(H, T), params, sizes
 
@@ -51,14 +51,24 @@ def module_of(step):
 
 @pytest.fixture
 def split(monkeypatch):
-    """Split every kernel, however small (a small one is one function by default)."""
+    """Split every kernel, however small (a small one is one function by default), into
+    stage calls (a rolled-up kernel that is small again is one function by default)."""
     from symbp.backends import numba_cpu
 
     monkeypatch.setattr(numba_cpu, "SPLIT_MIN_BLOCKS", 0)
     return numba_cpu
 
 
-def test_stage_functions_do_not_grow_with_depth(split):
+@pytest.fixture
+def unrolled(monkeypatch):
+    """One call per block: no loops over repeated ones."""
+    from symbp.backends import numba_cpu
+
+    monkeypatch.setattr(numba_cpu, "ROLL_MIN_REPS", 10**9)
+    return numba_cpu
+
+
+def test_stage_functions_do_not_grow_with_depth(split, unrolled):
     # 4 and 9 hidden layers of one width: the same stage functions, more calls
     counts = []
     for depth in (4, 9):
@@ -70,7 +80,7 @@ def test_stage_functions_do_not_grow_with_depth(split):
     assert counts[0] == counts[1] > 0
 
 
-def test_each_stage_compiles_once(split):
+def test_each_stage_compiles_once(split, unrolled):
     # a row number printed as a bare int is a Literal type: one compilation per value
     f, params, sizes = mlp(6)
     step = sb.compile_step(f, params, sb.SGD(0.1), target="cpu", dtype=np.float32)
@@ -137,12 +147,157 @@ def test_a_gradient_function_splits_too(split):
         np.testing.assert_allclose(g[k], rg[k], rtol=1e-10, atol=1e-13, err_msg=k)
 
 
-def test_deep_networks_split_by_default():
+def test_deep_networks_split_by_default(monkeypatch):
     from symbp.backends import numba_cpu
 
     f, params, _ = mlp(8)
     src = numba_cpu.generate(sb.gradient_program(f, params), np.float32, "cpu")[0]
-    assert stage_defs(src)
+    assert "for _l in range(" in src and not stage_defs(src)  # rolled: one function again
     f, params, _ = mlp(1)  # a small kernel stays one function: no calls to pay for
     src = numba_cpu.generate(sb.gradient_program(f, params), np.float32, "cpu")[0]
-    assert not stage_defs(src)
+    assert not stage_defs(src) and "for _l in range(" not in src
+    monkeypatch.setattr(numba_cpu, "ROLL_MIN_REPS", 10**9)  # no runs: the calls stay
+    f, params, _ = mlp(8)
+    src = numba_cpu.generate(sb.gradient_program(f, params), np.float32, "cpu")[0]
+    assert stage_defs(src)
+
+
+# --- loops over repeated layers ---------------------------------------------------------------
+
+
+def kernel_lines(source):
+    """The kernel's body below its input check (which grows with the number of inputs)."""
+    return source.split("def train_step(")[1].split("# scratch arrays")[1].splitlines()
+
+
+def batches(sizes, dtype, seed, ns=(9, 9, 4)):
+    rng = np.random.default_rng(seed)
+    for n in ns:  # a second batch size: the loops' row numbers change
+        X = rng.standard_normal((n, sizes[0])).astype(dtype)
+        yield X, np.eye(sizes[-1], dtype=dtype)[rng.integers(0, sizes[-1], n)]
+
+
+def run_steps(steps, sizes, dtype):
+    """Losses and final parameters of each step function over the same batches."""
+    out = []
+    for step in steps:
+        p = init(sizes, dtype)
+        losses = [step(p, X=X, T=T) for X, T in batches(sizes, dtype, 3)]
+        out.append((losses, p))
+    return out
+
+
+def test_a_deep_kernel_is_the_same_size_at_any_depth():
+    from symbp.backends import numba_cpu
+
+    sizes = []
+    for depth in (8, 16):
+        f, params, _ = mlp(depth)
+        src = numba_cpu.generate(sb.gradient_program(f, params), np.float32, "cpu",
+                                 sb.SGD(0.1).rule)[0]
+        assert not stage_defs(src) and "for _l in range(" in src  # rolled, then one function
+        sizes.append(len(kernel_lines(src)))
+    assert sizes[0] == sizes[1]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rolled_step_is_bit_identical_to_the_unrolled_one(monkeypatch, dtype):
+    # widths change twice: runs of 5 and 4 layers roll, the layers between them do not
+    sizes = [4] + [6] * 5 + [5] * 4 + [3]
+    f, params, _ = mlp(0, sizes=sizes)
+    rolled = sb.compile_step(f, params, sb.SGD(0.1), target="cpu", dtype=dtype)
+    assert rolled.source.count("for _l in range(") >= 4 and not stage_defs(rolled.source)
+    from symbp.backends import numba_cpu
+
+    monkeypatch.setattr(numba_cpu, "ROLL_MIN_REPS", 10**9)
+    calls = sb.compile_step(f, params, sb.SGD(0.1), target="cpu", dtype=dtype)
+    assert "for _l in range(" not in calls.source and stage_defs(calls.source)
+    ref = sb.compile_step(f, params, sb.SGD(0.1), target="numpy", dtype=dtype)
+    (l1, p1), (l2, p2), (l3, p3) = run_steps([rolled, calls, ref], sizes, dtype)
+    assert l1 == l2  # the same code on the same rows: the same bits
+    for k in p1:
+        np.testing.assert_array_equal(p1[k], p2[k], err_msg=k)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(l1, l3, rtol=tol)
+    for k in p1:
+        np.testing.assert_allclose(p1[k], p3[k], rtol=tol, atol=tol, err_msg=k)
+
+
+@pytest.mark.parametrize("target", ["cpu", "parallel"])
+def test_rolled_stage_calls_match_the_reference(split, monkeypatch, target):
+    # loops of calls (a kernel still too big for one function), prange inside them
+    monkeypatch.setattr(split, "PAR_MIN_WORK", 0)
+    f, params, sizes = mlp(0, act=sb.relu, sizes=[4, 5, 5, 5, 5, 3])
+    step = sb.compile_step(f, params, sb.Adam(0.01), target=target, dtype=np.float64)
+    ref = sb.compile_step(f, params, sb.Adam(0.01), target="numpy", dtype=np.float64)
+    assert stage_defs(step.source) and "for _l in range(" in step.source
+    (l1, p1), (l2, p2) = run_steps([step, ref], sizes, np.float64)
+    np.testing.assert_allclose(l1, l2, rtol=1e-12)
+    for k in p1:
+        np.testing.assert_allclose(p1[k], p2[k], rtol=1e-11, atol=1e-13, err_msg=k)
+
+
+def test_rolled_parallel_step_matches_the_reference(monkeypatch):
+    # the default path of a deep step (rolled, one function), with a prange in every loop
+    from symbp.backends import numba_cpu
+
+    monkeypatch.setattr(numba_cpu, "PAR_MIN_WORK", 0)
+    f, params, sizes = mlp(7, act=sb.relu)
+    step = sb.compile_step(f, params, sb.Adam(0.01), target="parallel", dtype=np.float64)
+    ref = sb.compile_step(f, params, sb.Adam(0.01), target="numpy", dtype=np.float64)
+    assert "for _l in range(" in step.source and not stage_defs(step.source)
+    assert "in prange(" in step.source.split("for _l in range(")[1]
+    (l1, p1), (l2, p2) = run_steps([step, ref], sizes, np.float64)
+    np.testing.assert_allclose(l1, l2, rtol=1e-12)
+    for k in p1:
+        np.testing.assert_allclose(p1[k], p2[k], rtol=1e-11, atol=1e-13, err_msg=k)
+
+
+def test_a_rolled_gradient_function_matches_the_reference():
+    # no optimizer: sizes are arguments and the gradients output arrays the loops write
+    f, params, sizes = mlp(0, sizes=[4] + [6] * 5 + [5] * 4 + [3])
+    fn = sb.compile(f, params, target="cpu", dtype=np.float64)
+    ref = sb.compile(f, params, target="numpy", dtype=np.float64)
+    assert "for _l in range(" in fn.source and not stage_defs(fn.source)
+    for X, T in batches(sizes, np.float64, 6, ns=(5, 9)):
+        args = {**init(sizes, np.float64), "X": X, "T": T}
+        (v, g), (rv, rg) = fn(**args), ref(**args)
+        np.testing.assert_allclose(v, rv, rtol=1e-12)
+        for k in rg:
+            np.testing.assert_allclose(g[k], rg[k], rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+def test_only_rows_that_step_evenly_roll(split):
+    from symbp.backends.numba_cpu import _Call, _Loop, _roll
+
+    def call(*values):
+        return _Call("_stage1", list(values), [], [], [])
+
+    kinds = {"W1": "a", "W2": "a", "W3": "a", "W4": "a", "T": "b", "N": "int64", "x": "f"}
+    # rows 0, N, 2N step evenly; 5N does not: three repetitions roll, the fourth stays
+    items = [call("W1", "np.int64(0)"), call("W2", "N"), call("W3", "2*N"), call("W4", "5*N")]
+    out = _roll(items[:3] + [call("W4", "5*N", "x")], kinds)
+    assert isinstance(out[0], _Loop) and out[0].reps == 3 and len(out) == 2
+    assert out[0].calls[0][1] == ["_r0_0_0[_l]", "(_l)*N"]
+    # two by two they would step evenly (a loop of 2): 4 calls in a loop beat 3
+    assert [type(x) for x in _roll(items, kinds)] == [_Loop]
+    # an array of another type cannot join a tuple, nor be a row number
+    items = [call("W1", "N"), call("T", "N")]
+    assert _roll(items, kinds) == items
+    items = [call("N", "x"), call("2*N", "x + 1")]  # a float is never a row number
+    assert _roll(items, kinds) == items
+
+
+def test_a_rolled_step_still_names_a_wrong_shape():
+    # inputs of one shape are checked in one loop; a mismatch still reaches Python's check
+    from symbp.errors import ShapeError
+
+    sizes = [4] + [6] * 5 + [5] * 4 + [3]
+    f, params, _ = mlp(0, sizes=sizes)
+    step = sb.compile_step(f, params, sb.SGD(0.1), target="cpu", dtype=np.float32)
+    assert "for _x in _shape" in step.source
+    p = init(sizes, np.float32)
+    p["W3"] = np.zeros((6, 5), np.float32)  # one of the four 6×6 layers
+    X, T = next(batches(sizes, np.float32, 5))
+    with pytest.raises(ShapeError, match="W3"):
+        step(p, X=X, T=T)

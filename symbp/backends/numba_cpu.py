@@ -24,11 +24,11 @@ first).
 from __future__ import annotations
 
 import ast
-import io
+import functools
+import keyword
 import os
 import re
 import textwrap
-import tokenize
 
 # OpenMP threads that spin while they wait steal both cores from BLAS on a busy 2-core
 # machine (a parallel W1 step took 2-30 ms instead of 0.3): let idle threads sleep.  Set
@@ -214,6 +214,7 @@ class _Gen:
         self.into = {a.name: a.expr for a in p.body if rule(a.expr).extra.get("into_update")}
         self.imports: dict = {}  # (module, name) -> its alias in the kernel module
         self.blocks: list[tuple[int, int]] = []  # line ranges: one stage each (_stages)
+        self.sizes: dict = {}  # idx's memo
 
     # --- printing helpers -----------------------------------------------------------------
     def printer(self, extra=None) -> NumbaPrinter:
@@ -272,7 +273,10 @@ class _Gen:
         return f"for {var} in {'prange' if par else 'range'}({self.idx(n)}):"
 
     def idx(self, d) -> str:
-        return _idx(d, self.ids)
+        # a few sizes (N, 64, 2*N) are printed hundreds of times in a deep kernel
+        if d not in self.sizes:
+            self.sizes[d] = _idx(d, self.ids)
+        return self.sizes[d]
 
     def cost(self, body) -> int:
         return _cost(body, self.dt)
@@ -485,7 +489,7 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     top = []  # the kernel's own lines before the stages: sizes, scratch views, scalars
     views: dict = {}  # split: a scratch matrix -> (its block, first row, end row)
     if rule is not None:
-        top += _bind_in_kernel(p, ids, scratch)
+        top += _bind_in_kernel(p, ids, scratch, loops=split)
     if scratch:
         # One reshape per column count, then row slices of it: a Numba reshape costs
         # ~50-80 ns (W3 had 11 of them, a quarter of its kernel), a row slice ~nothing,
@@ -519,7 +523,12 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     known = set(params) | _stored(top)
     scalars = {ids[n] for n in ids if not is_matrix(n)}
     if split:
-        stages, body = _stages(g.lines, g.blocks, known, scalars, flags, views)
+        # arrays of one type may be taken from a tuple by a loop over repeated calls
+        kinds = {a: t for a, t in zip(params, types)}
+        kinds.update({w: "workspace" for w, _, _ in views.values()})
+        kinds.update({ids[d]: "int64" for d in p.dims})  # sizes: what row numbers are made of
+        stages, body, cuts = _stages(g.lines, g.blocks, known, scalars, flags, views, kinds)
+        top += cuts
     else:
         stages, body = [], g.lines
     lines += stages
@@ -591,32 +600,31 @@ def _stored(lines) -> set:
             and isinstance(n.ctx, ast.Store)}
 
 
+# a variable of generated code: an identifier not after `.` (X.T's T is an attribute); the
+# kernel's text has no strings, so a regex reads it as the tokenizer would, ~20x faster
+_IDENT = re.compile(r"(?<![\w.])[A-Za-z_]\w*")
+
+
+def _code(text: str) -> str:
+    """``text`` without its comments (the head comment names the layer: two layers' blocks
+    still agree)."""
+    return "\n".join(ln.split("#", 1)[0].rstrip() for ln in text.splitlines())
+
+
 def _names(text) -> list[str]:
     """The variables of ``text`` in order of first appearance (no attributes: ``X.T``'s T)."""
-    seen: dict = {}
-    for n in ast.walk(ast.parse(text)):
-        if isinstance(n, ast.Name):
-            seen.setdefault(n.id, (n.lineno, n.col_offset))
-    return sorted(seen, key=seen.get)
+    found = (m[0] for m in _IDENT.finditer(_code(text)))
+    return list(dict.fromkeys(n for n in found if not keyword.iskeyword(n)))
 
 
 def _rename(text, names: dict) -> str:
-    """``text`` with its variables renamed token by token (an attribute after `.` stays)."""
-    out, prev = [], None
-    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-        s = tok.string
-        if tok.type == tokenize.NAME and s in names and prev != ".":
-            s = names[s]
-        if tok.type == tokenize.COMMENT:
-            s = ""  # the head comment names the layer: two layers' stages still agree
-        out.append((tok.type, s))
-        prev = tok.string
-    return tokenize.untokenize(out)
+    """``text``, comments dropped, with its variables renamed (an attribute stays)."""
+    return _IDENT.sub(lambda m: names.get(m[0], m[0]), _code(text))
 
 
-def _stages(lines, blocks, known: set, scalars: set, flags, views: dict
-            ) -> tuple[list[str], list[str]]:
-    """The stage functions and the kernel body that calls them.
+def _stages(lines, blocks, known: set, scalars: set, flags, views: dict, kinds: dict
+            ) -> tuple[list[str], list[str], list[str]]:
+    """The stage functions, the kernel body that calls them, and the views it cuts itself.
 
     ``lines``: the kernel's body, ``blocks`` its line ranges, one per head (or fused group,
     or parameter update); ``known``: the names bound before the first block (arguments,
@@ -628,10 +636,13 @@ def _stages(lines, blocks, known: set, scalars: set, flags, views: dict
     ``views``: scratch matrices as row ranges of a workspace block (``t3 = _w0[N:2*N]``).
     A stage takes the block and the two row numbers and slices it itself: a Numba slice
     is ~40 ms of compile time, so a kernel that cut every scratch matrix itself cost
-    seconds at depth 16, while a stage's slices are compiled once for all its calls."""
+    seconds at depth 16, while a stage's slices are compiled once for all its calls.
+
+    ``kinds``: the type of each array a repeated call may take from a tuple (``_roll``)."""
     known = set(known) | set(views)
-    views = dict(views)
+    first_views, views = views, dict(views)
     funcs: dict = {}  # canonical text -> function name
+    bodies: dict = {}  # function name -> (arguments, body text, names local to a copy)
     defs, body, at = [], [], 0
     for start, end in blocks:
         body += lines[at:start]  # lines between blocks stay in the kernel (comments)
@@ -681,35 +692,255 @@ def _stages(lines, blocks, known: set, scalars: set, flags, views: dict
             ret = f"    return {', '.join(rets)}{',' if len(rets) == 1 else ''}" if rets else ""
             defs.append(f"\n@njit({', '.join(fl)})\ndef {fn}({', '.join(args)}):\n"
                         + textwrap.indent(text, "    ") + ret + ("\n" if ret else ""))
-        body += [ln for ln in block if ln.strip().startswith("#") and ln.startswith("    #")]
-        call = f"{fn}({', '.join(values)})"
-        body.append(f"    {', '.join(rets)}{',' if len(rets) == 1 else ''} = {call}" if rets
-                    else f"    {call}")
+            bodies[fn] = (args, text, set(args) | {n for n in names if n in views})
+        notes = [ln for ln in block if ln.strip().startswith("#") and ln.startswith("    #")]
+        body.append(_Call(fn, values, rets, notes, lines[start:end]))
         known |= set(rets)
     body += lines[at:]
-    return defs, body
+    items = _roll(body, kinds)
+    sites = sum(len(x.calls) if isinstance(x, _Loop) else isinstance(x, _Call) for x in items)
+    if sites >= SPLIT_MIN_BLOCKS:
+        return defs, [ln for x in items for ln in _lines(x)], []
+    # Rolled up, the kernel is small again: one function, each loop running the text of its
+    # stages (no calls to compile), the other blocks as they were, reading views cut once
+    read = {n for x in items if isinstance(x, _Call)
+            for n in _names(textwrap.dedent("\n".join(x.block)))}
+    cuts = [f"    {n} = {w}[{lo}:{hi}]" for n, (w, lo, hi) in first_views.items() if n in read]
+    return [], [ln for x in items for ln in _lines(x, bodies)], cuts
 
 
+# --- loops over repeated calls ----------------------------------------------------------------
+# Even with shared stages, a kernel that calls them once per layer grows with the depth: every
+# call site is typed, lowered, and LLVM inlines a copy of the stage into it.  A run of calls
+# that repeats (forward: product, map; backward: map, product; the updates: W, b) becomes one
+# loop over the repetitions, so the kernel's code is the same at depth 8 and 32.  An argument
+# that changes from one repetition to the next is either an array taken from a tuple (the
+# layers' W) or a row number that moves by the same step each time (``(2 + 2*_l)*N``); a
+# run whose arguments are anything else stays as it was.  The same code on the same
+# arguments in the same order: the loop computes bit for bit what the calls did.
 
-def _bind_in_kernel(p: Program, ids: dict, scratch) -> list[str]:
+ROLL_MIN_REPS = 2  # runs repeated fewer times stay as they are
+_ROLL_MAX_PERIOD = 8  # calls in one repetition
+
+
+class _Call:
+    """One stage call of the kernel body, ``rets = fn(*values)``: its head comments and
+    the block of the one-function kernel it stands for."""
+
+    def __init__(self, fn: str, values: list, rets: list, notes: list, block: list):
+        self.fn, self.values, self.rets, self.notes, self.block = fn, values, rets, notes, block
+
+    def lines(self, values=None, indent="    ") -> list[str]:
+        call = f"{self.fn}({', '.join(values or self.values)})"
+        rets = f"{', '.join(self.rets)}{',' if len(self.rets) == 1 else ''} = " if self.rets else ""
+        return [indent + n.strip() for n in self.notes] + [indent + rets + call]
+
+
+class _Loop:
+    """A run of calls as ``for _l in range(reps)``: ``tuples`` bind the arrays the
+    repetitions take by ``_l``; ``calls`` are the first repetition's, with its arguments
+    written in ``_l``."""
+
+    def __init__(self, reps: int, tuples: list, calls: list, name: str):
+        self.reps, self.tuples, self.calls, self.name = reps, tuples, calls, name
+
+
+@functools.cache
+def _affine(text: str):
+    """``66*N + 1`` as {"N": 66, "": 1}; np.int64(11) as {"": 11}; None if not of that form."""
+    try:
+        return _affine_node(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError):
+        return None
+
+
+def _affine_node(n):
+    if isinstance(n, ast.Constant) and type(n.value) is int:
+        return {"": n.value}
+    if isinstance(n, ast.Name):
+        return {n.id: 1}
+    if (isinstance(n, ast.Call) and ast.unparse(n.func) == "np.int64" and len(n.args) == 1
+            and not n.keywords):
+        return _affine_node(n.args[0])
+    if isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Add, ast.Sub, ast.Mult)):
+        a, b = _affine_node(n.left), _affine_node(n.right)
+        if a is None or b is None:
+            return None
+        if isinstance(n.op, ast.Mult):  # one side must be a number: c*(a*N + b)
+            c, t = (a[""], b) if set(a) == {""} else (b[""], a) if set(b) == {""} else (0, None)
+            return None if t is None else {k: c * v for k, v in t.items()}
+        sign = 1 if isinstance(n.op, ast.Add) else -1
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = out.get(k, 0) + sign * v
+        return out
+    return None
+
+
+def _row(text: str, kinds: dict):
+    """``text`` as a row number's terms (``_affine``) if it is made of sizes (int64 names
+    of ``kinds``) alone: a float or an array is never interpolated."""
+    t = _affine(text)
+    return t if t is not None and all(kinds.get(x) == "int64" for x in t if x) else None
+
+
+def _slot_reps(values: list, kinds: dict) -> tuple[int, str]:
+    """How many of ``values`` (one argument through the repetitions) a loop can pass, and
+    how: 'same' (one text), 'tuple' (arrays of one kind) or 'affine' (a row number made of
+    the int64 names of ``kinds``)."""
+    same = next((k for k, v in enumerate(values) if v != values[0]), len(values))
+    kind = kinds.get(values[0])
+    tup = next((k for k, v in enumerate(values) if kind is None or kinds.get(v) != kind),
+               len(values))
+    aff = 0
+    t0, t1 = (_row(v, kinds) for v in (values + values)[:2])
+    if len(values) > 1 and t0 is not None and t1 is not None:
+        step = {x: t1.get(x, 0) - t0.get(x, 0) for x in {*t0, *t1}}
+        aff = next((k for k, v in enumerate(values) if (t := _row(v, kinds)) is None
+                    or any(t.get(x, 0) != t0.get(x, 0) + k * step.get(x, 0)
+                           for x in {*t, *step})), len(values))
+    return max((same, "same"), (tup, "tuple"), (aff, "affine"), key=lambda r: r[0])
+
+
+def _run_at(items: list, i: int, period: int, kinds: dict) -> int:
+    """How many times the ``period`` calls at ``items[i]`` repeat, arguments included."""
+    first = items[i:i + period]
+    if len(first) < period or not all(isinstance(c, _Call) and not c.rets for c in first):
+        return 0
+    reps = 1
+    while len(items) >= i + (reps + 1) * period and all(
+            isinstance(c, _Call) and not c.rets and c.fn == f.fn
+            and len(c.values) == len(f.values)
+            for c, f in zip(items[i + reps * period:i + (reps + 1) * period], first)):
+        reps += 1
+    for j, f in enumerate(first):
+        for a in range(len(f.values)):
+            values = [items[i + r * period + j].values[a] for r in range(reps)]
+            reps = min(reps, _slot_reps(values, kinds)[0])
+    return reps
+
+
+def _roll(items: list, kinds: dict) -> list:
+    """The kernel body, ``items`` (lines and ``_Call``s), with repeated runs as ``_Loop``s."""
+    out, i, made = [], 0, {}
+    while i < len(items):
+        best = (0, 0)  # (calls covered, period): the longest run, then the shortest period
+        for period in range(1, _ROLL_MAX_PERIOD + 1):
+            reps = _run_at(items, i, period, kinds)
+            if reps >= max(ROLL_MIN_REPS, 2) and (reps * period, -period) > (best[0], -best[1]):
+                best = (reps * period, period)
+        if not best[0]:
+            out.append(items[i])
+            i += 1
+            continue
+        covered, period = best
+        out.append(_loop(items[i:i + covered], period, kinds, f"_r{len(out)}", made))
+        i += covered
+    return out
+
+
+def _loop(calls: list, period: int, kinds: dict, name: str, made: dict) -> _Loop:
+    """``calls`` (a run of ``period`` calls, repeated) as one loop over ``_l``; ``made``:
+    the tuples of earlier loops (the backward pass and the updates read the forward's)."""
+    reps = len(calls) // period
+    tuples, first = [], []
+    for j, c in enumerate(calls[:period]):
+        values = []
+        for a in range(len(c.values)):
+            vals = [calls[r * period + j].values[a] for r in range(reps)]
+            how = _slot_reps(vals, kinds)[1]
+            if how == "same":
+                values.append(vals[0])
+            elif how == "tuple":  # one tuple per list of arrays, read forward or back
+                t = made.get(tuple(vals)) or made.get(tuple(vals[::-1]))
+                if t is None:
+                    t = made[tuple(vals)] = f"{name}_{j}_{a}"
+                    tuples.append(f"{t} = ({', '.join(vals)},)")
+                back = made.get(tuple(vals)) != t
+                values.append(f"{t}[{reps - 1} - _l]" if back else f"{t}[_l]")
+            else:
+                values.append(_affine_text(_affine(vals[0]), _affine(vals[1])))
+        first.append((c, values))
+    return _Loop(reps, tuples, first, name)
+
+
+def _affine_text(t0: dict, t1: dict) -> str:
+    """The row number of repetition ``_l``: t0 + _l*(t1 - t0), as int64 arithmetic."""
+    parts = []
+    for k in sorted({*t0, *t1}, key=lambda x: (x == "", x)):
+        c, d = t0.get(k, 0), t1.get(k, 0) - t0.get(k, 0)
+        coef = f"{c}" if c else ""
+        if d:
+            coef += (" - " if d < 0 else " + ") * bool(c) + ("-" if d < 0 and not c else "")
+            coef += "_l" if abs(d) == 1 else f"{abs(d)}*_l"
+        if coef:
+            parts.append(coef if k == "" else f"({coef})*{k}")
+    return " + ".join(parts) or "np.int64(0)"
+
+
+def _lines(item, bodies=None) -> list[str]:
+    """The kernel lines of a body item: calls of the stage functions, or, given their
+    ``bodies``, the blocks themselves (a loop runs its stages' text on renamed locals)."""
+    if isinstance(item, str):
+        return [item]
+    if isinstance(item, _Call):
+        return item.lines() if bodies is None else item.block
+    out = [f"    # {item.reps} repetitions of the next {len(item.calls)} block(s); the "
+           "first one's heads shown"]
+    out += ["    " + t for t in item.tuples] + [f"    for _l in range({item.reps}):"]
+    for j, (c, values) in enumerate(item.calls):
+        if bodies is None:
+            out += c.lines(values, "        ")
+            continue
+        args, text, local = bodies[c.fn]
+        # a copy's own names: its arguments that the repetitions change, the views it cuts
+        ren = {n: f"{item.name}c{j}_{n}" for n in local
+               if n not in args or values[args.index(n)] != n}
+        out += ["        " + n.strip() for n in c.notes]
+        out += [f"        {ren[a]} = {v}" for a, v in zip(args, values) if a in ren]
+        out += ["        " + _rename_line(ln, ren) for ln in text.splitlines()
+                if ln.strip() and not ln.lstrip().startswith("#")]
+    return out
+
+
+def _rename_line(line: str, names: dict) -> str:
+    """``line`` with its variables renamed (an attribute after `.`, ``X.T``'s T, stays)."""
+    return _IDENT.sub(lambda m: names.get(m[0], m[0]), line)
+
+
+def _bind_in_kernel(p: Program, ids: dict, scratch, loops=False) -> list[str]:
     """A step's sizes come from its inputs' shapes, checked in the kernel.
 
     Python then hands arrays straight in (no shape tuple to build and look up per call:
     that was half of a W3 step).  A mismatch or a workspace too small raises ValueError
     before anything is written; the caller then runs the full check (``bind_inputs``),
-    which names the culprit, or grows the workspace."""
+    which names the culprit, or grows the workspace.  ``loops``: inputs of one shape (the
+    layers' W of a deep network) are checked by one loop over a tuple of them: a chain of
+    a hundred comparisons cost a deep kernel about a second of compile time."""
     mats = [x for x in p.inputs if is_matrix(x)]
     out, checks = [], []
     for d in p.dims:
         at = next(((x, k) for x in mats for k in range(len(x.shape)) if x.shape[k] == d), None)
         out.append(f"    {ids[d]} = {ids[at[0]]}.shape[{at[1]}]" if at else f"    {ids[d]} = 0")
         checks.append(f"{ids[d]} == 0")
+    groups: dict = {}  # a shape, as printed -> the inputs of that shape
     for x in mats:
-        for k in range(len(x.shape)):
-            checks.append(f"{ids[x]}.shape[{k}] != {_idx(x.shape[k], ids)}")
+        groups.setdefault(tuple(_idx(d, ids) for d in x.shape), []).append(x)
+    out.append("    # sizes from the inputs; a mismatch goes back to Python's full check")
+    for shape, xs in groups.items():
+        if loops and len(xs) >= 3:
+            k = len([c for c in checks if c.startswith("_bad")])
+            out.append(f"    _shape{k} = ({', '.join(ids[x] for x in xs)},)")
+            out.append(f"    _bad{k} = False")
+            out.append(f"    for _x in _shape{k}:")
+            out.append(f"        _bad{k} |= " + " or ".join(
+                f"_x.shape[{i}] != {n}" for i, n in enumerate(shape)))
+            checks.append(f"_bad{k}")
+            continue
+        for x in xs:
+            checks += [f"{ids[x]}.shape[{i}] != {n}" for i, n in enumerate(shape)]
     need = sum((sp.Mul(*[sp.sympify(d) for d in b.shape]) for b in scratch), sp.Integer(0))
     checks.append(f"_ws.size < {_idx(need, ids)}")
-    out.append("    # sizes from the inputs; a mismatch goes back to Python's full check")
     rows = [" or ".join(checks[k:k + 4]) for k in range(0, len(checks), 4)]
     out.append(f"    if ({(' or' + chr(10) + '            ').join(rows)}):")
     out.append('        raise ValueError("symbp: input shapes or workspace")')
