@@ -98,7 +98,11 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
                 t0 = tuner.start()
             elif blas and BLAS.now != threads:
                 BLAS.use(threads)
-            ret = kern(*kargs)
+            try:
+                ret = kern(*kargs)
+            finally:
+                if blas:
+                    BLAS.done()  # the user's own BLAS thread count back
             if tuner is not None:
                 tuner.stop(t0)
             return ret
