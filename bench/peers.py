@@ -43,7 +43,7 @@ def workload(name):
     64 -> 64 x 16 -> 10 with softmax-CE on random data, batch 32, its steps per repeat
     chosen so that a repeat takes ~0.2 s on this machine."""
     if name in WORKLOADS:
-        return workload(name)
+        return WORKLOADS[name]
     m = re.fullmatch(r"mlp-d(\d+)-w(\d+)-b(\d+)", name)
     if m is None:
         raise SystemExit(f"unknown workload {name!r}: W1, W2, W3 or mlp-d<depth>-w<width>-b<batch>")

@@ -36,23 +36,25 @@ class Blas:
     """
 
     def __init__(self):
-        self.libs = None
+        self.libs = None  # SciPy's copy: its threadpoolctl controllers
         self.now = None  # SciPy's copy: the count set last.  NumPy's: always None
         self.user = None  # NumPy's copy: the user's count while a kernel runs, or None
+        self._get = self._set = None  # NumPy's copy: its get/set_num_threads (ctypes)
 
     def use(self, n: int) -> None:
-        if self.libs is None:
-            self.libs = self._find()
-        if self.libs == "numpy":
-            from ..backends.blas import NUMPY_OPENBLAS as lib
-
-            user = lib.scipy_openblas_get_num_threads64_()
+        if self._get is not None:  # NumPy's copy, on every call: one ctypes read
+            user = self._get()
             if user != n:
-                lib.scipy_openblas_set_num_threads64_(n)
+                self._set(n)
                 self.user = user
             return
         if n == self.now:
             return
+        if self.libs is None:
+            self._find()
+            if self._get is not None:
+                self.use(n)
+                return
         for c in self.libs:
             c.set_num_threads(n)
         self.now = n
@@ -60,26 +62,26 @@ class Blas:
     def done(self) -> None:
         """After a kernel call: the user's thread count back (NumPy's OpenBLAS)."""
         if self.user is not None:
-            from ..backends.blas import NUMPY_OPENBLAS
-
-            NUMPY_OPENBLAS.scipy_openblas_set_num_threads64_(self.user)
+            self._set(self.user)
             self.user = None
 
-    @staticmethod
-    def _find():
-        from ..backends.blas import NUMPY_OPENBLAS
+    def _find(self) -> None:
+        from ..backends.blas import NUMPY_OPENBLAS as lib
 
-        if NUMPY_OPENBLAS is not None:
-            return "numpy"
+        self.libs = []
+        if lib is not None:
+            self._get = lib.scipy_openblas_get_num_threads64_
+            self._set = lib.scipy_openblas_set_num_threads64_
+            return
         try:
             import scipy.linalg.cython_blas  # noqa: F401  (load it, so it can be found)
             from threadpoolctl import ThreadpoolController
 
-            return [c for c in ThreadpoolController().lib_controllers
-                    if c.user_api == "blas" and "scipy" in os.path.basename(
-                        os.path.dirname(c.filepath))]
+            self.libs = [c for c in ThreadpoolController().lib_controllers
+                         if c.user_api == "blas" and "scipy" in os.path.basename(
+                             os.path.dirname(c.filepath))]
         except ImportError:
-            return []
+            pass
 
 
 BLAS = Blas()
