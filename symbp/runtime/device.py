@@ -23,6 +23,7 @@ import sympy as sp
 from .. import optim
 from ..errors import InputError, ShapeError, SymbpError
 from ..matrix import Constant
+from .step import same_kind
 
 
 @dataclass
@@ -219,10 +220,7 @@ class DeviceStep:
 
     @optimizer.setter
     def optimizer(self, opt) -> None:
-        if self._optimizer is not None and type(opt) is not type(self._optimizer):
-            raise SymbpError(
-                f"this step was compiled for {type(self._optimizer).__name__}, not "
-                f"{type(opt).__name__}: compile another step (sb.compile_step) for it")
+        same_kind(self._optimizer, opt)
         optim.rule(opt)
         self._optimizer = opt
 

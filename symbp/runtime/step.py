@@ -206,11 +206,7 @@ class FusedStep:
 
     @optimizer.setter
     def optimizer(self, opt) -> None:
-        # the kernel prints one kind's update: only its hyperparameters may change
-        if self._optimizer is not None and type(opt) is not type(self._optimizer):
-            raise SymbpError(
-                f"this step was compiled for {type(self._optimizer).__name__}, not "
-                f"{type(opt).__name__}: compile another step (sb.compile_step) for it")
+        same_kind(self._optimizer, opt)
         self.hyper[:] = optim.hyper(opt)
         self._optimizer = opt
 
@@ -297,6 +293,15 @@ class FusedStep:
                     f"{type(w).__name__} {getattr(w, 'dtype', '')}: convert it once with "
                     f"np.ascontiguousarray(w, dtype=np.{self.dtype})"
                 )
+
+
+def same_kind(compiled, opt) -> None:
+    """A compiled step prints one optimizer kind's update: another kind is refused (its
+    hyperparameters alone may change, e.g. by a learning-rate schedule)."""
+    if compiled is not None and type(opt) is not type(compiled):
+        raise SymbpError(
+            f"this step was compiled for {type(compiled).__name__}, not "
+            f"{type(opt).__name__}: compile another step (sb.compile_step) for it")
 
 
 def opt_returns_float(layout) -> bool:
