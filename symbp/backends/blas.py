@@ -16,11 +16,11 @@ ValueError.  ``alpha`` and ``beta`` are cast to the arrays' dtype.
 Which BLAS: NumPy's own OpenBLAS when its wheel bundles one (``scipy_sgemm_64_`` in
 ``numpy.libs``), else SciPy's, as ``np.dot`` in njit code.  Both are OpenBLAS with the same
 kernels for this CPU, but NumPy's build is the newer one: on one core, called from njit
-code, it took 1.90 ms against 2.57 ms for a batch-64 layer 1024 -> 1024 (64x1024x1024,
-float32) and 0.99-1.13x SciPy's time for the other shapes measured (bench/where.py).
-``LIBRARY`` names the choice; ``SYMBP_BLAS=scipy`` forces
-SciPy's.  NumPy's library is the user's too: ``symbp.runtime.threads.BLAS`` gives back the
-user's thread count after every kernel call.
+code, it took 1.83 ms against 2.92 ms for the forward product of a batch-64 layer
+1024 -> 1024 (float32), within 10 % either way on the other shapes of bench/where.py, and a
+depth-1 training step ran 11 % fewer instructions on it (callgrind).  ``LIBRARY`` names the
+choice; ``SYMBP_BLAS=scipy`` forces SciPy's.  NumPy's library is the user's too:
+``symbp.runtime.threads.BLAS`` gives back the user's thread count after every kernel call.
 """
 
 from __future__ import annotations
