@@ -22,7 +22,7 @@ class Blas:
     project's 2-core machine the W2 step (two 128x784x256 products) took 1.0-1.1 ms on
     two threads against 1.45-1.5 ms on one while the machine was otherwise idle, and
     3.9 ms against 2.1 ms while one other busy process ran (a GEMM split in two waits
-    for its slower half; an earlier shared session saw 3.1-6.8 ms against 1.5-1.7).  So
+    for its slower half; an earlier run on a busier machine saw 3.1-6.8 ms against 1.5-1.7).  So
     a compiled function measures it while it is called (``ThreadTuner``,
     ``blas_threads="auto"``, the default); a fixed ``blas_threads=n`` is kept as given.
     A 'parallel' kernel with prange loops keeps one BLAS thread: its loops own the cores,
