@@ -5,6 +5,7 @@ module (cached fixtures) and the table is a covering set: every activation, ever
 1-3 hidden layers, both dtypes; 'parallel' on fewer, wider cases that exercise prange.
 """
 
+import os
 import re
 
 import numpy as np
@@ -490,6 +491,16 @@ def test_gemm_every_layout_alpha_beta_and_empty_sizes(blas_library):
         kernels["nn"](np.zeros((2, 3)), np.zeros((4, 5)), np.zeros((2, 5)), 1.0, 0.0)
     with pytest.raises(ValueError, match="sizes"):
         kernels["nn"](np.zeros((2, 3)), np.zeros((3, 5)), np.zeros((2, 4)), 1.0, 0.0)
+
+
+def test_an_unknown_blas_choice_is_named():
+    """SYMBP_BLAS other than numpy or scipy: an error naming both, not a silent default."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import symbp.backends.blas"],
+                       env={**os.environ, "SYMBP_BLAS": "mkl"}, capture_output=True, text=True)
+    assert r.returncode != 0 and "SYMBP_BLAS='mkl'" in r.stderr and "'scipy'" in r.stderr
 
 
 def test_kernels_give_back_the_users_blas_threads():

@@ -43,7 +43,13 @@ _KIND = {types.float32: "s", types.float64: "d"}
 def _numpy_openblas():
     """NumPy's bundled OpenBLAS, ILP64 (``ctypes.CDLL``), or None: not bundled (a conda or
     Accelerate build of NumPy), not the ILP64 scipy-openblas, or ``SYMBP_BLAS=scipy``."""
-    if os.environ.get("SYMBP_BLAS", "").lower() == "scipy":
+    choice = os.environ.get("SYMBP_BLAS", "").lower()
+    if choice not in ("", "numpy", "scipy"):
+        from ..errors import SymbpError
+
+        raise SymbpError(f"SYMBP_BLAS={choice!r}: the kernels' BLAS is 'numpy' (NumPy's "
+                         "bundled OpenBLAS, the default) or 'scipy' (SciPy's)")
+    if choice == "scipy":
         return None
     root = os.path.dirname(os.path.dirname(np.__file__))
     found = sorted(glob.glob(os.path.join(root, "numpy.libs", "libscipy_openblas64_*"))

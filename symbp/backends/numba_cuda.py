@@ -117,6 +117,26 @@ _ROW_PROLOGUE = """\
     s = _row_sum(sh, s, ty, tx)
 """
 
+
+def _sce_body(also: str) -> str:
+    """The rest of a softmax-CE row kernel after ``_ROW_PROLOGUE``: L[i] and Rs[i] from the
+    row's max and Σ exp; ``also`` is one more line of the loop over the row's entries."""
+    return """\
+    tm = _DT(0)
+    r = _DT(0)
+    if ok:
+        for j in range(tx, C, _TILE):
+            tm += T[i, j] * (m - Z[i, j])
+            r += T[i, j]
+""" + also + """\
+    tm = _row_sum(sh, tm, ty, tx)
+    r = _row_sum(sh, r, ty, tx)
+    if tx == 0 and ok:
+        L[i, 0] = tm + r * math.log(s)
+        Rs[i, 0] = r
+"""
+
+
 _FIXED = {
     "_total": ('''\
 @cuda.jit
@@ -204,38 +224,13 @@ def _sce_rows(Z, T, L, Rs, R, C):
     """L[i] = −Σ_j T_ij log softmax(Z_i)_j, the cross-entropy of row i (then _total), as
     Σ_j T_ij (max − Z_ij) + r log Σ_j exp(Z_ij − max) with r = Rs[i] = Σ_j T_ij: exact for
     every T (r = 1 for one-hot rows), and no cancellation of lse against Z at large logits."""
-''' + _ROW_PROLOGUE + '''\
-    tm = _DT(0)
-    r = _DT(0)
-    if ok:
-        for j in range(tx, C, _TILE):
-            tm += T[i, j] * (m - Z[i, j])
-            r += T[i, j]
-    tm = _row_sum(sh, tm, ty, tx)
-    r = _row_sum(sh, r, ty, tx)
-    if tx == 0 and ok:
-        L[i, 0] = tm + r * math.log(s)
-        Rs[i, 0] = r
-''', "MMMMii"),
+''' + _ROW_PROLOGUE + _sce_body(""), "MMMMii"),
     "_sce_softmax_rows": ('''\
 @cuda.jit
 def _sce_softmax_rows(Z, T, L, Rs, Y, R, C):
     """_sce_rows, and Y = softmax(Z) (the gradient's) from the same max and Σ exp: one
     pass over the logits instead of two."""
-''' + _ROW_PROLOGUE + '''\
-    tm = _DT(0)
-    r = _DT(0)
-    if ok:
-        for j in range(tx, C, _TILE):
-            tm += T[i, j] * (m - Z[i, j])
-            r += T[i, j]
-            Y[i, j] = math.exp(Z[i, j] - m) / s
-    tm = _row_sum(sh, tm, ty, tx)
-    r = _row_sum(sh, r, ty, tx)
-    if tx == 0 and ok:
-        L[i, 0] = tm + r * math.log(s)
-        Rs[i, 0] = r
-''', "MMMMMii"),
+''' + _ROW_PROLOGUE + _sce_body("            Y[i, j] = math.exp(Z[i, j] - m) / s\n"), "MMMMMii"),
     "_transpose": ('''\
 @cuda.jit
 def _transpose(X, Y, R, C):

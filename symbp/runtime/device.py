@@ -23,7 +23,7 @@ import sympy as sp
 from .. import optim
 from ..errors import InputError, ShapeError, SymbpError
 from ..matrix import Constant
-from .step import same_kind
+from .step import check_params, same_kind
 
 
 @dataclass
@@ -297,22 +297,13 @@ class DeviceStep:
         if all(params.get(n) is views[n] for n in self._wrt):
             return None
         if all(isinstance(params.get(n), np.ndarray) for n in self._wrt):
-            self._check_host(params)
+            check_params(params, self._wrt, self.dtype)
             self.to_device(params)
             return params
         bad = next(n for n in self._wrt if params.get(n) is not views[n])
         raise InputError(f"parameter {bad} is neither a NumPy array nor this step's device "
                          "view of it: pass host arrays, or the views step.to_device(params) "
                          "returned")
-
-    def _check_host(self, params):
-        for name in self._wrt:
-            w = params[name]
-            if not (w.dtype == self.dtype and w.flags.c_contiguous and w.flags.writeable):
-                raise InputError(
-                    f"parameter {name} must be a writeable C-contiguous {self.dtype} array "
-                    f"to be updated in place; got {w.dtype}: convert it once with "
-                    f"np.ascontiguousarray(w, dtype=np.{self.dtype})")
 
     def _arguments(self, params, data):
         """The run's matrix inputs as device arrays, and the sizes."""

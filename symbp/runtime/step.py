@@ -281,18 +281,24 @@ class FusedStep:
         return [params[name] if is_p else a for a, (name, is_p, _) in zip(args[:n], self._spec)]
 
     def _check_params(self, params):
-        for name in self._wrt:
-            w = params.get(name)
-            if w is None:
-                raise InputError(f"parameter {name} is missing from params")
-            if not (isinstance(w, np.ndarray) and w.dtype == self.dtype
-                    and w.flags.c_contiguous and w.flags.writeable):
-                raise InputError(
-                    f"parameter {name} must be a writeable C-contiguous {self.dtype} array "
-                    f"(a 0-d array for a scalar) to be updated in place; got "
-                    f"{type(w).__name__} {getattr(w, 'dtype', '')}: convert it once with "
-                    f"np.ascontiguousarray(w, dtype=np.{self.dtype})"
-                )
+        check_params(params, self._wrt, self.dtype)
+
+
+def check_params(params: dict, wrt, dtype) -> None:
+    """Every parameter of ``wrt`` present in ``params`` as an array the step can update in
+    place (the CPU step's kernel writes it; the device step copies back into it)."""
+    for name in wrt:
+        w = params.get(name)
+        if w is None:
+            raise InputError(f"parameter {name} is missing from params")
+        if not (isinstance(w, np.ndarray) and w.dtype == dtype
+                and w.flags.c_contiguous and w.flags.writeable):
+            raise InputError(
+                f"parameter {name} must be a writeable C-contiguous {dtype} array "
+                f"(a 0-d array for a scalar) to be updated in place; got "
+                f"{type(w).__name__} {getattr(w, 'dtype', '')}: convert it once with "
+                f"np.ascontiguousarray(w, dtype=np.{dtype})"
+            )
 
 
 def same_kind(compiled, opt) -> None:
