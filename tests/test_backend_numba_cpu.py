@@ -533,3 +533,41 @@ def test_kernels_give_back_the_users_blas_threads():
         assert lib.scipy_openblas_get_num_threads64_() == 2
     finally:
         lib.scipy_openblas_set_num_threads64_(before)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inlined_routines_give_the_bits_of_the_routine_alone(dtype):
+    # The kernels inline every routine (numba_cpu.INLINE) so map loops vectorise; each
+    # routine, run entry by entry as a call and run inlined in a loop, must agree bit for
+    # bit on every kind of float: NaN, ±inf, ±0, subnormals, the clamps' edges, randoms.
+    from symbp.backends import numba_cpu as nc
+
+    dt = np.dtype(dtype).name
+    table = nc.HELPERS_F32 if dtype is np.float32 else nc.HELPERS
+    info = np.finfo(dtype)
+    rng = np.random.default_rng(3)
+    special = [np.nan, np.inf, -np.inf, 0.0, -0.0, info.tiny / 4, -info.tiny / 4, info.tiny,
+               info.max, -info.max, 4e-4, -4e-4, 0.5, -0.5, 7.9053111, -7.9053111, 20.0, -20.0]
+    values = np.concatenate([special, rng.normal(0, 3, 400), rng.normal(0, 1e-3, 100)])
+    header = nc._HEADER.format(target="cpu", dtype=dt)
+    for name in table:
+        src = table[name]
+        callees = "".join(f"\n@njit(error_model='numpy', {nc.INLINE})" + table[h]
+                          for h in sorted(table.needs(name) - {name}))
+        arity = len(re.search(r"def \w+\((.*?)\)", src).group(1).split(","))
+        args = [np.roll(values, 7 * k).astype(dtype) for k in range(arity)]
+        names = ", ".join(f"a{k}" for k in range(arity))
+        fn = re.search(r"def (\w+)\(", src).group(1)
+        module = (header + callees + "\n@njit(error_model='numpy')" + src
+                  + f"\n@njit(error_model='numpy', {nc.INLINE})" + src.replace(fn, "_inl")
+                  + f"\n@njit(error_model='numpy')\ndef run({names}, out):\n"
+                  + "    for i in range(out.size):\n"
+                  + f"        out[i] = _inl({', '.join(f'a{k}[i]' for k in range(arity))})\n")
+        space: dict = {}
+        exec(compile(module, f"<{name}>", "exec"), space)  # noqa: S102 (our own table)
+        inlined = np.empty(len(values), dtype)
+        space["run"](*args, inlined)
+        alone = np.array([space[fn](*(a[i] for a in args)) for i in range(len(values))],
+                         dtype)
+        np.testing.assert_array_equal(inlined.view(f"u{inlined.itemsize}"),
+                                      alone.view(f"u{alone.itemsize}"), err_msg=name)

@@ -94,6 +94,14 @@ def _tanh(x):
 ''',
 })
 
+# The routines are inlined by Numba itself, at every call: left to LLVM, a routine called
+# from a kernel of more than a few blocks stayed a call, and a map loop that calls stays
+# scalar.  A 2-layer tanh step of width 256 at batch 512 spent 1.28 ms in its maps and sums
+# with the calls and 0.18 ms inlined (the whole step 3.09 -> 2.51 ms).  Inlining changes no
+# arithmetic: the same operations, in the same order, on each entry.
+INLINE = 'inline="always"'
+
+
 class NumbaPrinter(ScalarPrinter):
     """Scalar expressions for njit code: typed constants ``DT(...)``, helpers, no float64
     leaks (the shared rules: ``scalar.ScalarPrinter``).
@@ -484,7 +492,7 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     lines += [f"from {m} import {n} as {a}  # noqa: F401" for (m, n), a in g.imports.items()]
     table = HELPERS_F32 if dt == "float32" else HELPERS
     for h in sorted(g.used):
-        lines.append(f"\n@njit({', '.join(flags)})" + table[h])
+        lines.append(f"\n@njit({', '.join(flags + [INLINE])})" + table[h])
     split = len(g.blocks) >= SPLIT_MIN_BLOCKS
     top = []  # the kernel's own lines before the stages: sizes, scratch views, scalars
     views: dict = {}  # split: a scratch matrix -> (its block, first row, end row)
@@ -569,7 +577,7 @@ def generate_update(rule, dtype, cache_=True) -> str:
     lines = [_HEADER.format(target="cpu", dtype=dt)]
     table = {**HELPERS, **(HELPERS_F32 if dt == "float32" else {})}
     for h in sorted(used | pr_used):
-        lines.append(f"\n@njit({', '.join(flags)})" + table[h])
+        lines.append(f"\n@njit({', '.join(flags + [INLINE])})" + table[h])
     lines.append(f'\n@njit("({", ".join(types)},)", {", ".join(flags)})')
     lines.append(f"def flat_update(w, g, {''.join(f'_{b}_w, ' for b in bufs)}_f64, _t):")
     lines += ["    " + h for h in prologue]
