@@ -65,21 +65,28 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
         sized[key] = dims, (ws.get(dims), *f64), [f(dims) for f in out_shapes]
         return sized[key]
 
-    def on_threads(*kargs):  # the kernel on the BLAS thread count chosen for it
-        if tuner is not None:
-            t0 = tuner.start()
-        elif BLAS.now != threads:
-            BLAS.use(threads)
-        try:
-            ret = kern(*kargs)
-        finally:
-            BLAS.done()  # the user's own BLAS thread count back
-        if tuner is not None:
-            tuner.stop(t0)
-        return ret
+    def on_threads(k):
+        """``k`` (the kernel) on the BLAS thread count chosen for it; with no BLAS call in
+        the kernel (W3's products are loops) there is nothing to set around it."""
+        if not blas and tuner is None:
+            return k
 
-    # no BLAS call in the kernel (W3's products are loops): nothing to set around it
-    run = on_threads if blas or tuner is not None else kern
+        def run(*kargs):
+            if tuner is not None:
+                t0 = tuner.start()
+            elif BLAS.now != threads:
+                BLAS.use(threads)
+            try:
+                ret = k(*kargs)
+            finally:
+                BLAS.done()  # the user's own BLAS thread count back
+            if tuner is not None:
+                tuner.stop(t0)
+            return ret
+
+        return run
+
+    run = on_threads(kern)
     dts = [dt] * len(out_shapes)
 
     def result(ret, outs, args, dims):
@@ -111,7 +118,9 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
     # A gradient's value (the only value the kernel returns, W3's case) goes to float() in
     # api.Compiled: ``call`` hands it on as Numba boxed it, a Python float holding a
     # value of dtype dt exactly, when the signature says so.  np.float32 of it on the way
-    # cost a third as much as W3's whole kernel.
+    # cost ~2,400 instructions, a sixth of W3's kernel call.
+    # the compiled function behind the dispatcher, called with its one signature's types
+    entry = _entry(kern)
     bare = (bool(p.wrt) and plan[0] == ("ret", 0, None) and n_ret == 1
             and (direct or pick is not None) and _returns(kern, dt))
 
@@ -122,10 +131,18 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
         dtype scalar."""
         dims, extra, shapes = sized.get(key) or at_sizes(key)
         tail = (*key, *extra)
+        go = run
 
         def call(*xs):
+            nonlocal go
             outs = list(map(np.empty, shapes, dts))
-            ret = run(*xs, *tail, *outs)
+            ret = go(*xs, *tail, *outs)
+            if go is run and entry is not None:
+                # Numba took these arguments: ``call`` is only given arrays of the same
+                # class, shape, dtype and flags (api.Forward checks), so Numba's types of
+                # them are the same from now on, and its dispatch (the types of 13
+                # arguments, ~2,800 instructions, a fifth of W3's kernel call) is skipped
+                go = on_threads(entry)
             if bare:
                 return pick((*ret, *outs)) if pick is not None else (*ret, *outs)
             return result(ret, outs, xs, dims)
@@ -140,6 +157,15 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
     if p.wrt and plan[0][0] != "out":  # a gradient, whose value the kernel returns
         fn.into = gradient_into(p, layout, plan, lambda key: sized.get(key) or at_sizes(key), run)
     return fn
+
+
+def _entry(kern):
+    """The compiled function of ``kern``, a Numba dispatcher with one signature and no
+    other to compile, or None (any other kernel is always called through its dispatcher)."""
+    overloads = getattr(kern, "overloads", {})
+    if len(overloads) != 1 or getattr(kern, "_can_compile", True):
+        return None
+    return getattr(next(iter(overloads.values())), "entry_point", None)
 
 
 def _returns(kern, dt) -> bool:
