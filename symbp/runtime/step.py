@@ -115,12 +115,12 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
         outs = list(map(np.empty, shapes, dts))
         return result(run(*args, *extra, *outs), outs, args, dims)
 
+    # the compiled function behind the dispatcher, called with its one signature's types
+    entry = _entry(kern)
     # A gradient's value (the only value the kernel returns, W3's case) goes to float() in
     # api.Compiled: ``call`` hands it on as Numba boxed it, a Python float holding a
     # value of dtype dt exactly, when the signature says so.  np.float32 of it on the way
     # cost ~2,400 instructions, a sixth of W3's kernel call.
-    # the compiled function behind the dispatcher, called with its one signature's types
-    entry = _entry(kern)
     bare = (bool(p.wrt) and plan[0] == ("ret", 0, None) and n_ret == 1
             and (direct or pick is not None) and _returns(kern, dt))
 
