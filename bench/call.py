@@ -13,6 +13,12 @@ the median and the minimum over every block of every round, in µs per call.  Bl
 short (10 calls): on a shared core another process's time slice then spoils a few blocks,
 which the median ignores, rather than most of them (blocks of 100 calls of the 21 µs call
 came out bimodal, 22 or 104 µs, with a load average of 7 on two cores).
+
+Every block of calls is followed by a block of fixed pure-Python work (``reference``).  On
+the shared machine the same instructions run up to ~1.8x slower for stretches (no GC
+collection, steal time or timer cost explains it: the reference block slows down with
+the calls), so besides the median over every block the table gives the median over the
+*quiet* blocks, those whose reference block ran within 10 % of its fastest.
 """
 
 from __future__ import annotations
@@ -43,16 +49,29 @@ def w3():
     return sb.binary_cross_entropy(Y, T), [W0, b0, W1, b1], Y
 
 
+def reference():
+    """Fixed pure-Python work (~as long as the call on a quiet core): the core's speed now."""
+    s = 0
+    for i in range(150):
+        s += i * i
+    return s
+
+
 def blocks(call, n_blocks, n_calls):
+    """µs per call of each block, and of the reference block run right after it."""
     for _ in range(200):  # warm up: first binding, workspace, caches
         call()
-    per = []
+    per, ref = [], []
     for _ in range(n_blocks):
         t = time.perf_counter_ns()
         for _ in range(n_calls):
             call()
-        per.append((time.perf_counter_ns() - t) / n_calls / 1e3)
-    return per
+        t1 = time.perf_counter_ns()
+        for _ in range(n_calls):
+            reference()
+        per.append((t1 - t) / n_calls / 1e3)
+        ref.append((time.perf_counter_ns() - t1) / n_calls / 1e3)
+    return per, ref
 
 
 def worker(n_blocks, n_calls):
@@ -103,20 +122,28 @@ def main():
     got: dict = {}
     for _ in range(args.rounds):
         for name, tree in trees:
-            for what, per in run(tree, args.blocks, args.calls).items():
-                got.setdefault(what, {}).setdefault(name, []).extend(per)
+            for what, (per, ref) in run(tree, args.blocks, args.calls).items():
+                got.setdefault(what, {}).setdefault(name, []).extend(zip(per, ref))
     print(f"{args.rounds} rounds x {args.blocks} blocks x {args.calls} calls, pinned to CPU "
           f"{args.cpu}; load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end")
     for name, tree in trees:
         print(f"{name}: {tree}")
     cols = [n for n, _ in trees]
-    print("\n| W3 call (µs) | " + " | ".join(f"{c} median | {c} min" for c in cols)
+    print("\n| W3 call (µs) | " + " | ".join(f"{c} median | {c} min | {c} quiet (share)"
+                                            for c in cols)
           + (" | this/base (medians) |" if args.base else " |"))
-    print("|---|" + "---|---|" * len(cols) + ("---|" if args.base else ""))
+    print("|---|" + "---|---|---|" * len(cols) + ("---|" if args.base else ""))
     for what, by in got.items():
-        cells = [f"{statistics.median(by[c]):.2f} | {min(by[c]):.2f}" for c in cols]
-        ratio = (f" | {statistics.median(by['this']) / statistics.median(by['base']):.2f}"
-                 if args.base else "")
+        fastest = min(r for c in cols for _, r in by[c])
+        cells = []
+        for c in cols:
+            per = [t for t, _ in by[c]]
+            quiet = [t for t, r in by[c] if r <= 1.1 * fastest]
+            cells.append(f"{statistics.median(per):.2f} | {min(per):.2f} | "
+                         + (f"{statistics.median(quiet):.2f} ({len(quiet) / len(per):.0%})"
+                            if quiet else "-"))
+        med = {c: statistics.median([t for t, _ in by[c]]) for c in cols}
+        ratio = f" | {med['this'] / med['base']:.2f}" if args.base else ""
         print(f"| {what} | " + " | ".join(cells) + ratio + " |")
 
 

@@ -81,6 +81,7 @@ def test_repeated_good_calls_skip_the_full_check(fn, rng, checks):
     for _ in range(MANY):
         same(fn(**d), first)
     assert not checks
+    assert type(first[0]) is float and type(fn(**d)[0]) is float
     # in-place updates of the same arrays (a training loop) are read, not remembered
     d["W"] += 1
     same(fn(**d), fresh(fn)(**d))
@@ -297,3 +298,32 @@ def test_gradients_written_into_a_buffer_match_the_call(f, wrt, rng):
     other = np.zeros(size)
     into(other, *fn.bind(d))
     np.testing.assert_array_equal(other, buf[:-1])
+
+
+def test_a_kernel_with_blas_products_after_good_calls(rng):
+    """Repeated calls of a kernel that calls BLAS (the prepared call on its thread count)
+    give the full check's results and leave the user's BLAS thread count as they found
+    it."""
+    from symbp.backends import blas
+    from symbp.runtime.threads import BLAS
+
+    Xw, Tw = sp.MatrixSymbol("X", N, 20), sp.MatrixSymbol("T", N, 4)
+    W1, W2 = sp.MatrixSymbol("W1", 20, 160), sp.MatrixSymbol("W2", 160, 4)
+    loss = sb.softmax_cross_entropy(sb.tanh(Xw * W1) * W2, Tw)
+    fn = sb.compile(loss, [W1, W2], target="cpu", blas_threads=1)
+    assert "_gemm(" in fn.source
+    d = dict(X=rng.normal(size=(64, 20)), T=np.eye(4)[rng.integers(0, 4, 64)],
+             W1=rng.normal(size=(20, 160)) / 5, W2=rng.normal(size=(160, 4)) / 5)
+    lib = blas.NUMPY_OPENBLAS
+    before = lib.scipy_openblas_get_num_threads64_() if lib is not None else None
+    try:
+        if lib is not None:
+            lib.scipy_openblas_set_num_threads64_(2)
+        for _ in range(MANY):
+            same(fn(**d), fresh(fn)(**d))
+        if lib is not None:
+            assert lib.scipy_openblas_get_num_threads64_() == 2 and BLAS.user is None
+        same(fn(**{**d, "X": np.asfortranarray(d["X"])}), fresh(fn)(**d))
+    finally:
+        if lib is not None:
+            lib.scipy_openblas_set_num_threads64_(before)

@@ -8,6 +8,8 @@ network is a few microseconds of kernel, so the hot paths here are kept to a few
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 import numpy as np
 
 from .. import optim
@@ -43,6 +45,13 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
     # result is those two in a row, with no per-output dispatch
     direct = list(p.outputs) == list(layout["scalar_out"]) + list(layout["outs"])
 
+    # pick: the result as one C-level pick from (*values, *buffers) when every output is
+    # one of those, in another order (W3's gradients come out last layer first)
+    n_ret = len(layout["scalar_out"])
+    order = [i if kind == "ret" else n_ret + i for kind, i, _ in plan]
+    pick = (itemgetter(*order) if not direct and len(order) > 1
+            and all(kind in ("ret", "out") for kind, _, _ in plan) else None)
+
     threads, tuner = _threads.for_kernel(target, options, source)
     blas = "_gemm(" in source  # small products are loops: no BLAS threads to set
     f64 = (np.zeros(layout["f64"]),) if layout["f64"] else ()
@@ -56,59 +65,117 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
         sized[key] = dims, (ws.get(dims), *f64), [f(dims) for f in out_shapes]
         return sized[key]
 
+    def on_threads(k):
+        """``k`` (the kernel) on the BLAS thread count chosen for it; with no BLAS call in
+        the kernel (W3's products are loops) there is nothing to set around it."""
+        if not blas and tuner is None:
+            return k
+
+        def run(*kargs):
+            if tuner is not None:
+                t0 = tuner.start()
+            elif BLAS.now != threads:
+                BLAS.use(threads)
+            try:
+                ret = k(*kargs)
+            finally:
+                BLAS.done()  # the user's own BLAS thread count back
+            if tuner is not None:
+                tuner.stop(t0)
+            return ret
+
+        return run
+
+    run = on_threads(kern)
+    dts = [dt] * len(out_shapes)
+
+    def result(ret, outs, args, dims):
+        if direct:
+            return (*map(dt.type, ret), *outs)
+        if pick is not None:
+            return pick((*map(dt.type, ret), *outs))
+        out = []
+        for kind, i, shape in plan:
+            if kind == "ret":
+                out.append(dt.type(ret[i]))
+            elif kind == "out":
+                out.append(outs[i])
+            elif kind == "in":
+                out.append(np.array(args[i], dtype=dt))
+            elif shape is not None:
+                out.append(np.full(shape(dims), i, dt))
+            else:
+                out.append(dt.type(i))
+        return tuple(out)
+
     # A call of a small network is ~1 µs of kernel: this path allocates the outputs and
     # nothing else (the sizes' workspace and output shapes are looked up, not computed)
     def fn(*args):
         dims, extra, shapes = sized.get(args[n_in:]) or at_sizes(args[n_in:])
-        if tuner is not None:
-            t0 = tuner.start()
-        elif blas and BLAS.now != threads:
-            BLAS.use(threads)
-        outs = [np.empty(s, dt) for s in shapes]
-        try:
-            ret = kern(*args, *extra, *outs)  # args: the inputs, then the sizes (ints)
-        finally:
-            if blas:
-                BLAS.done()  # the user's own BLAS thread count back
-        if tuner is not None:
-            tuner.stop(t0)
-        if direct:
-            return (*map(dt.type, ret), *outs)
-        result = []
-        for kind, i, shape in plan:
-            if kind == "ret":
-                result.append(dt.type(ret[i]))
-            elif kind == "out":
-                result.append(outs[i])
-            elif kind == "in":
-                result.append(np.array(args[i], dtype=dt))
-            elif shape is not None:
-                result.append(np.full(shape(dims), i, dt))
-            else:
-                result.append(dt.type(i))
-        return tuple(result)
+        outs = list(map(np.empty, shapes, dts))
+        return result(run(*args, *extra, *outs), outs, args, dims)
+
+    # the compiled function behind the dispatcher, called with its one signature's types
+    entry = _entry(kern)
+    # A gradient's value (the only value the kernel returns, W3's case) goes to float() in
+    # api.Compiled: ``call`` hands it on as Numba boxed it, a Python float holding a
+    # value of dtype dt exactly, when the signature says so.  np.float32 of it on the way
+    # cost ~2,400 instructions, a sixth of W3's kernel call.
+    bare = (bool(p.wrt) and plan[0] == ("ret", 0, None) and n_ret == 1
+            and (direct or pick is not None) and _returns(kern, dt))
+
+    def at(key):
+        """``call(*inputs)``: what ``fn(*inputs, *key)`` returns, with the lookups of these
+        sizes done once (``api.Forward`` keeps it for arrays it has checked), except that
+        a gradient's value may be a Python float (of dtype dt's value) rather than a
+        dtype scalar."""
+        dims, extra, shapes = sized.get(key) or at_sizes(key)
+        tail = (*key, *extra)
+        go = run
+
+        def call(*xs):
+            nonlocal go
+            outs = list(map(np.empty, shapes, dts))
+            ret = go(*xs, *tail, *outs)
+            if go is run and entry is not None:
+                # Numba took these arguments: ``call`` is only given arrays of the same
+                # class, shape, dtype and flags (api.Forward checks), so Numba's types of
+                # them are the same from now on, and its dispatch (the types of 13
+                # arguments, ~2,800 instructions, a fifth of W3's kernel call) is skipped
+                go = on_threads(entry)
+            if bare:
+                return pick((*ret, *outs)) if pick is not None else (*ret, *outs)
+            return result(ret, outs, xs, dims)
+
+        return call
 
     fn.source = source
     fn.kernel = kern
     fn.tuner = tuner
     fn.shaped = True
+    fn.at = at
     if p.wrt and plan[0][0] != "out":  # a gradient, whose value the kernel returns
-        def run(*kargs):  # the kernel on the thread count fn would use
-            if tuner is not None:
-                t0 = tuner.start()
-            elif blas and BLAS.now != threads:
-                BLAS.use(threads)
-            try:
-                ret = kern(*kargs)
-            finally:
-                if blas:
-                    BLAS.done()  # the user's own BLAS thread count back
-            if tuner is not None:
-                tuner.stop(t0)
-            return ret
-
         fn.into = gradient_into(p, layout, plan, lambda key: sized.get(key) or at_sizes(key), run)
     return fn
+
+
+def _entry(kern):
+    """The compiled function of ``kern``, a Numba dispatcher with one signature and no
+    other to compile, or None (any other kernel is always called through its dispatcher)."""
+    overloads = getattr(kern, "overloads", {})
+    if len(overloads) != 1 or getattr(kern, "_can_compile", True):
+        return None
+    return getattr(next(iter(overloads.values())), "entry_point", None)
+
+
+def _returns(kern, dt) -> bool:
+    """Whether the compiled ``kern`` returns a tuple of dtype ``dt`` scalars alone."""
+    from numba import from_dtype
+    from numba.core import types
+
+    sigs = getattr(kern, "nopython_signatures", [])
+    return len(sigs) == 1 and isinstance(sigs[0].return_type, types.BaseTuple) and all(
+        t == from_dtype(dt) for t in sigs[0].return_type)
 
 
 def gradient_into(p: Program, layout: dict, plan: list, at_sizes, run):
