@@ -4,8 +4,8 @@ A deep training step takes its parameters (and their optimizer state) as one int
 of addresses instead of one argument each, and cuts each array itself with
 ``numba.carray(pointer(_pa[k]), shape, DT)``.  Numba spells every array argument out as
 nine machine words, unboxes each in its wrapper and LLVM's scalar passes (SROA first) go
-over all of them: a 32-layer step's 68 array arguments were about half of its compile
-time (``bench/RESULTS.md``).  The caller keeps the arrays alive, checks their dtype, shape
+over all of them: a 32-layer step's 70 array arguments were a third to a half of its cold
+compile time (``bench/RESULTS.md``).  The caller keeps the arrays alive, checks their dtype, shape
 and layout once, and hands the same address table back while they stay the same objects
 (``symbp.runtime.step.FusedStep``).
 """

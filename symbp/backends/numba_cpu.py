@@ -612,7 +612,8 @@ _ACC_SLICE = re.compile(r"^    (_acc_\w+) = _f64\[(\d+):(\d+)\]$")  # acc_vector
 
 
 # A split step takes its parameters and their optimizer state as one int64 array of addresses
-# (symbp.backends.address): 68 array arguments were half of a 32-layer step's compile time.
+# (symbp.backends.address): 70 array arguments were a third to a half of a 32-layer step's
+# cold compile.
 # False: one argument each, as in kernels below the split size (the tests compare the two).
 ADDRESS_TABLE = True
 
