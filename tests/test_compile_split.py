@@ -207,16 +207,23 @@ def test_rolled_step_is_bit_identical_to_the_unrolled_one(monkeypatch, dtype):
     f, params, _ = mlp(0, sizes=sizes)
     rolled = sb.compile_step(f, params, sb.SGD(0.1), target="cpu", dtype=dtype)
     assert rolled.source.count("for _l in range(") >= 4 and not stage_defs(rolled.source)
+    assert "_pa[" in rolled.source  # the parameters come as a table of addresses
     from symbp.backends import numba_cpu
 
+    monkeypatch.setattr(numba_cpu, "ADDRESS_TABLE", False)  # one argument per parameter
+    args = sb.compile_step(f, params, sb.SGD(0.1), target="cpu", dtype=dtype)
+    assert "_pa" not in args.source and "for _l in range(" in args.source
+    monkeypatch.setattr(numba_cpu, "ADDRESS_TABLE", True)
     monkeypatch.setattr(numba_cpu, "ROLL_MIN_REPS", 10**9)
     calls = sb.compile_step(f, params, sb.SGD(0.1), target="cpu", dtype=dtype)
     assert "for _l in range(" not in calls.source and stage_defs(calls.source)
     ref = sb.compile_step(f, params, sb.SGD(0.1), target="numpy", dtype=dtype)
-    (l1, p1), (l2, p2), (l3, p3) = run_steps([rolled, calls, ref], sizes, dtype)
-    assert l1 == l2  # the same code on the same rows: the same bits
+    (l1, p1), (l2, p2), (l3, p3), (l4, p4) = run_steps([rolled, calls, ref, args], sizes,
+                                                       dtype)
+    assert l1 == l2 == l4  # the same code on the same rows: the same bits
     for k in p1:
         np.testing.assert_array_equal(p1[k], p2[k], err_msg=k)
+        np.testing.assert_array_equal(p1[k], p4[k], err_msg=k)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(l1, l3, rtol=tol)
     for k in p1:
@@ -289,15 +296,47 @@ def test_only_rows_that_step_evenly_roll(split):
 
 
 def test_a_rolled_step_still_names_a_wrong_shape():
-    # inputs of one shape are checked in one loop; a mismatch still reaches Python's check
+    # a table step's parameters are checked in Python; a mismatch names the parameter
     from symbp.errors import ShapeError
 
     sizes = [4] + [6] * 5 + [5] * 4 + [3]
     f, params, _ = mlp(0, sizes=sizes)
     step = sb.compile_step(f, params, sb.SGD(0.1), target="cpu", dtype=np.float32)
-    assert "for _x in _shape" in step.source
+    assert "_pa[" in step.source
     p = init(sizes, np.float32)
-    p["W3"] = np.zeros((6, 5), np.float32)  # one of the four 6×6 layers
     X, T = next(batches(sizes, np.float32, 5))
+    step(p, X=X, T=T)  # the table is made for these arrays; the next call has another W3
+    p["W3"] = np.zeros((6, 5), np.float32)  # one of the four 6×6 layers
     with pytest.raises(ShapeError, match="W3"):
+        step(p, X=X, T=T)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_address_table_follows_the_arrays_it_is_given(monkeypatch, dtype):
+    # Adam: the table holds the parameters and both moment buffers.  Fresh parameter
+    # arrays on every call, and a state replaced between calls, give the bits of the
+    # one-argument-each kernel updating one set of arrays in place
+    from symbp.backends import numba_cpu
+    from symbp.errors import InputError
+
+    sizes = [4] + [6] * 5 + [5] * 4 + [3]
+    f, params, _ = mlp(0, sizes=sizes)
+    step = sb.compile_step(f, params, sb.Adam(0.01), target="cpu", dtype=dtype)
+    assert "_pa[" in step.source and "_m_" in step.source
+    monkeypatch.setattr(numba_cpu, "ADDRESS_TABLE", False)
+    args = sb.compile_step(f, params, sb.Adam(0.01), target="cpu", dtype=dtype)
+    assert "_pa" not in args.source
+    (want, p_want), = run_steps([args], sizes, dtype)
+    p, got = init(sizes, dtype), []
+    for k, (X, T) in enumerate(batches(sizes, dtype, 3)):
+        p = {n: w.copy() for n, w in p.items()}  # other objects, same values
+        if k == 1:
+            step.state = {b: (v if b == "t" else {n: a.copy() for n, a in v.items()})
+                          for b, v in step.state.items()}
+        got.append(step(p, X=X, T=T))
+    assert got == want
+    for k in p:
+        np.testing.assert_array_equal(p[k], p_want[k], err_msg=k)
+    step.state["m"]["W5"] = np.zeros((5, 5), dtype)  # a 5×5 where 6×5 belongs
+    with pytest.raises(InputError, match=r"optimizer state m\['W5'\]"):
         step(p, X=X, T=T)

@@ -456,8 +456,16 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
         g.emit(f"return ({''.join(ids[o] + ', ' for o in scalar_out)})")
     outs = [b for b in g.buffers if b in g.outputs] if rule is None else []
     scratch = [b for b in g.buffers if b not in outs]
+    split = len(g.blocks) >= SPLIT_MIN_BLOCKS
+    addr = _table(p, rule) if split else []
+    tabled = {w for _, w in addr}
+    if addr:
+        g.use("numba", "carray")
+        g.use("symbp.backends.address", "pointer")
     params, types = [], []
     for x in p.inputs:
+        if x in tabled:
+            continue
         if x in g.scalar_params:
             params.append(f"_ref_{ids[x]}")
             types.append(_array_type(dt, 1))
@@ -467,6 +475,9 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     if rule is None:
         params += [ids[d] for d in p.dims]
         types += ["int64"] * len(p.dims)
+    if addr:
+        params.append("_pa")
+        types.append("int64[::1]")
     params += ["_ws"]
     types += [_array_type(dt, 1)]
     if rule is None and g.acc64:
@@ -476,7 +487,7 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     types += [_array_type(dt, len(b.shape)) for b in outs]
     state = []
     if rule is not None:
-        for buf in rule.state:
+        for buf in rule.state if not addr else ():  # tabled state: entries of _pa
             for w in p.wrt:
                 state.append((buf, w))
                 params.append(f"_{buf}_{ids[w]}")
@@ -493,11 +504,17 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     table = HELPERS_F32 if dt == "float32" else HELPERS
     for h in sorted(g.used):
         lines.append(f"\n@njit({', '.join(flags + [INLINE])})" + table[h])
-    split = len(g.blocks) >= SPLIT_MIN_BLOCKS
     top = []  # the kernel's own lines before the stages: sizes, scratch views, scalars
-    views: dict = {}  # split: a scratch matrix -> (its block, first row, end row)
+    # split: a scratch matrix -> (its block, first row, end row, None); a parameter or
+    # its optimizer state in the address table -> ("_pa", its entry, None, its shape)
+    views: dict = {}
     if rule is not None:
-        top += _bind_in_kernel(p, ids, scratch, loops=split)
+        top += _bind_in_kernel(p, [x for x in p.inputs if is_matrix(x) and x not in tabled],
+                               ids, scratch, loops=split)
+    for k, (buf, w) in enumerate(addr):
+        shape = f"({', '.join(str(int(d)) for d in w.shape)})"
+        views[ids[w] if buf is None else f"_{buf}_{ids[w]}"] = ("_pa", str(k), None, shape)
+
     if scratch:
         # One reshape per column count, then row slices of it: a Numba reshape costs
         # ~50-80 ns (W3 had 11 of them, a quarter of its kernel), a row slice ~nothing,
@@ -521,7 +538,7 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
             at = sp.Integer(0)
             for b in group:
                 end = at + sp.sympify(b.shape[0])
-                views[ids[b]] = (f"_w{k}", _idx(at, ids), _idx(end, ids))
+                views[ids[b]] = (f"_w{k}", _idx(at, ids), _idx(end, ids), None)
                 if not split:
                     top.append(f"    {ids[b]} = _w{k}[{_idx(at, ids)}:{_idx(end, ids)}]")
                 at = end
@@ -533,7 +550,7 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     if split:
         # arrays of one type may be taken from a tuple by a loop over repeated calls
         kinds = {a: t for a, t in zip(params, types)}
-        kinds.update({w: "workspace" for w, _, _ in views.values()})
+        kinds.update({w: "workspace" for w, _, _, shape in views.values() if shape is None})
         kinds.update({ids[d]: "int64" for d in p.dims})  # sizes: what row numbers are made of
         stages, body, cuts = _stages(g.lines, g.blocks, known, scalars, flags, views, kinds)
         top += cuts
@@ -549,7 +566,8 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     lines += top + body
     source = "\n".join(lines) + "\n"
     layout = {"name": name, "scratch": scratch, "outs": outs, "scalar_out": scalar_out,
-              "state": state, "f64": g.f64_base + sum(g.acc64)}
+              "state": state, "f64": g.f64_base + sum(g.acc64),
+              "table": [(buf, w.name) for buf, w in addr] or None}
     return source, layout
 
 
@@ -599,6 +617,31 @@ def generate_update(rule, dtype, cache_=True) -> str:
 SPLIT_MIN_BLOCKS = 40
 
 _ACC_SLICE = re.compile(r"^    (_acc_\w+) = _f64\[(\d+):(\d+)\]$")  # acc_vector's slices
+
+
+# A split step takes its parameters and their optimizer state as one int64 array of addresses
+# (symbp.backends.address): 70 array arguments were a third to a half of a 32-layer step's
+# cold compile.
+# False: one argument each, as in kernels below the split size (the tests compare the two).
+ADDRESS_TABLE = True
+
+
+def _table(p: Program, rule) -> list:
+    """A deep step's address table (``symbp.backends.address``): the parameters, then each
+    optimizer buffer of each, as (buffer or None, parameter); empty where a parameter is
+    not a matrix of fixed shape (those keep the one-argument-each convention)."""
+    fixed = all(is_matrix(w) and all(sp.sympify(d).is_Integer for d in w.shape) for w in p.wrt)
+    if not ADDRESS_TABLE or rule is None or not fixed:
+        return []
+    return [(None, w) for w in p.wrt] + [(b, w) for b in rule.state for w in p.wrt]
+
+
+def _cut(n: str, w: str, lo: str, hi: str, shape) -> str:
+    """The line binding view ``n``: rows lo:hi of workspace block ``w``, or (``shape``
+    given) the array at address table entry ``w[lo]``."""
+    if shape is None:
+        return f"{n} = {w}[{lo}:{hi}]"
+    return f"{n} = _carray(_pointer({w}[{lo}]), {shape}, DT)"
 
 
 def _stored(lines) -> set:
@@ -664,7 +707,7 @@ def _stages(lines, blocks, known: set, scalars: set, flags, views: dict, kinds: 
         for ln in block:
             m = _ACC_SLICE.match(ln)
             if m:
-                views[m[1]] = ("_f64", m[2], m[3])
+                views[m[1]] = ("_f64", m[2], m[3], None)
         block = [ln for ln in block if not _ACC_SLICE.match(ln)]
         text = textwrap.dedent("\n".join(block)) + "\n"
         names = _names(text)
@@ -672,13 +715,14 @@ def _stages(lines, blocks, known: set, scalars: set, flags, views: dict, kinds: 
         args, values, cuts = [], [], []
         for n in names:
             if n in views:
-                w, lo, hi = views[n]
-                cuts.append(f"{n} = {w}[_lo_{n}:_hi_{n}]")
+                w, lo, hi, shape = views[n]
+                cuts.append(_cut(n, w, f"_lo_{n}", f"_hi_{n}", shape))
                 new = [(w, w)] if w not in args else []
                 # a bare 11 is typed Literal[int](11): Numba would compile the stage
                 # once per distinct row number
-                lo, hi = (f"np.int64({x})" if x.isdigit() else x for x in (lo, hi))
-                for a, v in new + [(f"_lo_{n}", lo), (f"_hi_{n}", hi)]:
+                lo, hi = (f"np.int64({x})" if x.isdigit() else x for x in (lo, hi or ""))
+                ends = [(f"_hi_{n}", hi)] if shape is None else []
+                for a, v in new + [(f"_lo_{n}", lo)] + ends:
                     args.append(a)
                     values.append(v)
             elif n in known:
@@ -713,7 +757,7 @@ def _stages(lines, blocks, known: set, scalars: set, flags, views: dict, kinds: 
     # stages (no calls to compile), the other blocks as they were, reading views cut once
     read = {n for x in items if isinstance(x, _Call)
             for n in _names(textwrap.dedent("\n".join(x.block)))}
-    cuts = [f"    {n} = {w}[{lo}:{hi}]" for n, (w, lo, hi) in first_views.items() if n in read]
+    cuts = ["    " + _cut(n, *v) for n, v in first_views.items() if n in read]
     return [], [ln for x in items for ln in _lines(x, bodies)], cuts
 
 
@@ -916,7 +960,7 @@ def _rename_line(line: str, names: dict) -> str:
     return _IDENT.sub(lambda m: names.get(m[0], m[0]), line)
 
 
-def _bind_in_kernel(p: Program, ids: dict, scratch, loops=False) -> list[str]:
+def _bind_in_kernel(p: Program, mats: list, ids: dict, scratch, loops=False) -> list[str]:
     """A step's sizes come from its inputs' shapes, checked in the kernel.
 
     Python then hands arrays straight in (no shape tuple to build and look up per call:
@@ -924,8 +968,8 @@ def _bind_in_kernel(p: Program, ids: dict, scratch, loops=False) -> list[str]:
     before anything is written; the caller then runs the full check (``bind_inputs``),
     which names the culprit, or grows the workspace.  ``loops``: inputs of one shape (the
     layers' W of a deep network) are checked by one loop over a tuple of them: a chain of
-    a hundred comparisons cost a deep kernel about a second of compile time."""
-    mats = [x for x in p.inputs if is_matrix(x)]
+    a hundred comparisons cost a deep kernel about a second of compile time.  ``mats``:
+    the matrix inputs that are arguments (not in the address table: Python checks those)."""
     out, checks = [], []
     for d in p.dims:
         at = next(((x, k) for x in mats for k in range(len(x.shape)) if x.shape[k] == d), None)

@@ -8,7 +8,7 @@ network is a few microseconds of kernel, so the hot paths here are kept to a few
 
 from __future__ import annotations
 
-from operator import itemgetter
+from operator import is_not, itemgetter
 
 import numpy as np
 
@@ -250,7 +250,17 @@ class FusedStep:
         self._ws = Workspace(layout["scratch"], p.dims, self.dtype)
         self._state_keys = [(b, w.name) for b, w in layout["state"]]
         self._wsa = np.empty(0, self.dtype)  # the workspace: grown by _bind when too small
-        self._names = [(name, is_p) for name, is_p, _ in self._spec]
+        # A deep step takes its parameters and their optimizer state as one table of
+        # addresses (symbp.backends.address): (buffer or None, parameter) per entry
+        self._table = layout.get("table")
+        self._shapes = {s.name: tuple(int(d) for d in s.shape) for s in p.wrt
+                        if self._table is not None}
+        self._held: list = []  # the arrays whose addresses _pa holds, kept alive
+        self._pa = np.zeros(0, np.int64)
+        tabled = set(self._shapes)
+        self._args = [k for k, (name, _, _) in enumerate(self._spec) if name not in tabled]
+        self._names = [self._spec[k][:2] for k in self._args]
+        self._n_tabled = len(tabled)
         self._scalar_params = [is_p and not is_m for _, is_p, is_m in self._spec]
         if not any(self._scalar_params):
             self._scalar_params = None
@@ -296,13 +306,18 @@ class FusedStep:
         try:
             d = {**data, **self._consts} if self._consts else data
             xs = [params[n] if p else d[n] for n, p in self._names]
-            if len(params) + len(data) + len(self._consts) != len(xs):
+            if len(params) + len(data) + len(self._consts) != len(xs) + self._n_tabled:
                 raise KeyError
+            if self._table is not None:
+                held = [params[w] if b is None else st[b][w] for b, w in self._table]
+                if len(held) != len(self._held) or any(map(is_not, held, self._held)):
+                    raise KeyError  # other arrays than last time: check them, new addresses
         except (KeyError, TypeError):
             xs = self._bind(params, data)
         if self._scalar_params:  # a 0-d parameter travels as a 1-element view of itself
             xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
         t = st["t"] + 1  # counted once the step ran: a refused call leaves the state alone
+        head = (self._pa,) if self._table is not None else ()
         if self._state_keys:
             sv = [st[b][k] for b, k in self._state_keys]
             if self._scalar_params:
@@ -316,14 +331,15 @@ class FusedStep:
         else:
             t0 = tuner.start()
         try:
-            ret = self.kernel(*xs, self._wsa, *sv, self._f64, t)
+            ret = self.kernel(*xs, *head, self._wsa, *sv, self._f64, t)
         except (TypeError, ValueError):  # other types or sizes: check, convert, retry
             t0 = None  # binding and converting are not the step's time
             self._check_params(params)
             xs = self._bind(params, data)
             if self._scalar_params:
                 xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
-            ret = self.kernel(*xs, self._wsa, *sv, self._f64, t)
+            head = (self._pa,) if self._table is not None else ()  # _bind made it anew
+            ret = self.kernel(*xs, *head, self._wsa, *sv, self._f64, t)
         finally:
             if self._blas:
                 BLAS.done()  # the user's own BLAS thread count back
@@ -345,7 +361,31 @@ class FusedStep:
         ws = self._ws.get(tuple(args[n:]))
         if ws.size > self._wsa.size:  # one workspace, as big as the largest batch seen
             self._wsa = ws
-        return [params[name] if is_p else a for a, (name, is_p, _) in zip(args[:n], self._spec)]
+        if self._table is not None:
+            self._address(params)
+        return [params[name] if is_p else args[k] for k in self._args
+                for name, is_p, _ in [self._spec[k]]]
+
+    def _address(self, params) -> None:
+        """The address table of ``params`` and the optimizer state, after checking each
+        array is one the kernel may read and write as its symbol's shape: the kernel sees
+        only addresses, so nothing else checks them."""
+        st = self.state
+        held = []
+        for b, w in self._table:
+            a = params[w] if b is None else st.get(b, {}).get(w)
+            what = f"parameter {w}" if b is None else f"optimizer state {b}[{w!r}]"
+            if not (isinstance(a, np.ndarray) and a.dtype == self.dtype
+                    and a.shape == self._shapes[w] and a.flags.c_contiguous
+                    and a.flags.writeable and a.flags.aligned):
+                raise InputError(
+                    f"{what} must be a writeable C-contiguous {self.dtype} array of shape "
+                    f"{self._shapes[w]}; got {type(a).__name__} {getattr(a, 'dtype', '')} "
+                    f"{getattr(a, 'shape', '')}: reset it with optim.init_state or convert "
+                    f"it once with np.ascontiguousarray")
+            held.append(a)
+        self._pa = np.array([a.__array_interface__["data"][0] for a in held], np.int64)
+        self._held = held
 
     def _check_params(self, params):
         check_params(params, self._wrt, self.dtype)
