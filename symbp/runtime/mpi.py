@@ -1,5 +1,5 @@
 """Data-parallel training over MPI (mpi4py): every rank holds the whole model, computes the
-gradient of its shard of each global batch, and one Allreduce makes them agree.
+gradient of its shard of each global batch, and one sum over ranks makes them agree.
 
 This is Horovod's scheme.  With a global batch of B rows split into shards of n_r rows
 (Σ n_r = B) and a loss that is the mean over the batch's rows (plus terms in the
@@ -7,19 +7,21 @@ parameters alone, such as a penalty),
 
     L(batch) = Σ_r (n_r / B) · L(shard r),   so   ∇L(batch) = Σ_r (n_r / B) · ∇L(shard r).
 
-Each rank scales its shard's gradient by n_r / B and one ``Allreduce(SUM)`` over a single
-contiguous buffer (all gradients, then the loss) yields the gradient of the global batch
-on every rank, exactly, also when B does not divide by the number of ranks.  Every rank
-then applies the same optimizer update to the same parameters (broadcast from rank 0 at
-the start), so the parameters stay identical without ever being sent again.
+Each rank scales its shard's gradient by n_r / B and one sum over ranks of a single
+contiguous buffer (all gradients, then the loss: ``Allreduce(SUM)``, or on one machine
+the rows of a shared-memory window that the update adds, ``summer``) yields the gradient
+of the global batch on every rank, exactly, also when B does not divide by the number of
+ranks.  Every rank then applies the same optimizer update to the same parameters
+(broadcast from rank 0 at the start), so the parameters stay identical without ever being
+sent again.
 
 The backends' fused step (``compile_step`` with 'cpu'/'parallel') cannot be used here:
 it applies the update inside the kernel right after the backward pass, and the reduction
 has to come between the gradient and the update.  So a rank calls the compiled gradient
-(``symbp.compile``, same target), which writes into the reduced buffer itself, then one
+(``symbp.compile``, same target), which writes into the summed buffer itself, then one
 compiled update over the flat buffers.  What a step costs beyond its shard's gradient is
-what does not shrink with more ranks: the Allreduce, the update of every parameter on
-every rank, and the n_r/B scaling when shards differ (with equal shards the update
+what does not shrink with more ranks: the sum, the update of every parameter on every
+rank, and the n_r/B scaling when shards differ (with equal shards the update
 applies 1/K itself).  A reduce-scatter, an update of 1/K of the parameters and an
 allgather (ZeRO-1) would save part of the update (about 0.1 of W2's 1.7 ms step on two
 ranks, bench/RESULTS.md) but leave each rank 1/K of the optimizer state, which rank 0's
