@@ -4,16 +4,18 @@
     python bench/mpi.py --rows 8192 --epochs 3 --repeats 5
 
 W2: 784-256(relu)-10 softmax-CE, float32, Adam, global batch 256, synthetic data
-(``--rows`` × 784, seeded).  Every run is a fresh ``mpiexec -n K`` job, one BLAS/Numba
-thread per process, one core each (``-bind-to core``).  Runs: one process with the fused
-step (``fit`` without ``distributed``, the baseline), then ``distributed='mpi'`` on 1 and
-2 ranks; ``--repeats`` rounds of the three, interleaved (a neighbour's load hits all three
-alike), and the median of each.  Epoch time is the median over the epochs after the first
-(the first compiles); "best" is the fastest epoch of all runs, the one a neighbour's load
-disturbed least.  Per step, rank 0's time in the phases: the compiled gradient of its
-shard, the Allreduce (waiting for the other rank included), the update, and the rest of
-the epoch's time (gathering the batch, the guard, Python; ``fit`` times an epoch without
-the accuracy it computes at its end).
+(``--rows`` × 784, seeded). Every run is a fresh ``mpiexec -n K`` job, one BLAS/Numba
+thread per process, one core each (``-bind-to core``). Runs: one process with the fused
+step (``fit`` without ``distributed``, the baseline), then ``distributed='mpi'`` on 1 rank
+and on 2, the gradients summed by MPI's Allreduce (``SYMBP_MPI_SUM=allreduce``) and
+through shared memory (the default); ``--repeats`` rounds of the four, interleaved (a
+neighbour's load hits all alike), and the median of each. Epoch time is the median over
+the epochs after the first (the first compiles); "best" is the fastest epoch of all runs,
+the one a neighbour's load disturbed least. Per step, rank 0's time in the phases: the
+compiled gradient of its shard, the sum over ranks (waiting for the other rank included),
+the update (with the guard's check and backup), and the rest of the epoch's time
+(gathering the batch, Python; ``fit`` times an epoch without the accuracy it computes at
+its end).
 The machine's load average is printed before and after: on a shared machine the 2-rank
 run needs both cores, the 1-process one only the less busy one.
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-PHASES = ("gradient", "allreduce", "update")
+PHASES = ("gradient", "sum", "update")
 
 
 def timed(f, spent: dict, name: str):
@@ -59,20 +61,12 @@ def worker(args) -> None:
     else:
         from mpi4py import MPI
 
-        class Comm:  # this rank's communicator, its Allreduce timed
-            def __init__(self, comm):
-                self.comm = comm
-                self.Allreduce = timed(comm.Allreduce, spent, "allreduce")
-
-            def __getattr__(self, name):
-                return getattr(self.comm, name)
-
-        class Ranks(distributed.Ranks):  # the step's gradient, Allreduce and update timed
+        class Ranks(distributed.Ranks):  # the step's gradient, sum and update timed
             def step(self, *a):
                 s = super().step(*a)
                 s._into = timed(s._into, spent, "gradient")
+                s.sum.reduce = timed(s.sum.reduce, spent, "sum")
                 s._kernel = timed(s._kernel, spent, "update")
-                s.ranks = distributed.Ranks(Comm(self.comm))  # not the accuracy's sum
                 return s
 
         mode = Ranks(MPI.COMM_WORLD)
@@ -87,8 +81,8 @@ def worker(args) -> None:
                           "best_s": float(np.min(h.time[1:])), "wall_s": wall, "ms": ms}))
 
 
-def launch(mode: str, k: int, args) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+def launch(mode: str, k: int, args, how: str) -> dict:
+    env = dict(os.environ, SYMBP_MPI_SUM=how, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, __file__, "--worker", mode, "--rows", str(args.rows),
@@ -101,8 +95,10 @@ def launch(mode: str, k: int, args) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-RUNS = [("1 process, fused step", "fused", 1), ("mpiexec -n 1, distributed", "mpi", 1),
-        ("mpiexec -n 2, distributed", "mpi", 2)]
+RUNS = [("1 process, fused step", "fused", 1, "shared"),
+        ("mpiexec -n 1, distributed", "mpi", 1, "shared"),
+        ("mpiexec -n 2, distributed, Allreduce", "mpi", 2, "allreduce"),
+        ("mpiexec -n 2, distributed, shared memory", "mpi", 2, "shared")]
 
 
 def main() -> None:
@@ -118,15 +114,15 @@ def main() -> None:
           f"median epoch of {args.epochs - 1} (after the first), median of {args.repeats} "
           f"interleaved runs; {os.cpu_count()} CPUs; load average before "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    results = {label: [] for label, _, _ in RUNS}
+    results = {label: [] for label, *_ in RUNS}
     for _ in range(args.repeats):
-        for label, mode, k in RUNS:
-            results[label].append(launch(mode, k, args))
+        for label, mode, k, how in RUNS:
+            results[label].append(launch(mode, k, args, how))
     print("| run | epoch s (each run) | median | rows/s | vs 1 process | best epoch | best vs "
-          "1 process | ms per step: gradient / Allreduce / update / rest |")
+          "1 process | ms per step: gradient / sum / update / rest |")
     print("|---|---|---|---|---|---|---|---|")
     base = None
-    for label, _, _ in RUNS:
+    for label, *_ in RUNS:
         rs = results[label]
         epoch = float(np.median([r["epoch_s"] for r in rs]))
         best = min(r["best_s"] for r in rs)

@@ -295,7 +295,7 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
     # where the parameters live while training: this process's flat array, or the GPU
     # (a device-resident step: parameters, optimizer buffers and, when they fit, the data)
     store = (_device_store(step, params, guard, {model.X.name: X, model.T.name: T})
-             if hasattr(step, "to_device") else _HostParams(flat, params))
+             if hasattr(step, "to_device") else _HostParams(flat, params, step, guard))
     lazy = store.lazy and not guard and callback is None  # the loss stays on the device
     bar = _progress(progress, epochs, epoch0)
     fails = ranks.stop_all_on_error() if ranks is not None else contextlib.nullcontext()
@@ -392,19 +392,28 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
 
 class _HostParams:
     """The parameters in one host array (``flat``; ``model.params`` are views of it): the
-    guard's finiteness check, backup and restore, each one pass over one buffer."""
+    guard's finiteness check, backup and restore, each one pass over one buffer.  A step
+    whose update keeps each entry before changing it and reports whether the new ones are
+    finite (the data-parallel step: ``backup``, ``finite``) does the check and the backup
+    in its own pass."""
 
     lazy = False  # the step returns its loss on every call
 
-    def __init__(self, flat, params):
+    def __init__(self, flat, params, step=None, guard=True):
         self.flat, self.good = flat, flat.copy()  # good: the last parameters known finite
         self.params = params  # what the step takes: model.params, views of flat
+        self._by_step = guard and getattr(step, "backup", None) is not None
+        if self._by_step:
+            step.backup = self.good
 
     def finite(self, step) -> bool:
+        if self._by_step:
+            return step.finite
         return bool(np.isfinite(self.flat).all())
 
     def keep(self) -> None:
-        np.copyto(self.good, self.flat)
+        if not self._by_step:  # else the step kept the entries before changing them
+            np.copyto(self.good, self.flat)
 
     def restore(self) -> None:
         np.copyto(self.flat, self.good)

@@ -5,10 +5,12 @@ parameters (``--out``).
 ``--fail-rank R --fail-step S`` raises on rank R alone at global step S (counted from 0),
 (``--kill``: dies by SIGKILL) to check that every rank stops; ``--nan-row`` puts a NaN in one row of X;
 ``--seed-per-rank`` initialises each rank's model with a different seed, so only rank 0's
-parameters are right until broadcast.
+parameters are right until broadcast; ``--sum allreduce`` sums the gradients with MPI's
+Allreduce instead of through shared memory (the compiled targets).
 """
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -55,11 +57,16 @@ def run(args, distributed=None, rank=0):
                     os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"injected failure on rank {rank}")
     h = train.fit(m, X, y, epochs=args.epochs, batch_size=args.batch,
-                  optimizer=OPTIMIZERS[args.opt], dtype=np.dtype(args.dtype),
+                  optimizer=optimizer(args), dtype=np.dtype(args.dtype),
                   target=args.target, seed=3, progress=args.progress, callback=fail,
                   checkpoint=args.checkpoint, resume=bool(args.checkpoint) and args.resume,
                   distributed=distributed, lr_schedule=halving(args) if args.schedule else None)
     return m, h
+
+
+def optimizer(args):
+    opt = OPTIMIZERS[args.opt]
+    return opt if args.lr is None else dataclasses.replace(opt, lr=args.lr)
 
 
 def halving(args):
@@ -71,6 +78,7 @@ def parser():
     p = argparse.ArgumentParser()
     p.add_argument("--out")
     p.add_argument("--opt", default="sgd", choices=OPTIMIZERS)
+    p.add_argument("--lr", type=float)  # another learning rate than OPTIMIZERS'
     p.add_argument("--dtype", default="float64")
     p.add_argument("--target", default="numpy")
     p.add_argument("--act", default="tanh")
@@ -87,6 +95,7 @@ def parser():
     p.add_argument("--nan-row", type=int)
     p.add_argument("--kill", action="store_true")
     p.add_argument("--schedule", action="store_true")  # the learning rate halves per epoch
+    p.add_argument("--sum", default="shared", choices=("shared", "allreduce"))
     return p
 
 
@@ -94,6 +103,7 @@ def main(argv=None):
     from mpi4py import MPI
 
     args = parser().parse_args(argv)
+    os.environ["SYMBP_MPI_SUM"] = args.sum  # how the compiled targets sum over ranks
     rank = MPI.COMM_WORLD.Get_rank()
     try:
         m, h = run(args, distributed="mpi", rank=rank)

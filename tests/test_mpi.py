@@ -4,6 +4,7 @@ the one-process ``fit``), on every rank; uneven shards, broadcast, resume with a
 rank count, and a failing rank that must stop the others."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -101,24 +102,28 @@ def test_a_cnn_same_as_one_process_float64(tmp_path, k, opt, target):
 
 
 @pytest.mark.needs(have("numba"), "numba")
-@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
-def test_compiled_update_matches_the_reference_float64(tmp_path, opt):
-    # On 'cpu' the ranks update the flat buffers with a compiled loop; one process with
+@pytest.mark.parametrize("opt,how", [("sgd", "shared"), ("momentum", "allreduce"),
+                                     ("adam", "shared"), ("adam", "allreduce")])
+def test_compiled_update_matches_the_reference_float64(tmp_path, opt, how):
+    # On 'cpu' the ranks update the flat buffers with a compiled loop, which also sums the
+    # ranks' rows of shared memory ('shared') or reads MPI's Allreduce; one process with
     # the 'numpy' target takes the reference optim.update.  Resumed halfway, so the
     # loop also picks up optimizer buffers restored from a checkpoint.
     path = tmp_path / "run.ckpt"
     train_mpi(tmp_path, 2, "--opt", opt, "--target", "cpu", "--epochs", "2",
-              "--checkpoint", str(path))
+              "--checkpoint", str(path), "--sum", how)
     r = train_mpi(tmp_path, 3, "--opt", opt, "--target", "cpu", "--epochs", "4",
-                  "--checkpoint", str(path), "--resume")
+                  "--checkpoint", str(path), "--resume", "--sum", how)
     assert_close(train_one("--opt", opt, "--epochs", "4")[0], r, 1e-12)
 
 
-@pytest.mark.parametrize("target", ["numpy", pytest.param(
-    "cpu", marks=pytest.mark.needs(have("numba"), "numba"))])
-def test_same_as_one_process_float32(tmp_path, target):
+@pytest.mark.parametrize("target,how", [("numpy", "allreduce"), pytest.param(
+    "cpu", "shared", marks=pytest.mark.needs(have("numba"), "numba")), pytest.param(
+    "cpu", "allreduce", marks=pytest.mark.needs(have("numba"), "numba"))])
+def test_same_as_one_process_float32(tmp_path, target, how):
     # One process takes the fused step on 'cpu'; the ranks the gradient, then the update.
-    args = ["--opt", "adam", "--dtype", "float32", "--target", target, "--batch", "20"]
+    args = ["--opt", "adam", "--dtype", "float32", "--target", target, "--batch", "20",
+            "--sum", how]
     r = train_mpi(tmp_path, 2, *args)
     params, _ = train_one(*args)
     assert r["W1"].dtype == np.float32
@@ -185,17 +190,37 @@ def test_a_killed_rank_stops_every_rank(tmp_path):
     assert ckpt.load(path).meta["epoch"] == 1
 
 
-def test_a_nan_in_one_shard_stops_every_rank_with_the_error(tmp_path):
+@pytest.mark.parametrize("target", ["numpy", pytest.param(
+    "cpu", marks=pytest.mark.needs(have("numba"), "numba"))])
+def test_a_nan_in_one_shard_stops_every_rank_with_the_error(tmp_path, target):
     # Row 7 of X is NaN: it lands in one rank's shard, but the reduced loss is NaN on all,
     # so every rank raises the same TrainingError (naming the row) instead of waiting.
+    # On 'cpu' the compiled update kept the parameters and checked them itself.
     out = tmp_path / "nan.npz"
-    p, seconds = launch(3, "--out", str(out), "--nan-row", "7", timeout=60)
+    p, seconds = launch(3, "--out", str(out), "--nan-row", "7", "--target", target,
+                        timeout=60)
     assert p.returncode == 3, p.stdout + p.stderr
     assert seconds < 30
     msg = str(np.load(out)["error"])
     with pytest.raises(TrainingError) as one:  # the same error as on one process
-        train_one("--nan-row", "7")
+        train_one("--nan-row", "7", "--target", target)
     assert msg == str(one.value) and "rows [7]" in msg, msg
+
+
+@pytest.mark.needs(have("numba"), "numba")
+def test_parameters_that_overflow_are_restored_on_every_rank(tmp_path):
+    # An infinite learning rate makes the parameters infinite in the first update while
+    # that step's loss is still finite: the compiled update's own check must catch it on
+    # every rank, with the error one process gives (its loss may differ in the last digit).
+    out = tmp_path / "inf.npz"
+    p, _ = launch(2, "--out", str(out), "--target", "cpu", "--lr", "inf", timeout=60)
+    assert p.returncode == 3, p.stdout + p.stderr
+    msg = str(np.load(out)["error"])
+    with pytest.raises(TrainingError) as one:
+        train_one("--target", "cpu", "--lr", "inf")
+    strip = re.compile(r"the loss is [^;]*;")
+    assert strip.sub("", msg) == strip.sub("", str(one.value)), msg
+    assert "step 1:" in msg and "made parameter(s) W1" in msg and "before this step" in msg
 
 
 # --- without MPI ------------------------------------------------------------------------
@@ -209,6 +234,12 @@ def test_shards_cover_the_batch_once(n, size):
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     sizes = [hi - lo for lo, hi in spans]
     assert max(sizes) - min(sizes) <= 1
+
+
+def test_an_unknown_way_to_sum_is_named(monkeypatch):
+    monkeypatch.setenv("SYMBP_MPI_SUM", "nccl")
+    with pytest.raises(SymbpError, match=r"SYMBP_MPI_SUM='nccl': use 'shared' .* 'allreduce'"):
+        distributed.summer(None, 10, np.float64)
 
 
 def test_missing_mpi4py_says_what_to_install(monkeypatch):

@@ -169,10 +169,12 @@ def test_a_new_optimizer_is_fused_into_the_compiled_step(opt):
 @pytest.mark.parametrize("opt", [sb.SGD(0.3), sb.Momentum(0.1, 0.8), sb.Adam(0.01),
                                  RMSprop(0.02)], ids=["sgd", "momentum", "adam", "rmsprop"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("scale", [1.0, 0.5, 1 / 3])
-def test_flat_update_gives_the_reference_bits(opt, dtype, scale):
+@pytest.mark.parametrize("scale,parts", [(1.0, 1), (0.5, 2), (1 / 3, 3)])
+def test_flat_update_gives_the_reference_bits(opt, dtype, scale, parts):
     # the data-parallel update over concatenated parameters, against optim.update of the
-    # scaled gradient (the kernel scales by the last of its float64 words)
+    # scaled gradient (the kernel scales by the last of its float64 words); with several
+    # rows of gradient (the ranks' parts in shared memory) the gradient is their sum in
+    # row order, and each entry is kept in the backup before it changes
     from symbp.backends.numba_cpu import build_update
 
     rng = np.random.default_rng(5)
@@ -181,17 +183,42 @@ def test_flat_update_gives_the_reference_bits(opt, dtype, scale):
     ref = {"W": flat[:12].reshape(4, 3).copy(), "b": flat[12:].reshape(1, 3).copy()}
     state = optim.init_state(opt, ref)
     bufs = [np.zeros(15, dtype) for _ in opt.buffers]
-    kern = build_update(opt.rule, dtype)
+    kern = build_update(opt.rule, dtype, parts)
+    backup = np.zeros(15, dtype)
     for t in range(1, 4):
-        gflat = rng.standard_normal(15).astype(dtype)
-        gs = gflat * dtype(scale)
+        G = rng.standard_normal((parts, 15)).astype(dtype)
+        total = G[0].copy()
+        for row in G[1:]:
+            total = total + row
+        gs = total * dtype(scale)
         optim.update(opt, ref, {"W": gs[:12].reshape(sizes["W"]),
                                 "b": gs[12:].reshape(sizes["b"])}, state)
-        kern(flat, gflat, *bufs, np.append(optim.hyper(opt), scale), t)
+        before = flat.copy()
+        assert kern(flat, G, backup, *bufs, np.append(optim.hyper(opt), scale), t) is True
+        np.testing.assert_array_equal(backup, before)
     np.testing.assert_array_equal(flat, np.concatenate([ref["W"].ravel(), ref["b"].ravel()]))
     for b, a in zip(opt.buffers, bufs):
         np.testing.assert_array_equal(
             a, np.concatenate([state[b]["W"].ravel(), state[b]["b"].ravel()]))
+
+
+@NEEDS_CPU
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_flat_update_says_when_an_entry_is_not_finite(bad):
+    # fit's guard reads this flag instead of its own pass over the parameters; without
+    # a backup (an empty one) nothing is kept
+    from symbp.backends.numba_cpu import build_update
+
+    kern = build_update(optim.rule(sb.SGD(0.1)), np.float64)
+    w = np.ones(5)
+    G = np.zeros((1, 5))
+    f64 = np.array([0.1, 1.0])
+    assert kern(w, G, np.empty(0), f64, 1) is True
+    G[0, 3] = bad
+    assert kern(w, G, np.empty(0), f64, 2) is False
+    assert not np.isfinite(w[3]) and np.isfinite(np.delete(w, 3)).all()
+    with pytest.raises(ValueError, match="buffer sizes"):  # a short gradient is refused
+        kern(w, G[:, :4], np.empty(0), f64, 3)
 
 
 # --- mistakes in a rule are named ----------------------------------------------------------

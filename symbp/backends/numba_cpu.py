@@ -571,12 +571,22 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     return source, layout
 
 
-def generate_update(rule, dtype, cache_=True) -> str:
-    """The module source of ``flat_update(w, g, *buffers, _f64, _t)``: ``rule`` applied to
-    every entry of flat arrays (all the parameters, concatenated), with the gradient
-    ``s * g``: ``_f64`` holds the hyperparameters, then ``s``.  Data-parallel training
-    takes it where the reduction comes between the gradient and the update; ``s`` is the
-    1/K of a mean over K equal shards, applied here instead of in a pass of its own."""
+def generate_update(rule, dtype, parts=1, cache_=True) -> str:
+    """The module source of ``flat_update(w, G, B, *buffers, _f64, _t)`` -> bool: ``rule``
+    applied to every entry of flat arrays (all the parameters, concatenated), with the
+    gradient ``s * (G[0] + ... + G[parts-1])``: ``_f64`` holds the hyperparameters, then
+    ``s``.
+
+    Data-parallel training takes it where the reduction comes between the gradient and the
+    update.  ``G`` holds one row per part of the gradient, summed in row order as they are
+    read: one row after an Allreduce; one per rank when the ranks share memory, so the
+    reduction costs no pass of its own (``runtime.mpi``).  ``s`` is the 1/K of a mean over
+    K equal shards, applied here instead of in a pass of its own.  Each entry is first
+    kept in ``B`` (the guard's backup; empty without a guard), and the result says
+    whether every updated entry is finite: the guard's check and copy cost no pass of
+    their own either.  The sum is printed out (no loop over the rows) and the backup is
+    one test outside the loop, so the loop stays vectorised: W2's Adam update took 0.11 ms
+    so against 0.9 ms with a loop over the rows or ``B`` aliasing ``w``."""
     dt = np.dtype(dtype).name
     prologue, used = _rule_prologue(rule)
     bufs = [sp.Symbol(b) for b in rule.state]
@@ -589,19 +599,31 @@ def generate_update(rule, dtype, cache_=True) -> str:
         pr_used.update(pr.used)
         return out
 
-    body = entry_lines(rule, rule.update, refs, "_gs*g[_i]", expr)
+    body = entry_lines(rule, rule.update, refs, "_gs*_g", expr)
     flags = ['error_model="numpy"', f"cache={bool(cache_)}"]
-    types = [_array_type(dt, 1)] * (2 + len(bufs)) + ["float64[::1]", "int64"]
+    types = ([_array_type(dt, 1), f"{dt}[:, ::1]", _array_type(dt, 1)]
+             + [_array_type(dt, 1)] * len(bufs) + ["float64[::1]", "int64"])
     lines = [_HEADER.format(target="cpu", dtype=dt)]
     table = {**HELPERS, **(HELPERS_F32 if dt == "float32" else {})}
     for h in sorted(used | pr_used):
         lines.append(f"\n@njit({', '.join(flags + [INLINE])})" + table[h])
     lines.append(f'\n@njit("({", ".join(types)},)", {", ".join(flags)})')
-    lines.append(f"def flat_update(w, g, {''.join(f'_{b}_w, ' for b in bufs)}_f64, _t):")
+    lines.append(f"def flat_update(w, G, B, {''.join(f'_{b}_w, ' for b in bufs)}_f64, _t):")
     lines += ["    " + h for h in prologue]
     lines.append(f"    _gs = DT(_f64[{len(rule.hyper)}])")
+    lines.append("    _finite = True")
+    sizes = " or ".join(f"_{b}_w.size != w.size" for b in bufs)
+    lines.append(f"    if G.shape[0] != {parts} or G.shape[1] != w.size or B.size not in "
+                 f"(0, w.size){' or ' + sizes if sizes else ''}:")
+    lines.append('        raise ValueError("symbp: flat_update\'s buffer sizes")')
+    lines.append("    _keep = B.size != 0")
     lines.append("    for _i in range(w.size):")
+    lines.append("        if _keep:")
+    lines.append("            B[_i] = w[_i]")
+    lines.append(f"        _g = {' + '.join(f'G[{r}, _i]' for r in range(parts))}")
     lines += ["        " + ln for ln in body]
+    lines.append("        _finite &= math.isfinite(w[_i])")
+    lines.append("    return _finite")
     return "\n".join(lines) + "\n"
 
 
@@ -1048,8 +1070,9 @@ def build_step(program: Program, optimizer, dtype=np.float64, target: str = "cpu
     return FusedStep(p, source, layout, kern, optimizer, dt, target, options)
 
 
-def build_update(rule, dtype=np.float64, **options):
-    """``flat_update(w, g, *buffers, f64, t)`` compiled (``generate_update``); ``f64`` the
-    float64 hyperparameters and the gradient's scale, ``t`` the 1-based step count."""
-    source = generate_update(rule, dtype, options.get("cache", True))
+def build_update(rule, dtype=np.float64, parts=1, **options):
+    """``flat_update(w, G, B, *buffers, f64, t)`` -> all finite, compiled
+    (``generate_update``); ``f64`` the float64 hyperparameters and the gradient's scale,
+    ``t`` the 1-based step count."""
+    source = generate_update(rule, dtype, parts, options.get("cache", True))
     return cache.load(source).flat_update

@@ -1,5 +1,5 @@
 """Data-parallel training over MPI (mpi4py): every rank holds the whole model, computes the
-gradient of its shard of each global batch, and one Allreduce makes them agree.
+gradient of its shard of each global batch, and one sum over ranks makes them agree.
 
 This is Horovod's scheme.  With a global batch of B rows split into shards of n_r rows
 (Σ n_r = B) and a loss that is the mean over the batch's rows (plus terms in the
@@ -7,19 +7,21 @@ parameters alone, such as a penalty),
 
     L(batch) = Σ_r (n_r / B) · L(shard r),   so   ∇L(batch) = Σ_r (n_r / B) · ∇L(shard r).
 
-Each rank scales its shard's gradient by n_r / B and one ``Allreduce(SUM)`` over a single
-contiguous buffer (all gradients, then the loss) yields the gradient of the global batch
-on every rank, exactly, also when B does not divide by the number of ranks.  Every rank
-then applies the same optimizer update to the same parameters (broadcast from rank 0 at
-the start), so the parameters stay identical without ever being sent again.
+Each rank scales its shard's gradient by n_r / B and one sum over ranks of a single
+contiguous buffer (all gradients, then the loss: ``Allreduce(SUM)``, or on one machine
+the rows of a shared-memory window that the update adds, ``summer``) yields the gradient
+of the global batch on every rank, exactly, also when B does not divide by the number of
+ranks.  Every rank then applies the same optimizer update to the same parameters
+(broadcast from rank 0 at the start), so the parameters stay identical without ever being
+sent again.
 
 The backends' fused step (``compile_step`` with 'cpu'/'parallel') cannot be used here:
 it applies the update inside the kernel right after the backward pass, and the reduction
 has to come between the gradient and the update.  So a rank calls the compiled gradient
-(``symbp.compile``, same target), which writes into the reduced buffer itself, then one
+(``symbp.compile``, same target), which writes into the summed buffer itself, then one
 compiled update over the flat buffers.  What a step costs beyond its shard's gradient is
-what does not shrink with more ranks: the Allreduce, the update of every parameter on
-every rank, and the n_r/B scaling when shards differ (with equal shards the update
+what does not shrink with more ranks: the sum, the update of every parameter on every
+rank, and the n_r/B scaling when shards differ (with equal shards the update
 applies 1/K itself).  A reduce-scatter, an update of 1/K of the parameters and an
 allgather (ZeRO-1) would save part of the update (about 0.1 of W2's 1.7 ms step on two
 ranks, bench/RESULTS.md) but leave each rank 1/K of the optimizer state, which rank 0's
@@ -132,19 +134,112 @@ class Ranks:
             self.comm.Abort(1)
 
 
+class Allreduce:
+    """The sum over ranks by MPI's ``Allreduce``: one buffer [∇w1 … ∇wk, loss] per rank,
+    summed in place; the update then reads one row."""
+
+    def __init__(self, comm, size: int, dtype):
+        self.comm = comm
+        self.buf = np.zeros(size + 1, dtype=dtype)
+        self.rows = self.buf[:-1].reshape(1, size)
+
+    def mine(self) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's gradient buffer and its 1-entry loss buffer, for this step."""
+        return self.buf[:-1], self.buf[-1:]
+
+    def reduce(self) -> tuple[np.ndarray, float]:
+        """The rows whose sum is the global gradient, and the global loss."""
+        from mpi4py import MPI
+
+        self.comm.Allreduce(MPI.IN_PLACE, self.buf, op=MPI.SUM)
+        return self.rows, float(self.buf[-1])
+
+
+class Shared:
+    """The sum over ranks that share one machine's memory, with no pass of its own.
+
+    Each rank writes its gradient into its row of one MPI-3 shared-memory window; after a
+    barrier every rank's update reads all the rows and adds them as it reads them, in
+    rank order (``numba_cpu.generate_update``): the same sum on every rank, so the
+    parameters stay identical.  An ``Allreduce`` would copy the buffer in and out of
+    MPICH's shared segment on both ranks before the update read it.  Two sets of rows are
+    used in turn: a rank writes step s+2's gradient only after the barrier of step s+1,
+    which every rank reaches after its update of step s has read the rows of step s.
+    """
+
+    def __init__(self, node, size: int, dtype):
+        from mpi4py import MPI
+
+        self.node, self.rank, self.k = node, node.Get_rank(), node.Get_size()
+        dtype = np.dtype(dtype)
+        total = 2 * self.k * (size + 1)
+        self.win = MPI.Win.Allocate_shared(total * dtype.itemsize if self.rank == 0 else 0,
+                                           dtype.itemsize, comm=node)
+        mem, _ = self.win.Shared_query(0)
+        whole = np.ndarray(buffer=mem, dtype=dtype, shape=(total,))
+        self.grads = whole[:2 * self.k * size].reshape(2, self.k, size)
+        self.losses = whole[2 * self.k * size:].reshape(2, self.k)
+        self.win.Lock_all()  # one passive epoch for the window's life: Sync orders memory
+        self.turn = 0
+
+    def mine(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.grads[self.turn, self.rank], self.losses[self.turn, self.rank:self.rank + 1]
+
+    def reduce(self) -> tuple[np.ndarray, float]:
+        self.win.Sync()  # this rank's writes are visible ...
+        self.node.Barrier()  # ... once every rank has written its row
+        self.win.Sync()
+        rows, losses = self.grads[self.turn], self.losses[self.turn]
+        self.turn ^= 1
+        loss = losses[0]
+        for x in losses[1:]:  # in rank order, in the buffer's dtype, as the update adds
+            loss = loss + x
+        return rows, float(loss)
+
+
+_SHARED: dict = {}  # (communicator, size, dtype) -> Shared: a window outlives its step
+
+
+def summer(comm, size: int, dtype):
+    """How this job sums a gradient buffer of ``size`` entries over its ranks: through
+    shared memory when every rank is on this machine, else MPI's Allreduce.
+    ``SYMBP_MPI_SUM=allreduce`` asks for the Allreduce (``shared``, the default, falls
+    back to it across machines)."""
+    how = os.environ.get("SYMBP_MPI_SUM", "shared")
+    if how not in ("shared", "allreduce"):
+        raise SymbpError(f"SYMBP_MPI_SUM={how!r}: use 'shared' (the ranks on one machine "
+                         "sum through shared memory) or 'allreduce' (MPI's Allreduce)")
+    from mpi4py import MPI
+
+    if how == "shared" and comm.Get_size() > 1:
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        if node.Get_size() == comm.Get_size():  # every rank here: one window holds all
+            key = (MPI.Comm.py2f(comm), size, np.dtype(dtype).str)
+            if key not in _SHARED:
+                _SHARED[key] = Shared(node, size, dtype)
+            else:
+                node.Free()
+            return _SHARED[key]
+        node.Free()
+    return Allreduce(comm, size, dtype)
+
+
 class Step:
     """``loss = step(params, size, **data)``: ``data`` is this rank's shard of a global
     batch of ``size`` rows; every rank returns the loss of the global batch and holds the
     same updated parameters.  ``state`` holds the optimizer buffers, as for one process.
 
     ``params`` are views of ``flat`` in order (``fit`` keeps them so).  On the Numba
-    targets the compiled gradient writes straight into the buffer that is reduced
-    (``fn.kernel.fn.into``: no gradient arrays to allocate and copy per step) and one
-    compiled loop over the flat buffers applies the update (``numba_cpu.build_update``;
-    NumPy's update makes a temporary per operation: for Adam on W2 it took longer than the
-    gradient itself).  On 'numpy' the gradient's arrays are copied into the buffer and
-    the update is the reference ``optim.update``.  ``optimizer`` is read on every call: a
-    schedule may replace it by one of the same kind with another learning rate.
+    targets the compiled gradient writes straight into the buffer that is summed
+    (``fn.kernel.fn.into``: no gradient arrays to allocate and copy per step), the sum is
+    ``summer``'s, and one compiled loop over the flat buffers applies the update
+    (``numba_cpu.build_update``; NumPy's update makes a temporary per operation: for Adam
+    on W2 it took longer than the gradient itself).  That loop also keeps each entry in
+    ``backup`` first and reports in ``finite`` whether every updated entry is finite:
+    ``fit``'s guard then costs no pass of its own.  On 'numpy' the gradient's arrays are
+    copied into the buffer, MPI's Allreduce sums it and the update is the reference
+    ``optim.update``.  ``optimizer`` is read on every call: a schedule may replace it by
+    one of the same kind with another learning rate.
     """
 
     def __init__(self, fn: sb.Compiled, optimizer, params: dict, flat: np.ndarray,
@@ -152,30 +247,28 @@ class Step:
         self.fn, self.optimizer, self.ranks, self.flat = fn, optimizer, ranks, flat
         self.state = None
         self._kernel = None
-        if fn.target != "numpy":  # the update runs on the host's flat buffers
-            from ..backends.numba_cpu import build_update
-
-            self._kernel = build_update(optim.rule(optimizer), flat.dtype)
-            self._f64 = np.zeros(len(optim.rule(optimizer).hyper) + 1)  # hyper, then 1/K
-        self._flat_state = None  # (state dict, {buffer: flat array}) when the kernel runs
-        # One buffer [∇w1 … ∇wk, loss] so a step makes a single Allreduce; the gradients
-        # in the order of the parameters, as the update reads them beside ``flat``.
-        self.buf = np.zeros(flat.size + 1, dtype=flat.dtype)
-        self.grads, at = {}, 0
-        for k, v in params.items():
-            self.grads[k] = self.buf[at:at + v.size].reshape(v.shape)
-            at += v.size
+        self.backup = None  # where the update keeps each entry first; None: no update kernel
+        self.finite = True  # every entry the last update wrote is finite
         into = getattr(fn.kernel, "fn", None)
         into = getattr(into, "into", None)
         self._into = into if list(params) == [w.name for w in fn.wrt] else None
+        if fn.target != "numpy":  # the update runs on the host's flat buffers
+            from ..backends.numba_cpu import build_update
+
+            self.sum = summer(ranks.comm, flat.size, flat.dtype)
+            parts = self.sum.k if isinstance(self.sum, Shared) else 1
+            self._kernel = build_update(optim.rule(optimizer), flat.dtype, parts)
+            self._f64 = np.zeros(len(optim.rule(optimizer).hyper) + 1)  # hyper, then 1/K
+            self.backup = np.empty(0, flat.dtype)  # no backup until fit's guard asks
+        else:
+            self.sum = Allreduce(ranks.comm, flat.size, flat.dtype)
+        self._flat_state = None  # (state dict, {buffer: flat array}) when the kernel runs
 
     @property
     def source(self) -> str:
         return self.fn.source
 
     def __call__(self, params: dict, size: int, /, **data) -> float:
-        from mpi4py import MPI
-
         if self.state is None:
             self.state = optim.init_state(self.optimizer, params)
         n = len(next(iter(data.values())))
@@ -183,28 +276,41 @@ class Step:
         # which the compiled update applies as it reads it (one pass over the buffer less);
         # otherwise each rank scales its own gradient before the sum.
         fold = self._kernel is not None and size % self.ranks.size == 0
+        grad, loss = self.sum.mine()
         if n:
             if self._into is not None:
-                self.buf[-1] = self._into(self.buf, *self.fn.bind({**params, **data}))
+                loss[0] = self._into(grad, *self.fn.bind({**params, **data}))
             else:
-                self.buf[-1], grads = self.fn(**params, **data)
-                for k, g in self.grads.items():
-                    g[...] = grads[k]
+                loss[0], grads = self.fn(**params, **data)
+                at = 0
+                for k, v in params.items():
+                    grad[at:at + v.size] = grads[k].ravel()
+                    at += v.size
             if not fold and n != size:
-                np.multiply(self.buf, n / size, out=self.buf)
+                np.multiply(grad, n / size, out=grad)
+                np.multiply(loss, n / size, out=loss)
         else:  # fewer rows than ranks: this rank adds nothing to the sum
-            self.buf[...] = 0
-        self.ranks.comm.Allreduce(MPI.IN_PLACE, self.buf, op=MPI.SUM)
+            grad[...] = 0
+            loss[...] = 0
+        rows, total = self.sum.reduce()
         scale = n / size if fold else 1.0
         if self._kernel is None:
-            optim.update(self.optimizer, params, self.grads, self.state)
+            optim.update(self.optimizer, params, self._grads(rows[0], params), self.state)
         else:
             self.state["t"] += 1
             self._f64[:-1] = optim.hyper(self.optimizer)
             self._f64[-1] = scale
-            self._kernel(self.flat, self.buf[:-1], *self._buffers(params), self._f64,
-                         self.state["t"])
-        return float(self.buf[-1]) * scale
+            self.finite = self._kernel(self.flat, rows, self.backup, *self._buffers(params),
+                                       self._f64, self.state["t"])
+        return total * scale
+
+    @staticmethod
+    def _grads(flat: np.ndarray, params: dict) -> dict:
+        grads, at = {}, 0
+        for k, v in params.items():
+            grads[k] = flat[at:at + v.size].reshape(v.shape)
+            at += v.size
+        return grads
 
     def _buffers(self, params) -> list:
         # The optimizer buffers as flat arrays whose per-parameter views are the state's, so
@@ -221,4 +327,4 @@ class Step:
         return [self._flat_state[1][b] for b in self.optimizer.buffers]
 
 
-__all__ = ["Ranks", "Step", "choose", "shard", "world"]
+__all__ = ["Allreduce", "Ranks", "Shared", "Step", "choose", "shard", "summer", "world"]
