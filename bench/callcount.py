@@ -24,21 +24,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def worker(n):
-    import numpy as np
-
-    import symbp as sb
-
     sys.path.insert(0, HERE)
-    from call import w3
-    from peers import data, init
+    from call import w3_calls
 
-    L, params, Y = w3()
-    fn = sb.compile(L, params, target="cpu", dtype=np.float32)
-    fwd = sb.compile_forward(Y, target="cpu", dtype=np.float32)
-    P = init("W3")
-    X, T = data("W3")
-    calls = {"fn(**arrays)": lambda: fn(**P, X=X, T=T), "compile_forward": lambda: fwd(**P, X=X),
-             "empty": lambda: None}
+    calls = {**w3_calls(), "empty": lambda: None}
     pid = str(os.getpid())
 
     def ctl(*a):
