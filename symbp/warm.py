@@ -28,9 +28,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import marshal
 import sys
 from pathlib import Path
+from types import CodeType
 
 import sympy as sp
 
@@ -88,11 +88,52 @@ def _own(cls) -> bool:
     return cls.__module__.split(".")[0] in ("sympy", "symbp")
 
 
-def _code_of(f) -> bytes:
-    # the function's compiled body: an edited formula changes it even where it happens to
-    # print the same on the symbols tried below
-    f = getattr(f, "__func__", f)
-    return marshal.dumps(f.__code__) if hasattr(f, "__code__") else repr(f).encode()
+def _data(v) -> str | None:
+    """``v`` spelled the same in every process if it is plain data, else None."""
+    if v is None or isinstance(v, (bool, int, float, str, bytes)):
+        return repr(v)
+    if isinstance(v, (tuple, list)):
+        parts = [_data(x) for x in v]
+        return None if None in parts else f"{type(v).__name__}({', '.join(parts)})"
+    if isinstance(v, (set, frozenset)):  # sorted: a set of str iterates in a per-process order
+        parts = [_data(x) for x in v]
+        return None if None in parts else f"set({', '.join(sorted(parts))})"
+    if isinstance(v, dict):
+        return _data(sorted(v.items(), key=repr))
+    return None
+
+
+def _code_of(f) -> str:
+    """The compiled body of function ``f``: instructions, names and constants (not its line
+    numbers).  An edited formula changes it even where it prints the same on the symbols
+    tried in ``_row_print``; a row's method patched at run time changes it too."""
+    c = getattr(getattr(f, "__func__", f), "__code__", None)
+    return repr(f) if c is None else _code_print(c)
+
+
+def _code_print(c: CodeType) -> str:
+    consts = [_code_print(x) if isinstance(x, CodeType) else (_data(x) or type(x).__name__)
+              for x in c.co_consts]
+    return repr((c.co_code.hex(), c.co_names, c.co_varnames, consts))
+
+
+# The modules whose settings decide what the generator prints (thresholds such as
+# numba_cpu.SPLIT_MIN_BLOCKS, the helper tables): their sources are in the package hash,
+# and their module-level constants as they are now (a program may set one) in the key.
+_PIPELINE = ("symbp.backends.numba_cpu", "symbp.backends.scalar", "symbp.backends.blas",
+             "symbp.functions", "symbp.grad", "symbp.ir", "symbp.matrix", "symbp.optim",
+             "symbp.passes", "symbp.vjp", "symbp.runtime.step")
+
+
+def _settings() -> list:
+    names = [*_PIPELINE, *sorted(m for m in sys.modules if m.startswith("symbp.heads."))]
+    out = []
+    for name in names:
+        mod = sys.modules.get(name)
+        for k, v in sorted(vars(mod).items()) if mod is not None else ():
+            if k.isupper() and (d := _data(v)) is not None:
+                out.append(f"{name}.{k} = {d}")
+    return out
 
 
 def _row_print(row, uses) -> list:
@@ -143,6 +184,9 @@ def _functions(f) -> list:
             todo.append(named)
         if not _own(cls):
             rows.append((cls.__qualname__, _row_print(cls, uses.get(cls, ()))))
+        else:  # symbp's own row: its sources are hashed, but a method may be patched
+            rows.append((cls.__qualname__, [_code_of(getattr(cls, a)) for a in
+                                            ("formula", "rule", "fdiff") if getattr(cls, a)]))
     return [r for _, r in sorted(rows, key=lambda r: r[0])]
 
 
@@ -154,7 +198,8 @@ def key(f, wrt: tuple, optimizer, dtype, target: str, options: dict) -> str | No
         rule = optimizer.rule
         parts = [FORMAT, _versions(), sp.srepr(f), sp.srepr(tuple(wrt)),
                  sp.srepr((rule.hyper, rule.state, rule.per_step, rule.update)),
-                 str(dtype), target, repr(sorted(options.items())), repr(_functions(f))]
+                 str(dtype), target, repr(sorted(options.items())), repr(_functions(f)),
+                 *_settings()]
     except Exception:  # noqa: BLE001 - a row that fails here fails the full path too
         return None
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
