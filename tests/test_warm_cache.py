@@ -250,3 +250,20 @@ def test_a_fresh_process_starts_from_the_record_and_an_edited_file_does_not(tmp_
     edited = _process(tmp_path, "x*sb.tanh(x)")  # the user edits the formula, same name
     assert edited[0] == "False" and edited[1] != cold[1]
     assert _process(tmp_path, "x*sb.tanh(x)")[0] == "True"
+
+
+def test_a_scalar_parameter_and_its_state_come_back_from_the_record(cache_dir):
+    s = sp.Symbol("s", real=True)
+    f = sb.softmax_cross_entropy(s * sb.dense(sb.tanh(sb.dense(X, W0, b0)), W1, b1), T)
+    params, batch = data(np.float64)
+
+    def run(step):
+        p = {k: v.copy() for k, v in params.items()} | {"s": np.array(0.7)}
+        losses = [step(p, **batch) for _ in range(4)]
+        return losses, p
+
+    full = sb.compile_step(f, [s, *PARAMS], sb.Adam(0.01), target="cpu", dtype=np.float64)
+    found = sb.compile_step(f, [s, *PARAMS], sb.Adam(0.01), target="cpu", dtype=np.float64)
+    assert found.warm and not full.warm
+    same(run(full), run(found))
+    assert found.state["m"]["s"].shape == ()
