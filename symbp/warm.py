@@ -285,7 +285,7 @@ def read(k: str) -> dict | None:
         if rec["format"] != FORMAT or rec["sha256"] != _seal(body):
             return None
         out = {n: _decode(body[n]) for n in ("inputs", "dims", "wrt", "layout")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, sp.SympifyError):
+    except Exception:  # noqa: BLE001 - whatever is wrong with it, the full path is right
         return None
     out["kernel"] = body["kernel"]
     return out
