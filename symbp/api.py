@@ -8,6 +8,7 @@ from operator import attrgetter, itemgetter
 import numpy as np
 import sympy as sp
 
+from . import warm
 from .backends import backend
 from .errors import InputError, ShapeError, SymbpError
 from .grad import grad as grad_pass
@@ -305,8 +306,9 @@ def compile_step(f, params, optimizer, target: str = "numpy", dtype=np.float64, 
     mod = backend(target)
     if hasattr(mod, "build_step"):
         dtype = _float_dtype(dtype)
-        step = mod.build_step(gradient_program(f, params), optimizer, dtype=dtype,
-                              target=target, **options)
+        items, _ = wrt_tuple(params)
+        # the passes run unless a record of this very step is in the disk cache
+        step = warm.build_step(mod, _scalar_loss(f), items, optimizer, dtype, target, options)
         if step is not None:  # None: this backend fuses no update into this program
             return step
     return Step(compile(f, params, target=target, dtype=dtype, **options), optimizer)

@@ -137,7 +137,7 @@ def _path(d: Path, key: str) -> Path:
     return d / f"gen_{key}.py"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
@@ -156,7 +156,7 @@ def _ensure_file(path: Path, text: str) -> None:
             return
     except (FileNotFoundError, UnicodeDecodeError):
         pass
-    _write_atomic(path, text)
+    write_atomic(path, text)
 
 
 def _numba_files(path: Path) -> list[Path]:
@@ -179,7 +179,30 @@ def _import(path: Path, name: str) -> ModuleType:
 def load(source: str) -> ModuleType:
     """Import generated ``source`` through its content-hashed file (once per process)."""
     text = _text(source)
-    key = hashlib.sha256(text.encode()).hexdigest()
+    return _load(text, hashlib.sha256(text.encode()).hexdigest())
+
+
+_MARK = "\n\n# --- symbp.cache key"  # where the stamp begins (see ``_text``)
+
+
+def load_digest(key: str) -> tuple[str, ModuleType] | None:
+    """``(source, module)`` of the cached file ``gen_<key>.py`` if it is whole (it hashes
+    to its name) and current (its stamp is today's: same versions, same helper modules);
+    None otherwise, and the caller generates the source afresh."""
+    try:
+        text = _path(cache_dir(), key).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    at = text.rfind(_MARK)
+    if at < 0 or hashlib.sha256(text.encode()).hexdigest() != key:
+        return None
+    source = text[:at + 1]
+    if _text(source) != text:
+        return None
+    return source, _load(text, key)
+
+
+def _load(text: str, key: str) -> ModuleType:
     if key in _loaded:
         return _loaded[key]
     d = cache_dir()
@@ -229,10 +252,11 @@ def _compile_error(err: Exception, path: Path) -> SymbpError:
 
 
 def clear() -> int:
-    """Delete every cached module and its Numba files; returns how many files went."""
+    """Delete every cached module, its Numba files and the steps' records (``symbp.warm``);
+    returns how many files went."""
     d = cache_dir()
     n = 0
-    for pattern in ("gen_*.py", "__pycache__/gen_*"):
+    for pattern in ("gen_*.py", "__pycache__/gen_*", "warm_*.json"):
         for f in d.glob(pattern):
             try:
                 f.unlink()

@@ -240,10 +240,13 @@ class FusedStep:
     recompilation.
     """
 
+    warm = False  # True: found by its expression's record (symbp.warm), no pass was run
+
     def __init__(self, p: Program, source: str, layout: dict, kernel, optimizer, dtype,
                  target: str, options: dict):
         self.dtype, self.target = np.dtype(dtype), target
-        self.program, self.source, self.kernel = p, source, kernel
+        # ``p``: the Program, or a ``symbp.warm.Outline`` of it (a step found by its record)
+        self._p, self.source, self.kernel, self.layout = p, source, kernel, layout
         self.state = None
         self._wrt = {w.name for w in p.wrt}
         self._spec = [(s.name, s.name in self._wrt, is_matrix(s)) for s in p.inputs]
@@ -276,6 +279,13 @@ class FusedStep:
         # join the data of every call, so the fast path below finds them
         self._consts = {s.name: s.array({}, self.dtype) for s in p.inputs
                         if isinstance(s, Constant) and all(d.is_Integer for d in s.shape)}
+
+    @property
+    def program(self) -> Program:
+        """The step's optimized Program (one found by its record builds it now)."""
+        if not isinstance(self._p, Program):
+            self._p = self._p.rebuild()
+        return self._p
 
     @property
     def optimizer(self):
@@ -356,8 +366,8 @@ class FusedStep:
                 raise InputError(f"{k} is given both as a parameter and as data")
             both[k] = v
         self._check_params(params)
-        args = bind_inputs(self.program, both, self.dtype)
-        n = len(self.program.inputs)
+        args = bind_inputs(self._p, both, self.dtype)  # inputs and dims: an Outline has them
+        n = len(self._p.inputs)
         ws = self._ws.get(tuple(args[n:]))
         if ws.size > self._wsa.size:  # one workspace, as big as the largest batch seen
             self._wsa = ws
