@@ -336,7 +336,7 @@ def build_step(mod, f, wrt: tuple, optimizer, dtype, target: str, options: dict)
             layout = rec["layout"]
             outline = Outline(rec["inputs"], rec["dims"], rec["wrt"], program)
             step = FusedStep(outline, source, layout, getattr(module, layout["name"]),
-                                 optimizer, dtype, target, options)
+                             optimizer, dtype, target, options)
             step.warm = True
             return step
     step = mod.build_step(gradient_program(f, wrt), optimizer, dtype=dtype, target=target,
