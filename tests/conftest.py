@@ -58,6 +58,17 @@ def rng():
     return np.random.default_rng(1234)
 
 
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A compile cache of this test's own (SYMBP_CACHE_DIR), nothing of it loaded yet."""
+    from symbp import cache
+
+    monkeypatch.setenv("SYMBP_CACHE_DIR", str(tmp_path))
+    cache._loaded.clear()
+    yield tmp_path
+    cache._loaded.clear()
+
+
 N = sp.Symbol("N")
 
 

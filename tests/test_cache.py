@@ -33,14 +33,6 @@ def total(x):
 '''
 
 
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("SYMBP_CACHE_DIR", str(tmp_path))
-    cache._loaded.clear()
-    yield tmp_path
-    cache._loaded.clear()
-
-
 def test_source_goes_to_a_content_hashed_file(cache_dir):
     m = cache.load(SOURCE)
     path = cache_dir / f"gen_{cache.digest(SOURCE)}.py"

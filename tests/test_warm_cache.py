@@ -13,7 +13,7 @@ import sympy as sp
 from conftest import have, need
 
 import symbp as sb
-from symbp import cache, warm
+from symbp import warm
 from symbp.functions import Activation
 from symbp.ir import Program
 
@@ -28,14 +28,6 @@ PARAMS = [W0, b0, W1, b1]
 
 def mlp(act=sb.tanh):
     return sb.softmax_cross_entropy(sb.dense(act(sb.dense(X, W0, b0)), W1, b1), T)
-
-
-@pytest.fixture
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("SYMBP_CACHE_DIR", str(tmp_path))
-    cache._loaded.clear()
-    yield tmp_path
-    cache._loaded.clear()
 
 
 def data(dtype, seed=0):
