@@ -245,10 +245,12 @@ def fit(model, X, y, epochs: int = 10, batch_size: int = 32, optimizer=None,
                  the epoch ends.
     distributed  'mpi': data-parallel over the processes of ``mpiexec -n K`` (needs
                  ``pip install 'symbp[mpi]'``); each rank computes the gradient of its
-                 shard of every global batch of ``batch_size`` rows, one Allreduce sums
-                 them, every rank applies the same update.  Only rank 0 prints and writes
-                 the checkpoint; an exception on one rank aborts them all.  None (default):
-                 this process alone, unless the environment sets SYMBP_DISTRIBUTED=mpi.
+                 shard of every global batch of ``batch_size`` rows, one sum over ranks
+                 adds them (through shared memory on one machine, MPI's Allreduce
+                 across machines), every rank applies the same update.  Only rank 0
+                 prints and writes the checkpoint; an exception on one rank aborts them
+                 all.  None (default): this process alone, unless the environment sets
+                 SYMBP_DISTRIBUTED=mpi.
     lr_schedule  ``lr_schedule(epoch) -> float``: the learning rate of each epoch (epochs
                  count from 0, over the whole run: a resumed run goes on where it
                  stopped), e.g. ``lambda e: 0.1 * 0.5**e``; the optimizer's ``lr`` is

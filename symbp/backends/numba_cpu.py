@@ -586,7 +586,7 @@ def generate_update(rule, dtype, parts=1, cache_=True) -> str:
     whether every updated entry is finite: the guard's check and copy cost no pass of
     their own either.  The sum is printed out (no loop over the rows) and the backup is
     one test outside the loop, so the loop stays vectorised: W2's Adam update took 0.11 ms
-    so against 0.9 ms with a loop over the rows or ``B`` aliasing ``w``."""
+    so, against 0.9 ms with a loop over the rows or with ``B`` aliasing ``w``."""
     dt = np.dtype(dtype).name
     prologue, used = _rule_prologue(rule)
     bufs = [sp.Symbol(b) for b in rule.state]
@@ -692,7 +692,7 @@ def _names(text) -> list[str]:
 
 def _rename(text, names: dict) -> str:
     """``text``, comments dropped, with its variables renamed (an attribute stays)."""
-    return _IDENT.sub(lambda m: names.get(m[0], m[0]), _code(text))
+    return _rename_line(_code(text), names)
 
 
 def _stages(lines, blocks, known: set, scalars: set, flags, views: dict, kinds: dict

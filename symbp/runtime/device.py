@@ -23,7 +23,7 @@ import sympy as sp
 from .. import optim
 from ..errors import InputError, ShapeError, SymbpError
 from ..matrix import Constant
-from .step import check_params, same_kind
+from .step import HoldsOptimizer, check_params
 
 
 @dataclass
@@ -129,7 +129,7 @@ def host_call(ns: dict):
     return fn
 
 
-class DeviceStep:
+class DeviceStep(HoldsOptimizer):
     """A CUDA training step: ``loss = step(params, **data)``.
 
     ``params`` are either the device views ``step.to_device(params)`` returned (updated in
@@ -156,7 +156,6 @@ class DeviceStep:
             self.layout[name] = (at, shape)
             at += math.prod(shape)
         self.size = at
-        self._optimizer = None
         self.optimizer = optimizer
         rule = optim.rule(optimizer)
         self.P = self._flat("the parameters")
@@ -214,15 +213,8 @@ class DeviceStep:
             download(self.views[name], params[name])
 
     # --- optimizer ------------------------------------------------------------------------
-    @property
-    def optimizer(self):
-        return self._optimizer
-
-    @optimizer.setter
-    def optimizer(self, opt) -> None:
-        same_kind(self._optimizer, opt)
-        optim.rule(opt)
-        self._optimizer = opt
+    def _take(self, opt) -> None:
+        optim.rule(opt)  # a malformed rule fails here; its numbers go with each launch
 
     @property
     def state(self):

@@ -226,7 +226,27 @@ def gradient_into(p: Program, layout: dict, plan: list, at_sizes, run):
     return into
 
 
-class FusedStep:
+class HoldsOptimizer:
+    """``optimizer``: assignable with another optimizer of the same kind only (a schedule's
+    learning rate); ``_take(opt)`` hands its numbers to the compiled code."""
+
+    _optimizer = None
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, opt) -> None:
+        same_kind(self._optimizer, opt)
+        self._take(opt)
+        self._optimizer = opt
+
+    def _take(self, opt) -> None:
+        raise NotImplementedError
+
+
+class FusedStep(HoldsOptimizer):
     """A training step compiled into one call: ``loss = step(params, **data)``.
 
     Forward, backward and the optimizer update run in one Numba call; ``params`` (arrays
@@ -270,7 +290,6 @@ class FusedStep:
         # float64 words: the optimizer's hyperparameters, then the kernel's accumulators
         self._f64 = np.zeros(layout["f64"])
         self.hyper = self._f64[:len(optim.rule(optimizer).hyper)]
-        self._optimizer = None
         self.optimizer = optimizer
         self._threads, self._tuner = _threads.for_kernel(target, options, source)
         self._blas = "_gemm(" in self.source  # small products are loops: no BLAS at all
@@ -287,15 +306,8 @@ class FusedStep:
             self._p = self._p.rebuild()
         return self._p
 
-    @property
-    def optimizer(self):
-        return self._optimizer
-
-    @optimizer.setter
-    def optimizer(self, opt) -> None:
-        same_kind(self._optimizer, opt)
-        self.hyper[:] = optim.hyper(opt)
-        self._optimizer = opt
+    def _take(self, opt) -> None:
+        self.hyper[:] = optim.hyper(opt)  # the kernel reads them at its next call
 
     @property
     def fn(self):
