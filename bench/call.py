@@ -6,8 +6,10 @@
 W3 is peers.py's XOR network (2-8 tanh-1 sigmoid, binary CE, batch 4, float32, 'cpu'):
 ``sb.compile(L, params)`` called as ``fn(**params, X=X, T=T)`` (value and gradients),
 and ``sb.compile_forward(sigmoid(H))`` called as ``fwd(**params, X=X)`` (the
-predictions).  Each measurement runs in a fresh process pinned to one core (CPU 0, as
-``taskset -c 0``), checkouts alternating round by round, each first on ``PYTHONPATH``.
+predictions); beside them the fused SGD step ``step(params, X=X, T=T)``, whose repeated
+call checks its arrays the same way.  Each measurement runs in a fresh process pinned to
+one core (CPU 0, as ``taskset -c 0``), checkouts alternating round by round, each first on
+``PYTHONPATH``.
 A process times ``--blocks`` blocks of ``--calls`` calls after a warm-up; the figures are
 the median and the minimum over every block of every round, in µs per call.  Blocks are
 short (10 calls): on a shared core another process's time slice then spoils a few blocks,
@@ -75,7 +77,9 @@ def blocks(call, n_blocks, n_calls):
 
 
 def w3_calls() -> dict:
-    """The two W3 calls measured, compiled for 'cpu' in float32, by name."""
+    """The W3 calls measured, compiled for 'cpu' in float32, by name: the public call,
+    the forward call, and (for comparison: it checks the same way) the fused SGD step,
+    which updates its own copy of the parameters."""
     import numpy as np
 
     import symbp as sb
@@ -88,7 +92,10 @@ def w3_calls() -> dict:
     fwd = sb.compile_forward(Y, target="cpu", dtype=np.float32)
     P = init("W3")
     X, T = data("W3")
-    return {"fn(**arrays)": lambda: fn(**P, X=X, T=T), "compile_forward": lambda: fwd(**P, X=X)}
+    step = sb.compile_step(L, params, sb.SGD(0.5), target="cpu", dtype=np.float32)
+    Q = {k: v.copy() for k, v in P.items()}
+    return {"fn(**arrays)": lambda: fn(**P, X=X, T=T), "compile_forward": lambda: fwd(**P, X=X),
+            "fused step": lambda: step(Q, X=X, T=T)}
 
 
 def worker(n_blocks, n_calls):

@@ -91,6 +91,20 @@ def grad(f, wrt):
 _SIG = attrgetter("__class__", "shape", "dtype", "flags.carray")
 # Python and NumPy floats: a scalar input the fast path converts as the full check does
 _FLOATS = (float, np.float32, np.float64)
+def same_dtypes(arrays, dtype: np.dtype) -> bool:
+    """Whether every one of ``arrays`` has dtype ``dtype`` (byte order included).
+
+    Calls that skip the full check ask this of every array they hand to Numba directly:
+    Numba's dispatch alone can read a byte-swapped float32 array as a native one.  It
+    remembers array types by a fingerprint that leaves byte order and alignment out, so
+    once any misaligned float32 array has been typed in the process, a big-endian one of
+    the same rank and layout passes as float32 and its bytes are read as garbage.  (A
+    loop: cheaper than comparing a list of the dtypes, ~3,000 instructions for six.)"""
+    for x in arrays:
+        d = x.dtype
+        if d is not dtype and d != dtype:
+            return False
+    return True
 
 
 @dataclass
@@ -196,15 +210,30 @@ class Forward:
                 args.append(next(it))
         return args + last.tail
 
+    def _again(self, arrays):
+        """What the kernel's call at the last checked sizes returns for ``arrays``, or
+        None when they need the full check (``bind``).
+
+        Python checks the dtypes alone (``same_dtypes``); the call refuses, before the
+        kernel writes anything, arrays that are not C-contiguous and writeable, of the
+        checked rank and sizes (Numba's dispatch checks their types, the kernel their
+        shapes: ``runtime.step.gradient_call``), and the full check then converts them or
+        names the culprit.  A misaligned array is read where it lies, as Numba reads it
+        (the full check copies it)."""
+        last = self._last
+        if last is None or last.call is None or len(arrays) != self._n_names:
+            return None
+        try:
+            xs = self._take(arrays)
+            return last.call(*xs) if same_dtypes(xs, self.dtype) else None
+        except Exception:  # a name missing, another type or size: the full check decides
+            return None
+
     # positional-only: a symbol may be named `self` (or anything else) and still be passed
     # by name
     def __call__(self, /, **arrays):
-        last = self._last
-        if last is not None and last.call is not None:
-            xs = self._matching(arrays, last)
-            if xs is not None:  # checked arrays again: the kernel's call at their sizes
-                return last.call(*xs)[0]
-        return self.kernel.fn(*self.bind(arrays))[0]
+        out = self._again(arrays)
+        return (out if out is not None else self.kernel.fn(*self.bind(arrays)))[0]
 
 
 class Compiled(Forward):
@@ -222,12 +251,9 @@ class Compiled(Forward):
         return self.program.wrt
 
     def __call__(self, /, **arrays):
-        last = self._last
-        if last is not None and last.call is not None:
-            xs = self._matching(arrays, last)
-            if xs is not None:  # checked arrays again: the kernel's call at their sizes
-                out = last.call(*xs)
-                return float(out[0]), dict(zip(self._wrt_names, out[1:]))
+        out = self._again(arrays)
+        if out is not None:  # arrays like the last checked ones: the kernel's call
+            return float(out[0]), dict(zip(self._wrt_names, out[1:]))
         out = self.kernel.fn(*self.bind(arrays))
         if self._shaped:
             return float(out[0]), dict(zip(self._wrt_names, out[1:]))
@@ -382,9 +408,10 @@ def _as_array(name, x, dtype):
     if x.ndim == 0:
         return x.astype(dtype)
     x = np.ascontiguousarray(x, dtype=dtype)
-    # Numba's typed kernels take writeable arrays only: a read-only one (np.load with
-    # mmap_mode="r", a frozen array) raised a raw Numba TypeError on 'cpu' and 'parallel'
-    return x if x.flags.writeable else x.copy()
+    # Numba's typed kernels take writeable, aligned arrays only: a read-only one (np.load
+    # with mmap_mode="r", a frozen array) or one off its entries' alignment (a view into
+    # a byte buffer) raised a raw Numba TypeError on 'cpu' and 'parallel'
+    return x if x.flags.writeable and x.flags.aligned else x.copy()
 
 
 def _axis_word(axis: int, rank: int) -> str:

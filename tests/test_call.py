@@ -161,6 +161,14 @@ def _byteswapped(d):
     return {**d, "X": d["X"].astype(">f4")}
 
 
+def _misaligned(d):  # float32 entries one byte off their alignment
+    raw = np.zeros(d["X"].nbytes + 1, np.uint8)
+    x = raw[1:].view(np.float32).reshape(d["X"].shape)
+    x[...] = d["X"]
+    assert not x.flags.aligned
+    return {**d, "X": x}
+
+
 def _nan(d):
     x = d["X"].copy()
     x[1, 2] = np.nan
@@ -172,7 +180,7 @@ def _batch(d):
 
 
 @pytest.mark.parametrize("convert", [_int, _f64, _strided, _fortran, _readonly, _list,
-                                     _subclass, _byteswapped, _nan, _batch])
+                                     _subclass, _byteswapped, _misaligned, _nan, _batch])
 def test_converted_or_unusual_arrays_after_good_calls_match_the_full_check(warm, convert):
     fn, good = warm
     arrays = convert(good)
@@ -181,6 +189,23 @@ def test_converted_or_unusual_arrays_after_good_calls_match_the_full_check(warm,
     if convert is _nan:
         assert np.isnan(got[0])
     same(fn(**good), fresh(fn)(**good))  # and back to the remembered arrays
+
+
+@pytest.mark.parametrize("convert, error", [
+    (_batch, ValueError), (lambda d: {**d, "W": np.ones((2, 2), np.float32)}, ValueError),
+    (_strided, TypeError), (_fortran, TypeError), (_readonly, TypeError), (_list, TypeError),
+])
+def test_the_prepared_call_refuses_what_python_no_longer_checks(rng, convert, error):
+    # A repeated call checks only dtypes in Python (api.Forward._again): the compiled
+    # call must itself refuse every other array the full check would convert or name.
+    # (A misaligned array is read where it lies: the conversion test above checks it.)
+    fn = sb.compile(F, [W, b], target="cpu", dtype=np.float32)
+    good = data(rng, dtype=np.float32)
+    fn(**good)
+    call = fn._last.call
+    call(*fn._take(good))  # the checked arrays pass
+    with pytest.raises(error):
+        call(*fn._take(convert(good)))
 
 
 def test_an_array_changed_in_place_after_good_calls_is_checked_again(warm):

@@ -194,7 +194,17 @@ CONVERSIONS = {
     "broadcast (0 strides)": lambda a: np.broadcast_to(a[:1], a.shape),
     "read-only": _readonly,
     "big-endian": lambda a: a.astype(">f8"),
+    "misaligned": lambda a: _misaligned(a),
 }
+
+
+def _misaligned(a):
+    """``a`` as float64 entries one byte off their alignment (a view into a byte buffer)."""
+    raw = np.zeros(a.size * 8 + 1, np.uint8)
+    x = raw[1:].view(np.float64).reshape(a.shape)
+    x[...] = a
+    assert not x.flags.aligned
+    return x
 
 
 @pytest.mark.parametrize("target,dtype", [("numpy", np.float64), ("cpu", np.float64),
@@ -249,6 +259,27 @@ def test_step_converts_data(conv, target, warm):
     want = ref({"W": W1}, X=np.array(np.asarray(X), dtype=np.float64), T=OK["T"])
     assert loss == pytest.approx(want, rel=1e-12)
     np.testing.assert_allclose(W0, W1, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("target", STEP_TARGETS)
+def test_big_endian_after_misaligned_arrays_is_converted_not_misread(target):
+    # Numba remembers an array's type by a fingerprint without byte order or alignment:
+    # once a misaligned float64 array was typed, a big-endian one passed its dispatch as
+    # native float64 and was read as garbage (a wrong loss, silently).  The calls that
+    # skip the full check must convert it as the full check does.
+    need(have("numba"), "numba")
+    fn = sb.compile(LOSS, [W], target=target)
+    step = sb.compile_step(LOSS, [W], sb.optim.SGD(0.1), target=target)
+    rv, rg = compiled("numpy")(**OK)
+    for X in (OK["X"], _misaligned(OK["X"]), OK["X"].astype(">f8"), OK["X"]):
+        v, g = fn(**{**OK, "X": X})
+        assert v == pytest.approx(rv, rel=1e-12)
+        np.testing.assert_allclose(g["W"], rg["W"], rtol=1e-12, atol=1e-14)
+        step.state = None
+        W0 = OK["W"].copy()
+        loss = step({"W": W0}, X=X, T=OK["T"])
+        assert loss == pytest.approx(rv, rel=1e-12)
+        np.testing.assert_allclose(W0, OK["W"] - 0.1 * rg["W"], rtol=1e-12, atol=1e-14)
 
 
 BAD_STEP = [

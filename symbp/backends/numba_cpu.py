@@ -160,7 +160,11 @@ _RESERVED = {"math", "np", "njit", "prange", "DT", "ACC"}
 
 def _idx(d, ids) -> str:
     """A size as integer Python: 128, N, 2*N (a size named like a global, `np`, is `np_2`)."""
+    if isinstance(d, int) or getattr(d, "is_Integer", False):  # most sizes: no printing
+        return str(int(d))
     d = sp.sympify(d)
+    if d.is_Symbol and d in ids:
+        return ids[d]
     return str(d.xreplace({s: sp.Symbol(ids[s]) for s in d.free_symbols if s in ids}))
 
 
@@ -508,9 +512,10 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     # split: a scratch matrix -> (its block, first row, end row, None); a parameter or
     # its optimizer state in the address table -> ("_pa", its entry, None, its shape)
     views: dict = {}
-    if rule is not None:
-        top += _bind_in_kernel(p, [x for x in p.inputs if is_matrix(x) and x not in tabled],
-                               ids, scratch, loops=split)
+    # a step binds its sizes in the kernel; a gradient or forward kernel checks its inputs
+    # against the sizes it is given (api.Forward's repeated call checks nothing else)
+    top += _bind_in_kernel(p, [x for x in p.inputs if is_matrix(x) and x not in tabled],
+                           ids, scratch, loops=split, given=rule is None)
     for k, (buf, w) in enumerate(addr):
         shape = f"({', '.join(str(int(d)) for d in w.shape)})"
         views[ids[w] if buf is None else f"_{buf}_{ids[w]}"] = ("_pa", str(k), None, shape)
@@ -982,7 +987,8 @@ def _rename_line(line: str, names: dict) -> str:
     return _IDENT.sub(lambda m: names.get(m[0], m[0]), line)
 
 
-def _bind_in_kernel(p: Program, mats: list, ids: dict, scratch, loops=False) -> list[str]:
+def _bind_in_kernel(p: Program, mats: list, ids: dict, scratch, loops=False,
+                    given=False) -> list[str]:
     """A step's sizes come from its inputs' shapes, checked in the kernel.
 
     Python then hands arrays straight in (no shape tuple to build and look up per call:
@@ -991,9 +997,11 @@ def _bind_in_kernel(p: Program, mats: list, ids: dict, scratch, loops=False) -> 
     which names the culprit, or grows the workspace.  ``loops``: inputs of one shape (the
     layers' W of a deep network) are checked by one loop over a tuple of them: a chain of
     a hundred comparisons cost a deep kernel about a second of compile time.  ``mats``:
-    the matrix inputs that are arguments (not in the address table: Python checks those)."""
+    the matrix inputs that are arguments (not in the address table: Python checks those).
+    ``given``: the sizes are arguments (a gradient or forward kernel, whose output arrays
+    Python allocates at those sizes), and the inputs are checked against them."""
     out, checks = [], []
-    for d in p.dims:
+    for d in p.dims if not given else ():
         at = next(((x, k) for x in mats for k in range(len(x.shape)) if x.shape[k] == d), None)
         out.append(f"    {ids[d]} = {ids[at[0]]}.shape[{at[1]}]" if at else f"    {ids[d]} = 0")
         checks.append(f"{ids[d]} == 0")

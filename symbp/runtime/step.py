@@ -8,12 +8,13 @@ network is a few microseconds of kernel, so the hot paths here are kept to a few
 
 from __future__ import annotations
 
+from itertools import compress
 from operator import is_not, itemgetter
 
 import numpy as np
 
 from .. import optim
-from ..api import bind_inputs
+from ..api import bind_inputs, same_dtypes
 from ..errors import InputError, SymbpError
 from ..ir import Program
 from ..matrix import Constant, is_matrix
@@ -115,8 +116,6 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
         outs = list(map(np.empty, shapes, dts))
         return result(run(*args, *extra, *outs), outs, args, dims)
 
-    # the compiled function behind the dispatcher, called with its one signature's types
-    entry = _entry(kern)
     # A gradient's value (the only value the kernel returns, W3's case) goes to float() in
     # api.Compiled: ``call`` hands it on as Numba boxed it, a Python float holding a
     # value of dtype dt exactly, when the signature says so.  np.float32 of it on the way
@@ -126,23 +125,20 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
 
     def at(key):
         """``call(*inputs)``: what ``fn(*inputs, *key)`` returns, with the lookups of these
-        sizes done once (``api.Forward`` keeps it for arrays it has checked), except that
-        a gradient's value may be a Python float (of dtype dt's value) rather than a
-        dtype scalar."""
+        sizes done once, except that a gradient's value may be a Python float (of dtype
+        dt's value) rather than a dtype scalar.
+
+        ``call`` checks nothing itself (``api.Forward`` checks the dtypes, calls it with
+        the arrays of a call and falls back to the full check when it raises): Numba's
+        dispatch refuses (TypeError) an array of another rank or layout or a read-only
+        one, and the kernel refuses (ValueError) inputs that are not of these sizes,
+        before it writes anything."""
         dims, extra, shapes = sized.get(key) or at_sizes(key)
         tail = (*key, *extra)
-        go = run
 
         def call(*xs):
-            nonlocal go
             outs = list(map(np.empty, shapes, dts))
-            ret = go(*xs, *tail, *outs)
-            if go is run and entry is not None:
-                # Numba took these arguments: ``call`` is only given arrays of the same
-                # class, shape, dtype and flags (api.Forward checks), so Numba's types of
-                # them are the same from now on, and its dispatch (the types of 13
-                # arguments, ~2,800 instructions, a fifth of W3's kernel call) is skipped
-                go = on_threads(entry)
+            ret = run(*xs, *tail, *outs)
             if bare:
                 return pick((*ret, *outs)) if pick is not None else (*ret, *outs)
             return result(ret, outs, xs, dims)
@@ -159,13 +155,11 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
     return fn
 
 
-def _entry(kern):
-    """The compiled function of ``kern``, a Numba dispatcher with one signature and no
-    other to compile, or None (any other kernel is always called through its dispatcher)."""
-    overloads = getattr(kern, "overloads", {})
-    if len(overloads) != 1 or getattr(kern, "_can_compile", True):
-        return None
-    return getattr(next(iter(overloads.values())), "entry_point", None)
+def _getter(keys: list):
+    """``get(d)``: the tuple of ``d``'s items at ``keys``, in one C-level call."""
+    if len(keys) > 1:
+        return itemgetter(*keys)
+    return (lambda d, k=keys[0]: (d[k],)) if keys else (lambda d: ())
 
 
 def _returns(kern, dt) -> bool:
@@ -283,6 +277,15 @@ class FusedStep(HoldsOptimizer):
         tabled = set(self._shapes)
         self._args = [k for k, (name, _, _) in enumerate(self._spec) if name not in tabled]
         self._names = [self._spec[k][:2] for k in self._args]
+        # the arguments that are arrays (matrices; parameters, 0-d when scalar) and must
+        # be of the step's dtype itself before Numba sees them (api.same_dtypes)
+        arrays = [self._spec[k][1] or self._spec[k][2] for k in self._args]
+        self._arrays = None if all(arrays) else arrays  # None: every argument
+        # the arguments from the call's two dicts in C-level picks, then put in order
+        pn = [n for n, p in self._names if p]
+        dn = [n for n, p in self._names if not p]
+        self._pick_p, self._pick_d = _getter(pn), _getter(dn)
+        self._order = _getter([(pn + dn).index(n) for n, _ in self._names])
         self._n_tabled = len(tabled)
         self._scalar_params = [is_p and not is_m for _, is_p, is_m in self._spec]
         if not any(self._scalar_params):
@@ -323,18 +326,21 @@ class FusedStep(HoldsOptimizer):
         if st is None:
             st = self.state = optim.init_state(self.optimizer, params)
         # The fast path (a W3 step is ~1 µs of kernel, so every Python line counts): arrays
-        # go in as they come; the kernel binds and checks the sizes itself, Numba checks
-        # dtypes and layouts.  Anything they refuse is converted or named below.
+        # go in as they come once their dtypes are the step's; the kernel binds and checks
+        # the sizes itself, Numba checks ranks and layouts.  Anything refused is converted
+        # or named below.
         try:
-            d = {**data, **self._consts} if self._consts else data
-            xs = [params[n] if p else d[n] for n, p in self._names]
-            if len(params) + len(data) + len(self._consts) != len(xs) + self._n_tabled:
-                raise KeyError
+            xs = self._order((*self._pick_p(params),
+                              *self._pick_d({**data, **self._consts} if self._consts else data)))
+            if (len(params) + len(data) + len(self._consts) != len(xs) + self._n_tabled
+                    or not same_dtypes(xs if self._arrays is None
+                                       else compress(xs, self._arrays), self.dtype)):
+                raise KeyError  # a name given twice or unknown, or another dtype
             if self._table is not None:
                 held = [params[w] if b is None else st[b][w] for b, w in self._table]
                 if len(held) != len(self._held) or any(map(is_not, held, self._held)):
                     raise KeyError  # other arrays than last time: check them, new addresses
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, AttributeError):  # a list, None, ...: checked below
             xs = self._bind(params, data)
         if self._scalar_params:  # a 0-d parameter travels as a 1-element view of itself
             xs = [x.reshape(1) if is_sp else x for x, is_sp in zip(xs, self._scalar_params)]
