@@ -165,7 +165,15 @@ def _idx(d, ids) -> str:
     d = sp.sympify(d)
     if d.is_Symbol and d in ids:
         return ids[d]
-    return str(d.xreplace({s: sp.Symbol(ids[s]) for s in d.free_symbols if s in ids}))
+    return _printed(d, tuple(sorted(((s, ids[s]) for s in d.free_symbols if s in ids),
+                                    key=lambda sn: sn[1])))
+
+
+@functools.lru_cache(maxsize=4096)
+def _printed(d, names: tuple) -> str:
+    """``d`` printed with its symbols renamed by ``names`` ((symbol, new name), ...): a
+    deep network prints the same few sizes (``62*N``) hundreds of times."""
+    return str(d.xreplace({s: sp.Symbol(n) for s, n in names}))
 
 
 # piecewise-linear heads: a compare and a select, as cheap as arithmetic in a vector loop
