@@ -91,6 +91,8 @@ def grad(f, wrt):
 _SIG = attrgetter("__class__", "shape", "dtype", "flags.carray")
 # Python and NumPy floats: a scalar input the fast path converts as the full check does
 _FLOATS = (float, np.float32, np.float64)
+
+
 def same_dtypes(arrays, dtype: np.dtype) -> bool:
     """Whether every one of ``arrays`` has dtype ``dtype`` (byte order included).
 
@@ -99,7 +101,8 @@ def same_dtypes(arrays, dtype: np.dtype) -> bool:
     remembers array types by a fingerprint that leaves byte order and alignment out, so
     once any misaligned float32 array has been typed in the process, a big-endian one of
     the same rank and layout passes as float32 and its bytes are read as garbage.  (A
-    loop: cheaper than comparing a list of the dtypes, ~3,000 instructions for six.)"""
+    loop: ~2,500 instructions for six arrays, against ~3,700 for comparing a list of
+    their dtypes.)"""
     for x in arrays:
         d = x.dtype
         if d is not dtype and d != dtype:
@@ -215,11 +218,11 @@ class Forward:
         None when they need the full check (``bind``).
 
         Python checks the dtypes alone (``same_dtypes``); the call refuses, before the
-        kernel writes anything, arrays that are not C-contiguous and writeable, of the
-        checked rank and sizes (Numba's dispatch checks their types, the kernel their
-        shapes: ``runtime.step.gradient_call``), and the full check then converts them or
-        names the culprit.  A misaligned array is read where it lies, as Numba reads it
-        (the full check copies it)."""
+        kernel writes anything, an array that is not C-contiguous, writeable and of the
+        checked rank and sizes (Numba's dispatch checks the types, the kernel the shapes:
+        ``runtime.step.gradient_call``), and the full check then converts it or names the
+        culprit.  A misaligned array is read where it lies, as Numba reads it (the full
+        check copies it)."""
         last = self._last
         if last is None or last.call is None or len(arrays) != self._n_names:
             return None
