@@ -450,6 +450,9 @@ def nvvm_available() -> str:
 
 
 if __name__ == "__main__":
+    import simulator  # tests/, this script's directory
+
+    simulator.fast()
     mode = sys.argv[1]
     if mode == "sim":
         out = sim()

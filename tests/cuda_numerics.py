@@ -41,6 +41,9 @@ def _ieee(f, overflow=math.inf, at_zero=math.nan):
 
 
 if __name__ == "__main__":
+    import simulator
+
+    simulator.fast()
     math.exp, math.expm1 = _ieee(math.exp), _ieee(math.expm1)
     math.log = _ieee(math.log, at_zero=-math.inf)
     assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", "run with NUMBA_ENABLE_CUDASIM=1"

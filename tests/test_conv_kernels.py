@@ -443,4 +443,7 @@ def test_simulator_reports_every_key():
 if __name__ == "__main__":
     if sys.argv[1:] != ["sim"]:
         raise SystemExit("usage: NUMBA_ENABLE_CUDASIM=1 python tests/test_conv_kernels.py sim")
+    import simulator  # tests/, this script's directory
+
+    simulator.fast()
     print(json.dumps(sim()))

@@ -290,7 +290,10 @@ def test_cli_help_lists_the_new_rows(rows, capsys):
 if __name__ == "__main__":  # the CUDA simulator's run: python tests/test_function_rows.py cuda
     assert sys.argv[1:] == ["cuda"] and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
     sys.path.insert(0, str(Path(__file__).parent))
+    import simulator
     from cuda_numerics import _ieee
+
+    simulator.fast()
 
     # the simulator runs kernels with Python's math, which raises where a GPU overflows
     math.exp, math.expm1 = _ieee(math.exp), _ieee(math.expm1)

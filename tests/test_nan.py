@@ -242,7 +242,10 @@ def test_every_function_row_has_a_case():
 if __name__ == "__main__":  # the CUDA simulator's run: python tests/test_nan.py cuda
     assert sys.argv[1:] == ["cuda"] and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
     sys.path.insert(0, str(Path(__file__).parent))
+    import simulator
     from cuda_numerics import _ieee
+
+    simulator.fast()
 
     # the simulator runs kernels with Python's math, which raises where a GPU returns
     # NaN or ±inf (log(1 − 1.5), exp(1000))
