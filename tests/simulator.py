@@ -5,7 +5,7 @@ The simulator runs each CUDA thread as a Python thread, and its scheduler
 GIL.  With Python's default switch interval (5 ms) every thread of a block waited up to
 5 ms for its turn, ~60 ms a block: ``tests/cuda_check.py step`` took 257 s, 82 % of it in
 the simulator's launches.  With a 20 µs interval the GIL passes at once and the same run
-takes 65 s.
+takes 56-59 s, printing the default interval's report exactly (3 runs of 3).
 
 Threads then interleave finely, which uncovers a race of the simulator's own: a block's
 shared array is looked up by the line that allocates it and created when missing, two
