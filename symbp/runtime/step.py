@@ -155,13 +155,6 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
     return fn
 
 
-def _getter(keys: list):
-    """``get(d)``: the tuple of ``d``'s items at ``keys``, in one C-level call."""
-    if len(keys) > 1:
-        return itemgetter(*keys)
-    return (lambda d, k=keys[0]: (d[k],)) if keys else (lambda d: ())
-
-
 def _returns(kern, dt) -> bool:
     """Whether the compiled ``kern`` returns a tuple of dtype ``dt`` scalars alone."""
     from numba import from_dtype
@@ -281,11 +274,6 @@ class FusedStep(HoldsOptimizer):
         # be of the step's dtype itself before Numba sees them (api.same_dtypes)
         arrays = [self._spec[k][1] or self._spec[k][2] for k in self._args]
         self._arrays = None if all(arrays) else arrays  # None: every argument
-        # the arguments from the call's two dicts in C-level picks, then put in order
-        pn = [n for n, p in self._names if p]
-        dn = [n for n, p in self._names if not p]
-        self._pick_p, self._pick_d = _getter(pn), _getter(dn)
-        self._order = _getter([(pn + dn).index(n) for n, _ in self._names])
         self._n_tabled = len(tabled)
         self._scalar_params = [is_p and not is_m for _, is_p, is_m in self._spec]
         if not any(self._scalar_params):
@@ -330,8 +318,8 @@ class FusedStep(HoldsOptimizer):
         # the sizes itself, Numba checks ranks and layouts.  Anything refused is converted
         # or named below.
         try:
-            xs = self._order((*self._pick_p(params),
-                              *self._pick_d({**data, **self._consts} if self._consts else data)))
+            d = {**data, **self._consts} if self._consts else data
+            xs = [params[n] if p else d[n] for n, p in self._names]
             if (len(params) + len(data) + len(self._consts) != len(xs) + self._n_tabled
                     or not same_dtypes(xs if self._arrays is None
                                        else compress(xs, self._arrays), self.dtype)):
