@@ -1,13 +1,16 @@
-"""An array of a deep step's parameters, seen from its address: ``pointer(a)``.
+"""An array of a deep step's parameters, seen from its address: ``array(a, shape, DT)``.
 
 A deep training step takes its parameters (and their optimizer state) as one int64 array
-of addresses instead of one argument each, and cuts each array itself with
-``numba.carray(pointer(_pa[k]), shape, DT)``.  Numba spells every array argument out as
+of addresses instead of one argument each, and makes each array itself with
+``array(_pa[k], shape, DT)``.  Numba spells every array argument out as
 nine machine words, unboxes each in its wrapper and LLVM's scalar passes (SROA first) go
 over all of them: a 32-layer step's 70 array arguments were a third to a half of its cold
 compile time (``bench/RESULTS.md``).  The caller keeps the arrays alive, checks their dtype, shape
 and layout once, and hands the same address table back while they stay the same objects
 (``symbp.runtime.step.FusedStep``).
+
+``array`` is ``numba.carray`` of the address in a few instructions: ``carray`` compiles a
+helper for each shape type it meets (~45 ms each, two in an MLP step).
 """
 
 from __future__ import annotations
@@ -15,15 +18,33 @@ from __future__ import annotations
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from numba.np.arrayobj import make_array
 
 
 @intrinsic
-def pointer(typingctx, address):
-    """int64 -> void*: the address of an array's first element, for ``numba.carray``."""
-    if address != types.int64:
+def array(typingctx, address, shape, dtype):
+    """(int64, a tuple of ints, a dtype such as ``np.float32``) -> the C-contiguous array
+    of that shape and dtype at that address, owning nothing (the caller keeps it alive)."""
+    if not (address == types.int64 and isinstance(dtype, types.NumberClass)
+            and isinstance(shape, types.BaseTuple) and len(shape) >= 1
+            and all(isinstance(t, types.Integer) for t in shape)):
         return None
+    aty = types.Array(dtype.instance_type, len(shape), "C")
 
     def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
+        intp = types.intp
+        dims = [context.cast(builder, v, t, intp) for v, t in
+                zip(cgutils.unpack_tuple(builder, args[1], len(shape)), shape)]
+        itemsize = context.get_constant(intp, context.get_abi_sizeof(
+            context.get_data_type(aty.dtype)))
+        strides, step = [], itemsize
+        for d in reversed(dims):
+            strides.append(step)
+            step = builder.mul(step, d)
+        out = make_array(aty)(context, builder)
+        data = builder.inttoptr(args[0], context.get_data_type(aty.dtype).as_pointer())
+        context.populate_array(out, data=data, shape=dims, strides=strides[::-1],
+                               itemsize=itemsize, meminfo=None)
+        return out._getvalue()
 
-    return types.voidptr(types.int64), codegen
+    return aty(address, shape, dtype), codegen

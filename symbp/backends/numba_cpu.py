@@ -279,7 +279,7 @@ class _Gen:
             return
         at = self.f64_base + sum(self.acc64)
         self.acc64.append(int(n))
-        self.emit(f"{acc} = _f64[{at}:{at + int(n)}]")
+        self.emit(f"{acc} = {self.use('symbp.backends.views', 'rows')}(_f64, {at}, {at + int(n)})")
         self.emit(f"for _j in range({int(n)}):")
         self.emit(f"{acc}[_j] = ACC(0.0)", 2)
 
@@ -472,8 +472,7 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     addr = _table(p, rule) if split else []
     tabled = {w for _, w in addr}
     if addr:
-        g.use("numba", "carray")
-        g.use("symbp.backends.address", "pointer")
+        g.use("symbp.backends.address", "array")
     params, types = [], []
     for x in p.inputs:
         if x in tabled:
@@ -511,6 +510,9 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
     if boundscheck:
         flags.append("boundscheck=True")
     sig = f'"({", ".join(types)},)"'
+    if scratch:  # views of the workspace (symbp.backends.views)
+        g.use("symbp.backends.views", "view")
+        g.use("symbp.backends.views", "rows")
     lines = [_HEADER.format(target=target, dtype=dt)]
     lines += [f"from {m} import {n} as {a}  # noqa: F401" for (m, n), a in g.imports.items()]
     table = HELPERS_F32 if dt == "float32" else HELPERS
@@ -529,31 +531,31 @@ def generate(p: Program, dtype, target: str, rule=None, boundscheck=False, cache
         views[ids[w] if buf is None else f"_{buf}_{ids[w]}"] = ("_pa", str(k), None, shape)
 
     if scratch:
-        # One reshape per column count, then row slices of it: a Numba reshape costs
-        # ~50-80 ns (W3 had 11 of them, a quarter of its kernel), a row slice ~nothing,
-        # and both keep the C layout that BLAS and vectorised loops want.
+        # One block per column count, then row ranges of it, cut by symbp.backends.views
+        # (a few instructions each, where Numba's slice and reshape cost ~40 ms of compile
+        # each): all keep the C layout that BLAS and vectorised loops want.
         top.append("    # scratch arrays: row blocks of the workspace, kept between calls")
         top.append("    _o = 0")
         widths: dict = {}
         for b in scratch:
             if len(b.shape) == 2:
                 widths.setdefault(_idx(b.shape[1], ids), []).append(b)
-        for b in scratch:  # an array of another rank: its own slice, reshaped
+        for b in scratch:  # an array of another rank: its own view
             if len(b.shape) != 2:
                 size = _idx(sp.Mul(*[sp.sympify(d) for d in b.shape]), ids)
                 dims = ", ".join(_idx(d, ids) for d in b.shape) + ("," if len(b.shape) == 1 else "")
-                top.append(f"    {ids[b]} = _ws[_o:_o + {size}].reshape(({dims}))")
+                top.append(f"    {ids[b]} = _view(_ws, _o, ({dims}))")
                 top.append(f"    _o += {size}")
         for k, (c, group) in enumerate(widths.items()):
             rows = _idx(sum((sp.sympify(b.shape[0]) for b in group), sp.Integer(0)), ids)
-            top.append(f"    _w{k} = _ws[_o:_o + ({rows}) * {c}].reshape(({rows}, {c}))")
+            top.append(f"    _w{k} = _view(_ws, _o, ({rows}, {c}))")
             top.append(f"    _o += ({rows}) * {c}")
             at = sp.Integer(0)
             for b in group:
                 end = at + sp.sympify(b.shape[0])
                 views[ids[b]] = (f"_w{k}", _idx(at, ids), _idx(end, ids), None)
                 if not split:
-                    top.append(f"    {ids[b]} = _w{k}[{_idx(at, ids)}:{_idx(end, ids)}]")
+                    top.append(f"    {ids[b]} = _rows(_w{k}, {_idx(at, ids)}, {_idx(end, ids)})")
                 at = end
     for w in g.scalar_params:  # a scalar parameter arrives as a 1-element view
         top.append(f"    {ids[w]} = _ref_{ids[w]}[0]")
@@ -651,7 +653,7 @@ def generate_update(rule, dtype, parts=1, cache_=True) -> str:
 # 2-layer step: 2.1 s whole, 3.1 s split); from about 8 layers up the split wins.
 SPLIT_MIN_BLOCKS = 40
 
-_ACC_SLICE = re.compile(r"^    (_acc_\w+) = _f64\[(\d+):(\d+)\]$")  # acc_vector's slices
+_ACC_SLICE = re.compile(r"^    (_acc_\w+) = _rows\(_f64, (\d+), (\d+)\)$")  # acc_vector's
 
 
 # A split step takes its parameters and their optimizer state as one int64 array of addresses
@@ -675,8 +677,8 @@ def _cut(n: str, w: str, lo: str, hi: str, shape) -> str:
     """The line binding view ``n``: rows lo:hi of workspace block ``w``, or (``shape``
     given) the array at address table entry ``w[lo]``."""
     if shape is None:
-        return f"{n} = {w}[{lo}:{hi}]"
-    return f"{n} = _carray(_pointer({w}[{lo}]), {shape}, DT)"
+        return f"{n} = _rows({w}, {lo}, {hi})"
+    return f"{n} = _array({w}[{lo}], {shape}, DT)"
 
 
 def _stored(lines) -> set:
@@ -719,10 +721,11 @@ def _stages(lines, blocks, known: set, scalars: set, flags, views: dict, kinds: 
     the program scalars it binds.  Two blocks the same up to a renaming of their variables
     call one function.
 
-    ``views``: scratch matrices as row ranges of a workspace block (``t3 = _w0[N:2*N]``).
-    A stage takes the block and the two row numbers and slices it itself: a Numba slice
-    is ~40 ms of compile time, so a kernel that cut every scratch matrix itself cost
-    seconds at depth 16, while a stage's slices are compiled once for all its calls.
+    ``views``: scratch matrices as row ranges of a workspace block
+    (``t3 = _rows(_w0, N, 2*N)``).  A stage takes the block and the two row numbers and
+    cuts its views itself, compiled once for all its calls (with Numba's own slices, at
+    ~40 ms of compile time each, a kernel that cut every view itself took seconds at
+    depth 16; ``symbp.backends.views`` made a cut a few instructions).
 
     ``kinds``: the type of each array a repeated call may take from a tuple (``_roll``)."""
     known = set(known) | set(views)
