@@ -81,3 +81,13 @@ def test_array_at_an_address_is_that_array(dt):
     assert got.dtype == dt
     np.testing.assert_array_equal(got[:2], np.arange(8, dtype=dt).reshape(2, 4))
     assert got[2, 3] == 7 and w[2, 3] == 7  # the same memory
+
+
+@numba.njit
+def _at1(address, n, dt):
+    return array(address, n, dt).copy()  # a bare int: a 1-D shape, as (n,)
+
+
+def test_array_at_an_address_takes_a_bare_size():
+    b = np.arange(5, dtype=np.float32)
+    np.testing.assert_array_equal(_at1(b.ctypes.data, 3, np.float32), b[:3])

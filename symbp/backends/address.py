@@ -20,21 +20,24 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.arrayobj import make_array
 
+from .views import shape_types
+
 
 @intrinsic
 def array(typingctx, address, shape, dtype):
-    """(int64, a tuple of ints, a dtype such as ``np.float32``) -> the C-contiguous array
+    """(int64, an int or a tuple of ints, a dtype such as ``np.float32``) -> the C array
     of that shape and dtype at that address, owning nothing (the caller keeps it alive)."""
+    sizes = shape_types(shape)
     if not (address == types.int64 and isinstance(dtype, types.NumberClass)
-            and isinstance(shape, types.BaseTuple) and len(shape) >= 1
-            and all(isinstance(t, types.Integer) for t in shape)):
+            and sizes is not None):
         return None
-    aty = types.Array(dtype.instance_type, len(shape), "C")
+    aty = types.Array(dtype.instance_type, len(sizes), "C")
 
     def codegen(context, builder, sig, args):
         intp = types.intp
-        dims = [context.cast(builder, v, t, intp) for v, t in
-                zip(cgutils.unpack_tuple(builder, args[1], len(shape)), shape)]
+        items = (cgutils.unpack_tuple(builder, args[1], len(sizes))
+                 if isinstance(shape, types.BaseTuple) else [args[1]])
+        dims = [context.cast(builder, v, t, intp) for v, t in zip(items, sizes)]
         itemsize = context.get_constant(intp, context.get_abi_sizeof(
             context.get_data_type(aty.dtype)))
         strides, step = [], itemsize

@@ -23,7 +23,7 @@ from numba.extending import intrinsic
 from numba.np.arrayobj import make_array
 
 
-def _sizes(shape) -> tuple | None:
+def shape_types(shape) -> tuple | None:
     """The integer types of a shape argument (an int or a tuple of ints), or None."""
     if isinstance(shape, types.Integer):
         return (shape,)
@@ -58,7 +58,7 @@ def _raise_if(context, builder, bad, message):
 def view(typingctx, buf, start, shape):
     """``buf[start:start + prod(shape)].reshape(shape)`` of a 1-D C array: ValueError if
     that would reach outside ``buf`` (or a size is negative)."""
-    sizes = _sizes(shape)
+    sizes = shape_types(shape)
     if not (isinstance(buf, types.Array) and buf.ndim == 1 and buf.layout == "C"
             and isinstance(start, types.Integer) and sizes is not None):
         return None
