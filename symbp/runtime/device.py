@@ -339,15 +339,14 @@ class DeviceStep(HoldsOptimizer):
         return buf
 
     def _bind(self, s, shape, dims):
+        """The host's check and words (``api.bind_inputs``), on a device array's shape."""
+        from ..api import _bind_dim
+
         if len(shape) != len(s.shape):
-            raise ShapeError(f"{s.name} must be {len(s.shape)}-D of shape {s.shape}, got "
-                             f"shape {tuple(shape)}")
-        for d, n in zip(s.shape, shape):
-            d = sp.sympify(d)
-            want = int(d) if d.is_Integer else dims.setdefault(d, n)
-            if want != n:
-                raise ShapeError(f"{s.name} has shape {tuple(shape)}, which does not fit "
-                                 f"{s.shape} with the sizes bound so far {dims}")
+            raise ShapeError(f"{s.name} must be a {len(s.shape)}-D array of shape {s.shape}, "
+                             f"got shape {tuple(shape)}")
+        for axis, (d, n) in enumerate(zip(s.shape, shape)):
+            _bind_dim(s.name, axis, sp.sympify(d), n, dims, len(s.shape))
 
     def _constants(self, dims, dv):
         got = self._const_dev.get(dv)
@@ -436,8 +435,9 @@ class DeviceParams:
 
     def shuffle(self, X, T, perm):
         if self.data is None:  # streamed: host batches, copied by the step
-            Xs, Ts = X[perm], T[perm]
-            return lambda i, j: (Xs[i:j], Ts[i:j])
+            from ..train import _HostParams
+
+            return _HostParams.shuffle(X, T, perm)
         self.data.epoch(perm)
         return self.data.rows
 
