@@ -56,6 +56,7 @@ def split(monkeypatch):
     from symbp.backends import numba_cpu
 
     monkeypatch.setattr(numba_cpu, "SPLIT_MIN_BLOCKS", 0)
+    monkeypatch.setattr(numba_cpu, "SPLIT_MAX_DISTINCT", 1.0)
     return numba_cpu
 
 

@@ -339,13 +339,18 @@ class _Gen:
 
     def nest(self, shape, work, serial=False) -> int:
         """Loops over every axis of ``shape`` (prange over the first where it pays); the
-        depth of the innermost body."""
+        depth of the innermost body.  An axis of one entry is no loop, its index 0: a
+        convolution step had 31 loops of one pass, and LLVM's time grows with the loops of
+        a kernel (each is a vectorised loop, its remainder and its checks)."""
+        depth = 1
         for k, (v, n) in enumerate(zip(self.index_vars(len(shape)), shape)):
-            if k == 0:
-                self.emit(self.loop(v, n, work, 1, serial=serial))
-            else:
-                self.emit(f"for {v} in range({self.idx(n)}):", k + 1)
-        return len(shape) + 1
+            if sp.sympify(n) == 1:
+                self.emit(f"{v} = 0", depth)
+                continue
+            self.emit(self.loop(v, n, work, 1, serial=serial or k > 0) if depth == 1
+                      else f"for {v} in range({self.idx(n)}):", depth)
+            depth += 1
+        return depth
 
 
     # --- the optimizer update, fused after the gradient ------------------------------------
@@ -652,6 +657,7 @@ def generate_update(rule, dtype, parts=1, cache_=True) -> str:
 # Below this many blocks one function compiles faster than its stages and their calls (a
 # 2-layer step: 2.1 s whole, 3.1 s split); from about 8 layers up the split wins.
 SPLIT_MIN_BLOCKS = 40
+SPLIT_MAX_DISTINCT = 0.5  # ... and at most this many distinct stages per call (_stages)
 
 _ACC_SLICE = re.compile(r"^    (_acc_\w+) = _rows\(_f64, (\d+), (\d+)\)$")  # acc_vector's
 
@@ -789,7 +795,10 @@ def _stages(lines, blocks, known: set, scalars: set, flags, views: dict, kinds: 
     body += lines[at:]
     items = _roll(body, kinds)
     sites = sum(len(x.calls) if isinstance(x, _Loop) else isinstance(x, _Call) for x in items)
-    if sites >= SPLIT_MIN_BLOCKS:
+    # Stage functions pay where calls share them: Numba compiles each on its own, at
+    # 0.15-0.9 s apiece, so a kernel whose stages are mostly distinct stays one function
+    # (a small CNN's step: 36 stages for 40 calls compiled in 15.7 s, as one function 9.6 s)
+    if sites >= SPLIT_MIN_BLOCKS and len(defs) <= SPLIT_MAX_DISTINCT * sites:
         return defs, [ln for x in items for ln in _lines(x)], []
     # Rolled up, the kernel is small again: one function, each loop running the text of its
     # stages (no calls to compile), the other blocks as they were, reading views cut once
