@@ -325,6 +325,25 @@ def test_gradients_written_into_a_buffer_match_the_call(f, wrt, rng):
     np.testing.assert_array_equal(other, buf[:-1])
 
 
+def test_into_a_fresh_view_each_call_writes_that_view(rng):
+    # The MPI shared-memory sum hands into() a fresh view of its window each step, the two
+    # halves in turn.  A view freed after one call and the next one made often share an
+    # id(): slices cached by id alone wrote a step's gradient into the other half (the
+    # ranks then summed stale rows and ended with different parameters).
+    fn = sb.compile(F, [W, b], target="cpu")
+    into = fn.kernel.fn.into
+    size = int(np.prod(W.shape)) + int(np.prod(b.shape))
+    d = {k: v for k, v in data(rng, n=4).items() if k in fn.input_names}
+    _, grads = fn(**d)
+    want = np.concatenate([np.ravel(grads["W"]), np.ravel(grads["b"])])
+    rows = np.zeros((2, size))
+    for step in range(6):
+        rows[...] = 0
+        into(rows[step % 2], *fn.bind(d))  # a temporary view: freed when the call returns
+        np.testing.assert_array_equal(rows[step % 2], want, err_msg=f"step {step}")
+        np.testing.assert_array_equal(rows[1 - step % 2], 0, err_msg=f"step {step}")
+
+
 def test_a_kernel_with_blas_products_after_good_calls(rng):
     """Repeated calls of a kernel that calls BLAS (the prepared call on its thread count)
     give the full check's results and leave the user's BLAS thread count as they found

@@ -181,9 +181,13 @@ class Shared:
         self.losses = whole[2 * self.k * size:].reshape(2, self.k)
         self.win.Lock_all()  # one passive epoch for the window's life: Sync orders memory
         self.turn = 0
+        # this rank's row of each half, the same objects every step (the gradient's cut of
+        # a buffer is kept for the buffer it was made for)
+        self._mine = [(self.grads[t, self.rank], self.losses[t, self.rank:self.rank + 1])
+                      for t in (0, 1)]
 
     def mine(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.grads[self.turn, self.rank], self.losses[self.turn, self.rank:self.rank + 1]
+        return self._mine[self.turn]
 
     def reduce(self) -> tuple[np.ndarray, float]:
         self.win.Sync()  # this rank's writes are visible ...

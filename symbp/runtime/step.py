@@ -182,19 +182,25 @@ def gradient_into(p: Program, layout: dict, plan: list, at_sizes, run):
     writes = [next(j for j, e in enumerate(plan[1:]) if e[:2] == ("out", k))
               for k in range(len(layout["outs"]))]
     copied = [j for j in range(len(plan) - 1) if j not in writes]
-    cut: dict = {}  # (sizes, buffer id) -> the buffer's slices, shaped as the gradients
+    # (sizes, id(buffer)) -> (the buffer, its slices shaped as the gradients).  The entry
+    # holds the buffer itself and a hit must be that very object: an id alone is reused by
+    # the next object once its own is freed (the MPI sum's fresh view of each step's half
+    # of the window took the other half's slices, a wrong answer on some ranks only)
+    cut: dict = {}
 
     def slices(buf, dims):
-        views = cut.get((dims, id(buf)))
-        if views is None:
-            cut.clear()  # one buffer at a time: another one (or other sizes) is cut anew
-            views, at = [], 0
-            for f in grad_shapes:
-                shape = f(dims)
-                size = int(np.prod(shape))
-                views.append(buf[at:at + size].reshape(shape))
-                at += size
-            cut[(dims, id(buf))] = views
+        hit = cut.get((dims, id(buf)))
+        if hit is not None and hit[0] is buf:
+            return hit[1]
+        if len(cut) >= 4:  # a few buffers at a time (the MPI sum's two halves)
+            cut.clear()
+        views, at = [], 0
+        for f in grad_shapes:
+            shape = f(dims)
+            size = int(np.prod(shape))
+            views.append(buf[at:at + size].reshape(shape))
+            at += size
+        cut[(dims, id(buf))] = (buf, views)
         return views
 
     def value(entry, ret, outs, args):
