@@ -5,6 +5,7 @@ JAX's cold jit compile of the same step.
     python bench/compile.py --depths 2,16 --rounds 5
     python bench/compile.py --base /tmp/main      # another checkout beside this one, interleaved
     python bench/compile.py --core 1              # pinned to core 1 instead of 0
+    python bench/compile.py --depths 2 --cnn      # and two CNNs (no JAX column)
 
 A tanh MLP 64 -> 64 x depth -> 10 (float32, softmax-CE, SGD, batch 32), compiled with
 ``sb.compile_step`` for the 'cpu' target in a fresh process pinned to one core
@@ -91,6 +92,26 @@ print(time.perf_counter() - t, time.process_time() - c)
 '''
 
 
+# --cnn: two convolutional networks, one step each (Adam): the CNN of `symbp demo --model
+# cnn` in float32 and a small one of every layer kind (tests/test_cnn.py's) in float64.
+# The convolution routines they call are Numba functions cached with the package (compiled
+# on first use on a machine, then loaded): what is timed is the network's own kernel.
+CNN_SCRIPT = '''
+import time
+import numpy as np, symbp as sb
+from symbp import demo, nn
+if "{net}" == "demo":
+    m, dt = demo.cnn(0), np.float32
+else:
+    m = nn.Sequential([nn.conv2d(3, 3, padding=1, activation="tanh"), nn.max_pool2d(2),
+                       nn.conv2d(4, 2, stride=1), nn.PReLU(), nn.avg_pool2d(2),
+                       nn.flatten(), nn.Dense(3)], inputs=(2, 6, 6), seed=5).build()
+    dt = np.float64
+t, c = time.perf_counter(), time.process_time()
+step = sb.compile_step(m.loss, m.wrt, sb.Adam(1e-3), target="cpu", dtype=dt)
+print(time.perf_counter() - t, time.process_time() - c)
+'''
+
 CORE = "0"  # --core
 
 
@@ -125,9 +146,29 @@ def have_jax() -> bool:
     return True
 
 
+def cnn_table(trees, rounds):
+    """Cold and warm compile of the two CNNs (``CNN_SCRIPT``), each checkout in turn."""
+    cols = [f"cold {n} (s)" for n, _ in trees] + [f"warm {n} (s)" for n, _ in trees]
+    print("\n| network | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for net, label in (("demo", "demo CNN, float32"), ("small", "small CNN, float64")):
+        cold: dict = {n: [] for n, _ in trees}
+        warm: dict = {n: [] for n, _ in trees}
+        for _ in range(rounds):
+            for name, tree in trees:
+                env = {**os.environ, "PYTHONPATH": tree}
+                with tempfile.TemporaryDirectory() as cache:
+                    env["SYMBP_CACHE_DIR"] = cache
+                    cold[name].append(_run(CNN_SCRIPT.format(net=net), env, cache))
+                    warm[name].append(_run(CNN_SCRIPT.format(net=net), env, cache))
+        cells = [cell(cold[n]) for n, _ in trees] + [cell(warm[n]) for n, _ in trees]
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", default="2,4,8,16,32")
+    ap.add_argument("--cnn", action="store_true", help="also the two CNNs (CNN_SCRIPT)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--base", help="another checkout (a source tree), measured alternately")
     ap.add_argument("--core", default="0", help="the core every process is pinned to")
@@ -165,6 +206,8 @@ def main():
         ratio = (f"{med(cold['this'], 0) / med(jx, 0):.1f} | "
                  f"{med(started['this'], 0) / med(jx, 0):.1f}") if jx else "— | —"
         print(f"| {d} | " + " | ".join(cells) + f" | {j} | {ratio} |", flush=True)
+    if args.cnn:
+        cnn_table(trees, args.rounds)
 
 
 def med(runs: list, k: int) -> float:

@@ -163,6 +163,22 @@ def test_deep_networks_split_by_default(monkeypatch):
     assert stage_defs(src)
 
 
+def test_a_kernel_of_distinct_stages_stays_one_function(monkeypatch):
+    # stage functions pay only where calls share them: every layer of a different width
+    # makes every stage distinct, and the kernel stays one function however many blocks
+    from symbp.backends import numba_cpu
+
+    monkeypatch.setattr(numba_cpu, "SPLIT_MIN_BLOCKS", 0)
+    monkeypatch.setattr(numba_cpu, "ROLL_MIN_REPS", 10**9)
+    f, params, _ = mlp(4, sizes=[4, 5, 6, 7, 8, 3])
+    p = sb.gradient_program(f, params)
+    assert not stage_defs(numba_cpu.generate(p, np.float32, "cpu")[0])
+    f, params, _ = mlp(4)  # one width: the layers share their stages, the kernel splits
+    assert stage_defs(numba_cpu.generate(sb.gradient_program(f, params), np.float32, "cpu")[0])
+    monkeypatch.setattr(numba_cpu, "SPLIT_MAX_DISTINCT", 1.0)  # and split if told to
+    assert stage_defs(numba_cpu.generate(p, np.float32, "cpu")[0])
+
+
 # --- loops over repeated layers ---------------------------------------------------------------
 
 
