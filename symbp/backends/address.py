@@ -16,11 +16,9 @@ helper for each shape type it meets (~45 ms each, two in an MLP step).
 from __future__ import annotations
 
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic
-from numba.np.arrayobj import make_array
 
-from .views import shape_types
+from .views import c_array, shape_types, shape_values
 
 
 @intrinsic
@@ -34,20 +32,8 @@ def array(typingctx, address, shape, dtype):
     aty = types.Array(dtype.instance_type, len(sizes), "C")
 
     def codegen(context, builder, sig, args):
-        intp = types.intp
-        items = (cgutils.unpack_tuple(builder, args[1], len(sizes))
-                 if isinstance(shape, types.BaseTuple) else [args[1]])
-        dims = [context.cast(builder, v, t, intp) for v, t in zip(items, sizes)]
-        itemsize = context.get_constant(intp, context.get_abi_sizeof(
-            context.get_data_type(aty.dtype)))
-        strides, step = [], itemsize
-        for d in reversed(dims):
-            strides.append(step)
-            step = builder.mul(step, d)
-        out = make_array(aty)(context, builder)
+        dims = shape_values(context, builder, args[1], shape)
         data = builder.inttoptr(args[0], context.get_data_type(aty.dtype).as_pointer())
-        context.populate_array(out, data=data, shape=dims, strides=strides[::-1],
-                               itemsize=itemsize, meminfo=None)
-        return out._getvalue()
+        return c_array(context, builder, aty, data, dims)
 
     return aty(address, shape, dtype), codegen

@@ -33,9 +33,18 @@ def shape_types(shape) -> tuple | None:
     return None
 
 
-def _make(context, builder, source, aty, data, dims):
-    """A C-contiguous array of type ``aty`` at ``data`` with sizes ``dims`` (intp values),
-    sharing the memory of array ``source``."""
+def shape_values(context, builder, value, shape) -> list:
+    """The sizes of a shape argument (its type ``shape``: an int or a tuple of ints) as
+    intp values."""
+    sizes = shape_types(shape)
+    items = (cgutils.unpack_tuple(builder, value, len(sizes))
+             if isinstance(shape, types.BaseTuple) else [value])
+    return [context.cast(builder, v, t, types.intp) for v, t in zip(items, sizes)]
+
+
+def c_array(context, builder, aty, data, dims, source=None):
+    """A C-contiguous array of type ``aty`` at ``data`` with sizes ``dims`` (intp values):
+    sharing the memory of array ``source`` (a new reference to it), or owning nothing."""
     itemsize = context.get_constant(types.intp, context.get_abi_sizeof(
         context.get_data_type(aty.dtype)))
     strides, step = [], itemsize
@@ -45,7 +54,11 @@ def _make(context, builder, source, aty, data, dims):
     strides.append(step)
     out = make_array(aty)(context, builder)
     context.populate_array(out, data=data, shape=list(dims), strides=strides[::-1],
-                           itemsize=itemsize, meminfo=source.meminfo, parent=source.parent)
+                           itemsize=itemsize,
+                           meminfo=None if source is None else source.meminfo,
+                           parent=None if source is None else source.parent)
+    if source is None:
+        return out._getvalue()
     return impl_ret_borrowed(context, builder, aty, out._getvalue())
 
 
@@ -68,9 +81,7 @@ def view(typingctx, buf, start, shape):
         bty, sty, shty = sig.args
         b = make_array(bty)(context, builder, args[0])
         at = context.cast(builder, args[1], sty, types.intp)
-        items = (cgutils.unpack_tuple(builder, args[2], len(sizes))
-                 if isinstance(shty, types.BaseTuple) else [args[2]])
-        dims = [context.cast(builder, v, t, types.intp) for v, t in zip(items, sizes)]
+        dims = shape_values(context, builder, args[2], shty)
         zero = context.get_constant(types.intp, 0)
         n, bad = context.get_constant(types.intp, 1), builder.icmp_signed("<", at, zero)
         for d in dims:
@@ -79,7 +90,7 @@ def view(typingctx, buf, start, shape):
         (size,) = cgutils.unpack_tuple(builder, b.shape, 1)
         bad = builder.or_(bad, builder.icmp_signed(">", builder.add(at, n), size))
         _raise_if(context, builder, bad, "symbp: a workspace view reaches outside its array")
-        return _make(context, builder, b, aty, builder.gep(b.data, [at]), dims)
+        return c_array(context, builder, aty, builder.gep(b.data, [at]), dims, b)
 
     return aty(buf, start, shape), codegen
 
@@ -106,6 +117,6 @@ def rows(typingctx, a, lo, hi):
         step = builder.mul(lo, cgutils.unpack_tuple(builder, arr.strides, aty.ndim)[0])
         data = builder.bitcast(
             builder.gep(builder.bitcast(arr.data, cgutils.voidptr_t), [step]), arr.data.type)
-        return _make(context, builder, arr, aty, data, [builder.sub(hi, lo)] + dims[1:])
+        return c_array(context, builder, aty, data, [builder.sub(hi, lo)] + dims[1:], arr)
 
     return a(a, lo, hi), codegen
