@@ -659,7 +659,8 @@ def generate_update(rule, dtype, parts=1, cache_=True) -> str:
 SPLIT_MIN_BLOCKS = 40
 SPLIT_MAX_DISTINCT = 0.5  # ... and at most this many distinct stages per call (_stages)
 
-_ACC_SLICE = re.compile(r"^    (_acc_\w+) = _rows\(_f64, (\d+), (\d+)\)$")  # acc_vector's
+# acc_vector's accumulators, cut from _f64
+_ACC_SLICE = re.compile(r"^    (_acc_\w+) = _rows\(_f64, (\d+), (\d+)\)$")
 
 
 # A split step takes its parameters and their optimizer state as one int64 array of addresses
