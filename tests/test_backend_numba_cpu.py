@@ -503,6 +503,47 @@ def test_an_unknown_blas_choice_is_named():
     assert r.returncode != 0 and "SYMBP_BLAS='mkl'" in r.stderr and "'scipy'" in r.stderr
 
 
+NUMBA_START = """
+import sys
+import numpy as np, sympy as sp, symbp as sb
+x, w = sp.Symbol("x"), sp.Symbol("w")
+fn = sb.compile(sb.tanh(w * x), [w], target="cpu", cache=False)
+fn(x=0.5, w=2.0)
+print("scipy.linalg imported:", "scipy.linalg" in sys.modules)
+import numba, numba.np.arraymath as am, numba.np.linalg as nl
+print("arraymath's check:", am._HAVE_BLAS, am.ensure_blas is nl.ensure_blas,
+      nl.ensure_blas.__module__)
+dots = numba.njit(lambda a, b, A, B: (np.dot(a, b), A @ B))
+rng = np.random.default_rng(0)
+a, b, A, B = rng.random(7), rng.random(7), rng.random((3, 4)), rng.random((4, 2))
+v, M = dots(a, b, A, B)
+print("dots:", np.isclose(v, a @ b), np.allclose(M, A @ B), "scipy.linalg" in sys.modules)
+import scipy.linalg.cython_blas
+print("cython_blas:", "sgemm" in scipy.linalg.cython_blas.__pyx_capi__)
+"""
+
+
+def test_numba_starts_without_importing_scipy_linalg():
+    """Loading the CPU backend sets Numba's BLAS check up without importing the
+    scipy.linalg package (symbp.backends.blas._arraymath_without_scipy_linalg): a kernel
+    compiles and runs, and scipy.linalg is still not imported.  Numba's answer is the one
+    its own check gives (BLAS there), its real check is back in place, np.dot in njit code
+    (SciPy's BLAS) imports scipy.linalg then and agrees with NumPy, and SciPy's
+    cython_blas imports as usual afterwards."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", NUMBA_START], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "scipy.linalg imported: False",
+        "arraymath's check: True True numba.np.linalg",
+        "dots: True True True",
+        "cython_blas: True",
+    ], r.stdout
+
+
 def test_kernels_give_back_the_users_blas_threads():
     """The kernels' OpenBLAS is NumPy's own: a step run on one BLAS thread leaves the
     user's thread count as it found it, also when the call fails."""

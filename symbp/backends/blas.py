@@ -69,6 +69,49 @@ def _numpy_openblas():
     return None
 
 
+def _arraymath_without_scipy_linalg() -> None:
+    """Import ``numba.np.arraymath`` without importing the ``scipy.linalg`` package.
+
+    At import, ``numba.np.arraymath`` asks ``numba.np.linalg.ensure_blas()`` whether BLAS is
+    there (only ``np.dot`` of two vectors uses the answer), and that imports
+    ``scipy.linalg.cython_blas``: the whole ``scipy.linalg`` package with its array-API
+    layer, 0.1 s of a warm start's 0.4 s (bench/warm_floor.py).  The kernels call NumPy's
+    OpenBLAS (below), so nothing here needs SciPy's.  Same answer, asked without the
+    import: SciPy's ``linalg/cython_blas`` extension is on disk, and Numba's own check of
+    its integer width passes (a mismatch raises as it would).  Numba's code that calls
+    SciPy's BLAS (``np.dot`` in njit code, ``SYMBP_BLAS=scipy``) still calls the real
+    ``ensure_blas`` when it compiles, which imports the module then.  Nothing is done when
+    either module is already imported, or when Numba no longer has these names."""
+    import importlib.util
+    import sys
+
+    if "numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules:
+        return
+    from numba.np import linalg
+
+    real, width = getattr(linalg, "ensure_blas", None), getattr(
+        linalg, "_check_lapack_int_width", None)
+    if real is None or width is None:
+        return
+
+    def ensure_blas():
+        spec = importlib.util.find_spec("scipy")
+        where = (os.path.join(os.path.dirname(spec.origin), "linalg")
+                 if spec is not None and spec.origin else None)
+        if where is None or not glob.glob(os.path.join(where, "cython_blas.*")):
+            raise ImportError("scipy.linalg.cython_blas is missing")
+        width()
+
+    linalg.ensure_blas = ensure_blas
+    try:
+        from numba.np import arraymath
+    finally:
+        linalg.ensure_blas = real
+    if getattr(arraymath, "ensure_blas", None) is ensure_blas:
+        arraymath.ensure_blas = real
+
+
+_arraymath_without_scipy_linalg()
 NUMPY_OPENBLAS = _numpy_openblas()
 LIBRARY = ("NumPy's OpenBLAS (scipy_?gemm_64_)" if NUMPY_OPENBLAS is not None
            else "SciPy's OpenBLAS (numba_xxgemm)")

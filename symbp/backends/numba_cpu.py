@@ -48,7 +48,7 @@ from ..matrix import is_matrix
 from ..passes import optimize
 from ..runtime.step import FusedStep, gradient_call
 from ..runtime.threads import blas_threads
-from . import Kernel, identifiers
+from . import Kernel, blas, identifiers  # noqa: F401  (blas: Numba's start without scipy.linalg)
 from .scalar import Routines, ScalarPrinter, entry_lines, rule_names
 
 # --- the table: the njit routines kernels call ----------------------------------------------
