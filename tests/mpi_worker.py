@@ -2,11 +2,11 @@
 a small CNN on 1×4×4 images) with ``fit(..., distributed='mpi')`` and has rank 0 save the
 parameters (``--out``).
 
-``--fail-rank R --fail-step S`` raises on rank R alone at global step S (counted from 0),
-(``--kill``: dies by SIGKILL) to check that every rank stops; ``--nan-row`` puts a NaN in one row of X;
-``--seed-per-rank`` initialises each rank's model with a different seed, so only rank 0's
-parameters are right until broadcast; ``--sum allreduce`` sums the gradients with MPI's
-Allreduce instead of through shared memory (the compiled targets).
+``--fail-rank R --fail-step S`` raises on rank R alone at global step S (counted from 0)
+(``--kill``: dies by SIGKILL instead) to check that every rank stops; ``--nan-row`` puts a
+NaN in one row of X; ``--seed-per-rank`` initialises each rank's model with a different
+seed, so only rank 0's parameters are right until broadcast; ``--sum allreduce`` sums the
+gradients with MPI's Allreduce instead of through shared memory (the compiled targets).
 """
 
 import argparse
@@ -50,9 +50,11 @@ def run(args, distributed=None, rank=0):
               kind=args.model)
     fail = None
     if args.fail_rank is not None and rank == args.fail_rank:
-        def fail(epoch, s, loss, count=[0]):
-            count[0] += 1
-            if count[0] > args.fail_step:
+        seen = [0]
+
+        def fail(epoch, s, loss):
+            seen[0] += 1
+            if seen[0] > args.fail_step:
                 if args.kill:  # the process dies at once, as under the OOM killer
                     os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"injected failure on rank {rank}")

@@ -11,11 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import mpi_worker
 import numpy as np
 import pytest
 from conftest import have, need
 
-import mpi_worker
 from symbp import checkpoint as ckpt
 from symbp import distributed, train
 from symbp.errors import SymbpError, TrainingError

@@ -102,7 +102,7 @@ def test_identifiers_avoid_reserved_and_builtin_names(reserved):
     names = [sp.Symbol(n) for n in sorted(reserved | {"max", "lambda", "x"})]
     ids = identifiers(names, reserved)
     assert len(set(ids.values())) == len(names)
-    for n, s in ids.items():
+    for s in ids.values():
         assert s.isidentifier() and s not in reserved and s not in ("max", "lambda")
     assert ids[sp.Symbol("x")] == "x"  # an ordinary name stays as written
 

@@ -28,9 +28,9 @@ import pytest
 import sympy as sp
 
 import symbp as sb
-from symbp.functions import FUNCTIONS
 from symbp.backends import numba_cpu, numba_cuda
 from symbp.backends.numpy import NumpyPrinter
+from symbp.functions import FUNCTIONS
 from symbp.matrix import Total, elementwise
 
 N = sp.Symbol("N")

@@ -217,9 +217,9 @@ def test_cuda_simulator_binds_constants_and_scalar_biases():
 def test_training_step_with_constants_matches_the_reference(target):
     pytest.importorskip("numba")
     y = sp.MatrixSymbol("y", N, 1)
+    gram = sp.HadamardProduct(X * X.T, sp.Identity(N))
     loss = (sb.mse(2 * sb.sigmoid(sb.dense(X, w, b)) - 1, y)
-            + sb.mse(W.T * W, sp.Identity(2)) / 10 + Total(sp.HadamardProduct(X * X.T,
-                                                                                sp.Identity(N))) * c)
+            + sb.mse(W.T * W, sp.Identity(2)) / 10 + Total(gram) * c)
     data = {"X": DATA["X"], "y": DATA["y"], "c": 0.01}
     init = {"w": DATA["w"], "b": np.array(0.1), "W": DATA["W"]}
     losses = {}
