@@ -14,13 +14,15 @@ blocks (a shared machine only ever adds time).
 
 Part 2, the products: the three product shapes of a dense layer of the point (forward
 ``H @ W`` (B, w, w); weight gradient ``H.T @ G`` (w, B, w); input gradient ``G @ W.T``
-(B, w, w)) on each BLAS reachable here: ``symbp-numpy`` = the kernels' ``_gemm`` called
-from njit code on NumPy's OpenBLAS (the default where NumPy bundles one),
-``symbp-scipy`` = the same on SciPy's OpenBLAS (Numba's ``np.dot`` library; symbp's
-before), ``numpy`` = ``np.dot(..., out=)`` from Python, ``xla`` = ``jax.jit(a @ b)``
+(B, w, w)) on each BLAS reachable here: ``symbp`` = the kernels' ``_gemm`` called from
+njit code on the library the first ``--blas`` choice loads (``own``: symbp's OpenBLAS,
+on AMD Zen 4 with its Haswell kernels and NumPy's copy for products of at most 64^3
+multiply-adds; ``numpy``: NumPy's OpenBLAS), ``symbp-scipy`` = the same on SciPy's
+OpenBLAS (Numba's ``np.dot`` library), ``numpy`` = ``np.dot(..., out=)`` from Python
+(NumPy's OpenBLAS, its own choice of kernels), ``xla`` = ``jax.jit(a @ b)``
 (XLA's CPU dot, what JAX's step uses), ``torch`` = ``torch.mm(..., out=)``; pinned, one
 thread each; ms per product, GFLOP/s.  Part 1 runs once per ``--blas`` library
-(``SYMBP_BLAS=scipy`` for SciPy's).
+(``SYMBP_BLAS=own``, ``numpy`` or ``scipy``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 POINTS = ["mlp-d16-w64-b32", "mlp-d2-w256-b64", "mlp-d2-w1024-b64", "mlp-d2-w2048-b64",
           "mlp-d2-w256-b512", "mlp-d2-w256-b4096"]
-LIBRARIES = ("symbp-numpy", "symbp-scipy", "numpy", "xla", "torch")
+LIBRARIES = ("symbp", "symbp-scipy", "numpy", "xla", "torch")
 
 
 def best(call, repeats, target_s=0.05):
@@ -123,23 +125,21 @@ def product(lib, a, b, C):
     """A no-argument call computing ``a @ b`` into ``C`` with ``lib``; None if missing."""
     if lib == "numpy":
         return lambda: np.dot(a, b, out=C)
-    if lib.startswith("symbp-"):
+    if lib.startswith("symbp"):
         from numba import njit
 
         from symbp.backends import blas
 
-        if lib == "symbp-numpy" and blas.NUMPY_OPENBLAS is None:
-            return None
-        keep = blas.NUMPY_OPENBLAS
+        keep = blas.OPENBLAS
         if lib == "symbp-scipy":
-            blas.NUMPY_OPENBLAS = None  # read when the call is lowered: SciPy's library
+            blas.OPENBLAS = None  # read when the call is lowered: SciPy's library
 
         @njit
         def run(a, b, C):
             blas.gemm(a, b, C, 1.0, 0.0)
 
         run(a, b, C)  # compiled now, against the library chosen above
-        blas.NUMPY_OPENBLAS = keep
+        blas.OPENBLAS = keep
         return lambda: run(a, b, C)
     try:
         if lib == "xla":
@@ -169,8 +169,9 @@ def main():
     ap.add_argument("--points", default=",".join(POINTS))
     ap.add_argument("--libraries", default=",".join(LIBRARIES))
     ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--blas", default="numpy,scipy",
-                    help="the kernels' library for part 1 (scipy: SYMBP_BLAS=scipy)")
+    ap.add_argument("--blas", default="own,numpy,scipy",
+                    help="the kernels' library for part 1 (SYMBP_BLAS); the first one's "
+                         "process also times part 2")
     ap.add_argument("--worker")
     args = ap.parse_args()
     libraries = [lib for lib in args.libraries.split(",") if lib]

@@ -446,22 +446,24 @@ def test_auto_blas_threads_step_matches_reference():
 # --- the BLAS product the kernels call ----------------------------------------------------
 
 
-@pytest.fixture(params=["numpy", "scipy"])
+@pytest.fixture(params=["address", "scipy"])
 def blas_library(request, monkeypatch):
-    """gemm compiled against NumPy's OpenBLAS (where NumPy bundles one) or SciPy's."""
+    """gemm compiled against the OpenBLAS the kernels call by address (symbp's own copy or
+    NumPy's: ``blas.LIBRARY``) or against SciPy's through Numba."""
     from symbp.backends import blas
 
-    if request.param == "numpy" and blas.NUMPY_OPENBLAS is None:
-        pytest.skip("this NumPy bundles no ILP64 OpenBLAS: the kernels call SciPy's")
+    if request.param == "address" and blas.OPENBLAS is None:
+        pytest.skip("no OpenBLAS by address here: the kernels call SciPy's")
     if request.param == "scipy":
-        monkeypatch.setattr(blas, "NUMPY_OPENBLAS", None)  # read when a kernel is lowered
+        monkeypatch.setattr(blas, "OPENBLAS", None)  # read when a kernel is lowered
     return request.param
 
 
 def test_gemm_every_layout_alpha_beta_and_empty_sizes(blas_library):
     """symbp.backends.blas.gemm: C = alpha A@B + beta C for C and F (transposed) operands,
-    both dtypes, empty sizes, on either library; a size mismatch is a ValueError, not a
-    wrong answer."""
+    both dtypes, empty sizes, on either library, and on both sides of ``blas.SMALL``
+    (64^3 multiply-adds goes to the small-product library, 65 x 64 x 64 to the other);
+    a size mismatch is a ValueError, not a wrong answer."""
     from numba import njit
 
     from symbp.backends.blas import gemm
@@ -474,19 +476,27 @@ def test_gemm_every_layout_alpha_beta_and_empty_sizes(blas_library):
     }
     rng = np.random.default_rng(0)
     for dt in (np.float32, np.float64):
-        for m, k, n in [(3, 4, 5), (33, 70, 17), (0, 3, 4), (3, 0, 4), (1, 1, 1)]:
+        for m, k, n in [(3, 4, 5), (33, 70, 17), (0, 3, 4), (3, 0, 4), (1, 1, 1),
+                        (64, 64, 64), (65, 64, 64), (130, 120, 110)]:
             A = rng.standard_normal((m, k)).astype(dt)
             B = rng.standard_normal((k, n)).astype(dt)
             C0 = rng.standard_normal((m, n)).astype(dt)
             want = -0.5 * (A.astype(np.float64) @ B) + 2.0 * C0
+            # a sum of k products in floating point: within a few k * eps of the sum of
+            # their magnitudes (any order of summation; a wrong entry is far outside)
+            eps = np.finfo(dt).eps
+            bound = 4 * eps * ((k + 2) * 0.5 * (np.abs(A.astype(np.float64)) @ np.abs(B))
+                               + 2.0 * np.abs(C0)) + np.finfo(dt).tiny
             for form, f in kernels.items():
                 a = np.ascontiguousarray(A.T) if form[0] == "t" else A
                 b = np.ascontiguousarray(B.T) if form[1] == "t" else B
                 C = C0.copy()
                 f(a, b, C, -0.5, 2.0)
-                np.testing.assert_allclose(C, want, **TOL[dt], err_msg=f"{form} {m}x{k}x{n}")
-    symbol = {"numpy": "gemm64(", "scipy": "@numba_xxgemm("}[blas_library]
-    assert all(symbol in llvm for llvm in kernels["tn"].inspect_llvm().values())
+                err = np.abs(C - want)
+                assert (err <= bound).all(), (form, m, k, n, float((err / bound).max()))
+    symbols = {"address": ["gemm64(", "gemm64_small("], "scipy": ["@numba_xxgemm("]}
+    for symbol in symbols[blas_library]:
+        assert all(symbol in llvm for llvm in kernels["tn"].inspect_llvm().values())
     with pytest.raises(ValueError, match="sizes"):
         kernels["nn"](np.zeros((2, 3)), np.zeros((4, 5)), np.zeros((2, 5)), 1.0, 0.0)
     with pytest.raises(ValueError, match="sizes"):
@@ -545,14 +555,17 @@ def test_numba_starts_without_importing_scipy_linalg():
 
 
 def test_kernels_give_back_the_users_blas_threads():
-    """The kernels' OpenBLAS is NumPy's own: a step run on one BLAS thread leaves the
-    user's thread count as it found it, also when the call fails."""
+    """NumPy's OpenBLAS is the user's: a step run on one BLAS thread leaves its thread
+    count as it found it, also when the call fails.  When the kernels call it for every
+    product, the count is set for the call and given back; beside symbp's own copy
+    (which takes only the small products, run on one thread by OpenBLAS itself), it is
+    never touched."""
     from symbp.backends import blas
     from symbp.runtime.threads import BLAS
 
-    lib = blas.NUMPY_OPENBLAS
+    lib = blas._numpy_openblas()
     if lib is None:
-        pytest.skip("this NumPy bundles no ILP64 OpenBLAS: the kernels call SciPy's")
+        pytest.skip("this NumPy bundles no ILP64 OpenBLAS")
     g, params = mlp(["tanh"], "ce", n_in=20, hidden=160, n_out=4)
     step = sb.compile_step(g, params, sb.SGD(0.1), target="cpu", dtype=np.float64,
                            blas_threads=1)
@@ -564,7 +577,7 @@ def test_kernels_give_back_the_users_blas_threads():
     try:
         lib.scipy_openblas_set_num_threads64_(2)
         BLAS.use(1)
-        assert lib.scipy_openblas_get_num_threads64_() == 1
+        assert lib.scipy_openblas_get_num_threads64_() == (1 if blas.SHARED else 2)
         BLAS.done()
         assert lib.scipy_openblas_get_num_threads64_() == 2
         step(P, X=X, T=T)
@@ -574,6 +587,99 @@ def test_kernels_give_back_the_users_blas_threads():
         assert lib.scipy_openblas_get_num_threads64_() == 2
     finally:
         lib.scipy_openblas_set_num_threads64_(before)
+
+
+BLAS_CHOICE = """
+import numpy as np, symbp.backends.blas as b
+user = b._numpy_openblas()
+print(b.LIBRARY)
+print(b.SHARED, b.OPENBLAS_SMALL is not None, b.OPENBLAS._handle == user._handle)
+if b.OPENBLAS is not None:
+    user.scipy_openblas_set_num_threads64_(2)
+    b.OPENBLAS.scipy_openblas_set_num_threads64_(1)
+    print(user.scipy_openblas_get_num_threads64_(), b.OPENBLAS.scipy_openblas_get_num_threads64_())
+"""
+
+
+def _blas_choice(**env):
+    """BLAS_CHOICE in a fresh process with ``env`` changed (None: unset)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    return subprocess.run([sys.executable, "-c", BLAS_CHOICE], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_symbps_own_openblas_is_a_copy_of_its_own():
+    """SYMBP_BLAS=own: the kernels call the scipy-openblas64 wheel's library, a second
+    instance beside NumPy's, whose thread count is its own; with a core type forced,
+    NumPy's copy takes the small products; LIBRARY says which kernels run.
+    SYMBP_BLAS=numpy: NumPy's copy alone."""
+    pytest.importorskip("scipy_openblas64")
+    r = _blas_choice(SYMBP_BLAS="own", SYMBP_OPENBLAS_CORETYPE="Haswell")
+    assert r.returncode == 0, r.stderr
+    name, flags, threads = r.stdout.splitlines()
+    assert name.startswith("symbp's OpenBLAS (Haswell kernels") and "NumPy's (" in name
+    assert flags == "False True False"
+    assert threads == "2 1"  # one count each: NumPy's copy kept the user's 2
+    r = _blas_choice(SYMBP_BLAS="own", SYMBP_OPENBLAS_CORETYPE="default")
+    assert r.returncode == 0, r.stderr
+    name, flags, _ = r.stdout.splitlines()
+    assert name.startswith("symbp's OpenBLAS (") and "NumPy's" not in name
+    assert flags == "False False False"  # no core forced: every product on one library
+    r = _blas_choice(SYMBP_BLAS="numpy", SYMBP_OPENBLAS_CORETYPE=None)
+    assert r.returncode == 0, r.stderr
+    name, flags, _ = r.stdout.splitlines()
+    assert name.startswith("NumPy's OpenBLAS (") and flags == "True False True"
+
+
+def test_bad_openblas_choices_are_named():
+    """A core type OpenBLAS does not know: an error naming it and what to give instead,
+    not a silent fallback."""
+    pytest.importorskip("scipy_openblas64")
+    r = _blas_choice(SYMBP_BLAS="own", SYMBP_OPENBLAS_CORETYPE="Pentium9")
+    assert r.returncode != 0 and "SYMBP_OPENBLAS_CORETYPE='Pentium9'" in r.stderr
+    assert "Haswell" in r.stderr and "default" in r.stderr
+
+
+def test_openblas_core_chosen_for_this_cpu(monkeypatch):
+    """Haswell kernels for symbp's copy exactly on AMD family 25 (Zen 4) where NumPy's
+    OpenBLAS chose an AVX-512 core; SYMBP_OPENBLAS_CORETYPE overrides; else None."""
+    import builtins
+    import io
+
+    from symbp.backends import blas
+
+    class Lib:
+        def __init__(self, core):
+            self.core = core
+
+        def scipy_openblas_get_corename64_(self):
+            return self.core
+
+    real = builtins.open
+
+    def cpu(text):
+        monkeypatch.setattr(builtins, "open", lambda f, *a, **k: io.StringIO(text)
+                            if f == "/proc/cpuinfo" else real(f, *a, **k))
+
+    monkeypatch.delenv("SYMBP_OPENBLAS_CORETYPE", raising=False)
+    zen4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+    cpu(zen4)
+    assert blas._core_for_this_cpu(Lib(b"SkylakeX")) == "Haswell"
+    assert blas._core_for_this_cpu(Lib(b"Cooperlake")) == "Haswell"
+    assert blas._core_for_this_cpu(Lib(b"Zen")) is None  # Zen 3: OpenBLAS chose AVX2 itself
+    assert blas._core_for_this_cpu(None) is None
+    cpu(zen4.replace("25", "26"))  # Zen 5: not measured
+    assert blas._core_for_this_cpu(Lib(b"SkylakeX")) is None
+    cpu(zen4.replace("AuthenticAMD", "GenuineIntel").replace("25", "6"))
+    assert blas._core_for_this_cpu(Lib(b"SkylakeX")) is None
+    monkeypatch.setenv("SYMBP_OPENBLAS_CORETYPE", "SkylakeX")
+    assert blas._core_for_this_cpu(None) == "SkylakeX"
+    monkeypatch.setenv("SYMBP_OPENBLAS_CORETYPE", "default")
+    cpu(zen4)
+    assert blas._core_for_this_cpu(Lib(b"SkylakeX")) is None
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

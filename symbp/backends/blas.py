@@ -13,14 +13,34 @@ library: below).  Why not ``np.dot(A, B, out)``:
 is F: transposed for free); ``C`` is C-contiguous.  Sizes are checked: a mismatch raises
 ValueError.  ``alpha`` and ``beta`` are cast to the arrays' dtype.
 
-Which BLAS: NumPy's own OpenBLAS when its wheel bundles one (``scipy_sgemm_64_`` in
-``numpy.libs``), else SciPy's, as ``np.dot`` in njit code.  Both are OpenBLAS with the same
-kernels for this CPU, but NumPy's build is the newer one: on one core, called from njit
-code, it took 1.83 ms against 2.92 ms for the forward product of a batch-64 layer
-1024 -> 1024 (float32), within 10 % either way on the other shapes of bench/where.py, and a
-depth-1 training step ran 11 % fewer instructions on it (callgrind).  ``LIBRARY`` names the
-choice; ``SYMBP_BLAS=scipy`` forces SciPy's.  NumPy's library is the user's too:
-``symbp.runtime.threads.BLAS`` gives back the user's thread count after every kernel call.
+Which BLAS (``LIBRARY`` names it, ``SYMBP_BLAS`` forces one):
+
+- **On AMD Zen 4, symbp's own OpenBLAS with its AVX2 (Haswell) kernels** (``SYMBP_BLAS``
+  unset or ``own``): the ``scipy-openblas64`` wheel of the build NumPy bundles, loaded as
+  a second instance with ``OPENBLAS_CORETYPE=Haswell``.  On a CPU with AVX-512, OpenBLAS
+  picks its SkylakeX kernels, written for Intel's full-width AVX-512 units; Zen 4 splits
+  each 512-bit operation in two, and the Haswell kernels ran the products of
+  bench/where.py 5-28 % faster on one core (batch 64, width 1024: 1.30 / 1.32 / 1.36 ms
+  against 1.67 / 1.66 / 1.89 for ``H @ W``, ``H.T @ G``, ``G @ W.T``).  Not the small
+  ones: SkylakeX has kernels for small products that skip packing, Haswell none (batch
+  1, 256 -> 256: 22 against 8.7 µs), so those of at most 64^3 multiply-adds (``SMALL``)
+  still go to NumPy's copy (``_kernels_openblas`` says why 64^3).  The rule
+  (``_core_for_this_cpu``): an AuthenticAMD CPU of family 25 on which NumPy's OpenBLAS
+  chose an AVX-512 core; nothing else is measured, so every other CPU keeps NumPy's copy
+  and OpenBLAS's own choice.  The wheel is pinned
+  to 0.3.31 (pyproject.toml says why).  ``SYMBP_OPENBLAS_CORETYPE=<core>`` loads this
+  copy with another core (``SkylakeX``, ...), ``=default`` with OpenBLAS's own choice.
+- **NumPy's own OpenBLAS** where no core is forced (``SYMBP_BLAS=numpy``, or the rule
+  does not apply, or the wheel is missing): ``scipy_sgemm_64_`` in ``numpy.libs``.  On one
+  core, called from njit code, it took 1.83 ms against 2.92 ms for SciPy's on the forward
+  product of a batch-64 layer 1024 -> 1024 (float32), within 10 % either way elsewhere.
+  NumPy's library is the user's too: ``symbp.runtime.threads.BLAS`` gives back the user's
+  thread count after every kernel call (symbp's own copy is nobody else's: no give-back).
+- **SciPy's** (``SYMBP_BLAS=scipy``, or NumPy bundles none), as ``np.dot`` in njit code.
+
+The products' bits depend on the library and its kernels (their order of summation), as
+they do on the thread count; every choice is checked against the NumPy reference in the
+tests.
 """
 
 from __future__ import annotations
@@ -40,17 +60,37 @@ from numba.np.arrayobj import make_array
 _KIND = {types.float32: "s", types.float64: "d"}
 
 
-def _numpy_openblas():
-    """NumPy's bundled OpenBLAS, ILP64 (``ctypes.CDLL``), or None: not bundled (a conda or
-    Accelerate build of NumPy), not the ILP64 scipy-openblas, or ``SYMBP_BLAS=scipy``."""
+CHOICES = ("", "own", "numpy", "scipy")
+
+
+def _choice() -> str:
     choice = os.environ.get("SYMBP_BLAS", "").lower()
-    if choice not in ("", "numpy", "scipy"):
+    if choice not in CHOICES:
         from ..errors import SymbpError
 
-        raise SymbpError(f"SYMBP_BLAS={choice!r}: the kernels' BLAS is 'numpy' (NumPy's "
-                         "bundled OpenBLAS, the default) or 'scipy' (SciPy's)")
-    if choice == "scipy":
-        return None
+        raise SymbpError(f"SYMBP_BLAS={choice!r}: the kernels' BLAS is 'own' (symbp's copy "
+                         "of OpenBLAS, on AMD Zen 4 with its AVX2 kernels), 'numpy' (NumPy's "
+                         "bundled OpenBLAS) or 'scipy' (SciPy's); unset: the best of these "
+                         "for this CPU")
+    return choice
+
+
+def _bind(lib, small=None) -> None:
+    """The kernels' symbols: ``symbp_?gemm64`` this library's ILP64 Fortran ``?gemm``,
+    ``symbp_?gemm64_small`` (products of at most ``SMALL`` multiply-adds) ``small``'s."""
+    for kind in "sd":
+        for symbol, of in ((f"symbp_{kind}gemm64", lib),
+                           (f"symbp_{kind}gemm64_small", small or lib)):
+            binding.add_symbol(symbol, ctypes.cast(getattr(of, f"scipy_{kind}gemm_64_"),
+                                                   ctypes.c_void_p).value)
+    for of in {id(lib): lib, id(small or lib): small or lib}.values():
+        of.scipy_openblas_get_num_threads64_.restype = ctypes.c_int
+        of.scipy_openblas_get_corename64_.restype = ctypes.c_char_p
+
+
+def _numpy_openblas():
+    """NumPy's bundled OpenBLAS, ILP64 (``ctypes.CDLL``), or None: not bundled (a conda or
+    Accelerate build of NumPy), or not the ILP64 scipy-openblas."""
     root = os.path.dirname(os.path.dirname(np.__file__))
     found = sorted(glob.glob(os.path.join(root, "numpy.libs", "libscipy_openblas64_*"))
                    + glob.glob(os.path.join(os.path.dirname(np.__file__), ".dylibs",
@@ -58,15 +98,122 @@ def _numpy_openblas():
     for path in found:
         try:
             lib = ctypes.CDLL(path)  # NumPy loaded it already: this is the same copy
-            for kind in "sd":
-                binding.add_symbol(f"symbp_{kind}gemm64",
-                                   ctypes.cast(getattr(lib, f"scipy_{kind}gemm_64_"),
-                                               ctypes.c_void_p).value)
-            lib.scipy_openblas_get_num_threads64_.restype = ctypes.c_int
+            lib.scipy_openblas_get_corename64_.restype = ctypes.c_char_p
+            lib.scipy_sgemm_64_, lib.scipy_dgemm_64_  # noqa: B018  (both there, or next)
             return lib
         except (OSError, AttributeError):
             continue
     return None
+
+
+AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
+
+
+def _core_for_this_cpu(numpy_lib) -> str | None:
+    """The OpenBLAS core type for symbp's own copy, or None: keep OpenBLAS's choice (and
+    NumPy's copy).  ``SYMBP_OPENBLAS_CORETYPE`` if set (``default``: None); else Haswell
+    on Zen 4 (AuthenticAMD, family 25, and NumPy's OpenBLAS chose an AVX-512 core),
+    measured above; else None."""
+    forced = os.environ.get("SYMBP_OPENBLAS_CORETYPE", "").strip()
+    if forced:
+        return None if forced.lower() == "default" else forced
+    if numpy_lib is None:
+        return None
+    chosen = (numpy_lib.scipy_openblas_get_corename64_() or b"").decode().lower()
+    if chosen not in AVX512_CORES:
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            head = f.read(4096)
+    except OSError:  # not Linux: not measured
+        return None
+    fields = {k.strip(): v.strip() for k, v in (
+        line.split(":", 1) for line in head.splitlines() if ":" in line)}
+    amd, zen4 = fields.get("vendor_id") == "AuthenticAMD", fields.get("cpu family") == "25"
+    return "Haswell" if amd and zen4 else None
+
+
+def _own_openblas(core: str | None):
+    """symbp's own copy of OpenBLAS (the ``scipy_openblas64`` package's library, a file
+    apart from NumPy's, so a second instance with its own state and threads), loaded with
+    ``OPENBLAS_CORETYPE=core`` (None: OpenBLAS's own choice).  None if the package is
+    missing; a SymbpError if the library did not take that core (a name OpenBLAS does not
+    know: it keeps its own choice)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("scipy_openblas64")  # its __init__ is not run
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    where = os.path.join(list(spec.submodule_search_locations)[0], "lib")
+    found = sorted(glob.glob(os.path.join(where, "libscipy_openblas64_*.so"))
+                   + glob.glob(os.path.join(where, "libscipy_openblas64_*.dylib")))
+    if not found:
+        return None
+    before = os.environ.get("OPENBLAS_CORETYPE")
+    try:  # read once, by the library's constructor, while it loads
+        if core is not None:
+            os.environ["OPENBLAS_CORETYPE"] = core
+        lib = ctypes.CDLL(found[0])
+        lib.scipy_openblas_get_corename64_.restype = ctypes.c_char_p
+        got = (lib.scipy_openblas_get_corename64_() or b"").decode()
+    except (OSError, AttributeError):
+        return None
+    finally:
+        if before is None:
+            os.environ.pop("OPENBLAS_CORETYPE", None)
+        else:
+            os.environ["OPENBLAS_CORETYPE"] = before
+    if core is not None and got.lower() != core.lower():
+        from ..errors import SymbpError
+
+        raise SymbpError(f"SYMBP_OPENBLAS_CORETYPE={core!r}: OpenBLAS does not know this "
+                         f"core type and ran {got!r}; give one it knows (Haswell, Zen, "
+                         "SkylakeX, Cooperlake, SapphireRapids, ...) or 'default' for "
+                         "OpenBLAS's own choice")
+    return lib
+
+
+def _kernels_openblas():
+    """(library, small-product library, whether it is NumPy's copy, name) for the kernels'
+    ``symbp_?gemm64`` and ``symbp_?gemm64_small``; library None: SciPy's through Numba.
+
+    With symbp's own copy on Haswell kernels, the products of at most ``SMALL`` (64^3)
+    multiply-adds still go to NumPy's copy.  OpenBLAS's SkylakeX build has kernels for small
+    products that skip packing, the Haswell one has none, and packing a small product costs
+    more than it computes (batch 1, 256 -> 256: 8.7 µs against 22).  64^3 and not the 100^3
+    up to which SkylakeX takes its small kernels: OpenBLAS runs a product of at most 64^3
+    multiply-adds on the calling thread whatever its thread count (``interface/gemm.c``,
+    ``SMP_THRESHOLD_MIN * GEMM_MULTITHREAD_THRESHOLD``), so NumPy's thread pool, the
+    user's, never wakes in a kernel: two pools taking turns in one step fight for the
+    cores (a step of width 1024 on two threads took 21 ms with both pools awake, 4.7 ms
+    with one)."""
+    choice = _choice()
+    if choice == "scipy":
+        return None, None, False, "SciPy's OpenBLAS (numba_xxgemm)"
+    numpy_lib = _numpy_openblas()
+    core = _core_for_this_cpu(numpy_lib) if choice != "numpy" else None
+    if choice == "own" or core is not None:
+        lib = _own_openblas(core)
+        if lib is None and choice == "own":
+            from ..errors import SymbpError
+
+            raise SymbpError("SYMBP_BLAS='own': symbp's copy of OpenBLAS is the "
+                             "scipy-openblas64 package, which is not installed: pip install "
+                             "'scipy-openblas64>=0.3.31,<0.3.32', or unset SYMBP_BLAS")
+        if lib is not None:
+            small = numpy_lib if core is not None else None
+            _bind(lib, small)
+            name = lib.scipy_openblas_get_corename64_().decode()
+            name = f"symbp's OpenBLAS ({name} kernels, scipy_?gemm_64_)"
+            if small is not None:
+                name += (f"; up to {SMALL:.0f} multiply-adds NumPy's ("
+                         f"{small.scipy_openblas_get_corename64_().decode()} kernels)")
+            return lib, small, False, name
+    if numpy_lib is not None:
+        _bind(numpy_lib)
+        name = numpy_lib.scipy_openblas_get_corename64_().decode()
+        return numpy_lib, None, True, f"NumPy's OpenBLAS ({name} kernels, scipy_?gemm_64_)"
+    return None, None, False, "SciPy's OpenBLAS (numba_xxgemm)"
 
 
 def _arraymath_without_scipy_linalg() -> None:
@@ -112,9 +259,12 @@ def _arraymath_without_scipy_linalg() -> None:
 
 
 _arraymath_without_scipy_linalg()
-NUMPY_OPENBLAS = _numpy_openblas()
-LIBRARY = ("NumPy's OpenBLAS (scipy_?gemm_64_)" if NUMPY_OPENBLAS is not None
-           else "SciPy's OpenBLAS (numba_xxgemm)")
+# OPENBLAS: the library the kernels call by address (None: SciPy's, through Numba);
+# OPENBLAS_SMALL: NumPy's copy where it takes the products of at most SMALL multiply-adds
+# from symbp's own (else None); SHARED: OPENBLAS is NumPy's copy, the user's too;
+# LIBRARY: their names, in the cache key
+SMALL = 64.0 ** 3
+OPENBLAS, OPENBLAS_SMALL, SHARED, LIBRARY = _kernels_openblas()
 
 
 @intrinsic
@@ -130,7 +280,7 @@ def gemm(typingctx, a, b, c, alpha, beta):
                           f"got layouts {a.layout}, {b.layout}, {c.layout}")
     if not all(isinstance(x, (types.Float, types.Integer)) for x in (alpha, beta)):
         raise TypingError("symbp gemm: alpha and beta must be numbers")
-    if NUMPY_OPENBLAS is None:
+    if OPENBLAS is None:
         from numba.np.linalg import ensure_blas
 
         ensure_blas()
@@ -165,27 +315,37 @@ def gemm(typingctx, a, b, c, alpha, beta):
         operands = (flag[bty.layout], flag[aty.layout], n, m, k, scal[0],
                     B.data, lead(bty, B.shape), A.data, lead(aty, A.shape), scal[1],
                     C.data, lead(cty, C.shape))
-        call = _numpy_gemm if NUMPY_OPENBLAS is not None else _scipy_gemm
+        call = _openblas_gemm if OPENBLAS is not None else _scipy_gemm
         call(context, builder, _KIND[dt], operands, char, k.type)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
-def _numpy_gemm(context, builder, kind, operands, char, intp):
-    """The call into NumPy's OpenBLAS: Fortran ``?gemm_`` with 64-bit integers, every
-    argument by reference."""
+def _openblas_gemm(context, builder, kind, operands, char, intp):
+    """The call into ``OPENBLAS`` (symbp's copy or NumPy's): Fortran ``?gemm_`` with 64-bit
+    integers, every argument by reference."""
     ta, tb, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc = operands
     ref = lambda v: cgutils.alloca_once_value(builder, v)  # noqa: E731
     fl = lambda x: ref(ir.Constant(char, x))  # noqa: E731
     void_p = ir.IntType(8).as_pointer()
     i64 = ir.IntType(64)
     fnty = ir.FunctionType(ir.VoidType(), [void_p] * 13 + [i64, i64])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, f"symbp_{kind}gemm64")
     one = ir.Constant(i64, 1)  # the hidden lengths of the two 'n'/'t' strings
-    builder.call(fn, [builder.bitcast(x, void_p) for x in (
+    args = [builder.bitcast(x, void_p) for x in (
         fl(ta), fl(tb), ref(n), ref(m), ref(k), alpha, b, ref(ldb), a, ref(lda), beta, c,
-        ref(ldc))] + [one, one])
+        ref(ldc))] + [one, one]
+    # multiply-adds in float64, as OpenBLAS counts them: no integer overflow
+    f64 = ir.DoubleType()
+    mnk = builder.fmul(builder.fmul(builder.sitofp(m, f64), builder.sitofp(n, f64)),
+                       builder.sitofp(k, f64))
+    with builder.if_else(builder.fcmp_ordered("<=", mnk, ir.Constant(f64, SMALL))) as (
+            small, large):
+        for branch, symbol in ((small, f"symbp_{kind}gemm64_small"),
+                               (large, f"symbp_{kind}gemm64")):
+            with branch:
+                builder.call(cgutils.get_or_insert_function(builder.module, fnty, symbol),
+                             args)
 
 
 def _scipy_gemm(context, builder, kind, operands, char, intp):

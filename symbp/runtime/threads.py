@@ -31,22 +31,29 @@ class Blas:
     The user's own matmuls are left alone.  When the kernels call NumPy's OpenBLAS (the
     one ``np.dot`` uses), ``use`` sets its count for one kernel call and ``done`` gives the
     user's count back right after (two ctypes calls, ~1 µs, and only when the counts
-    differ).  When they call SciPy's copy, ``use`` sets it through threadpoolctl and
-    keeps it (``now``); without threadpoolctl the library default stays.
+    differ).  symbp's own copy (``blas.SHARED`` false) is set the same way and kept: no one
+    else calls it.  It is read on every call all the same, since threadpoolctl's limits
+    reach it too.  Beside it, NumPy's copy takes the products of at most 64^3
+    multiply-adds (``blas.OPENBLAS_SMALL``), which OpenBLAS runs on the calling thread
+    whatever its count: its count is not touched.  When they call SciPy's copy, ``use``
+    sets it through threadpoolctl and keeps it (``now``); without threadpoolctl the
+    library default stays.
     """
 
     def __init__(self):
         self.libs = None  # SciPy's copy: its threadpoolctl controllers
-        self.now = None  # SciPy's copy: the count set last.  NumPy's: always None
+        self.now = None  # SciPy's copy: the count set last.  OpenBLAS by address: None
         self.user = None  # NumPy's copy: the user's count while a kernel runs, or None
-        self._get = self._set = None  # NumPy's copy: its get/set_num_threads (ctypes)
+        self.shared = False  # the kernels' OpenBLAS is NumPy's copy, the user's too
+        self._get = self._set = None  # OpenBLAS by address: get/set_num_threads (ctypes)
 
     def use(self, n: int) -> None:
-        if self._get is not None:  # NumPy's copy, on every call: one ctypes read
-            user = self._get()
-            if user != n:
+        if self._get is not None:  # OpenBLAS by address, on every call: one ctypes read
+            now = self._get()
+            if now != n:
                 self._set(n)
-                self.user = user
+                if self.shared:
+                    self.user = now
             return
         if n == self.now:
             return
@@ -66,12 +73,14 @@ class Blas:
             self.user = None
 
     def _find(self) -> None:
-        from ..backends.blas import NUMPY_OPENBLAS as lib
+        from ..backends.blas import OPENBLAS as lib
+        from ..backends.blas import SHARED
 
         self.libs = []
         if lib is not None:
             self._get = lib.scipy_openblas_get_num_threads64_
             self._set = lib.scipy_openblas_set_num_threads64_
+            self.shared = SHARED
             return
         try:
             import scipy.linalg.cython_blas  # noqa: F401  (load it, so it can be found)
