@@ -23,6 +23,7 @@ TOOLS = {
     "nvvm": "NVVM via numba-cuda (pip install 'symbp[cuda]')",
     "cuda-simulator": "Numba's CUDA simulator, numba.cuda (pip install 'symbp[cuda]')",
     "numba": "Numba (a dependency of symbp: pip install -e .)",
+    "openblas": "symbp's own OpenBLAS, scipy-openblas64 (a dependency on x86-64: pip install -e .)",
     "matplotlib": "matplotlib (pip install 'symbp[plot]')",
     "scikit-learn": "scikit-learn (pip install 'symbp[demo]')",
     "pytorch": "PyTorch, an independent reference (pip install torch)",

@@ -616,7 +616,7 @@ def test_symbps_own_openblas_is_a_copy_of_its_own():
     instance beside NumPy's, whose thread count is its own; with a core type forced,
     NumPy's copy takes the small products; LIBRARY says which kernels run.
     SYMBP_BLAS=numpy: NumPy's copy alone."""
-    pytest.importorskip("scipy_openblas64")
+    need(have("scipy_openblas64"), "openblas")
     r = _blas_choice(SYMBP_BLAS="own", SYMBP_OPENBLAS_CORETYPE="Haswell")
     assert r.returncode == 0, r.stderr
     name, flags, threads = r.stdout.splitlines()
@@ -637,7 +637,7 @@ def test_symbps_own_openblas_is_a_copy_of_its_own():
 def test_bad_openblas_choices_are_named():
     """A core type OpenBLAS does not know: an error naming it and what to give instead,
     not a silent fallback."""
-    pytest.importorskip("scipy_openblas64")
+    need(have("scipy_openblas64"), "openblas")
     r = _blas_choice(SYMBP_BLAS="own", SYMBP_OPENBLAS_CORETYPE="Pentium9")
     assert r.returncode != 0 and "SYMBP_OPENBLAS_CORETYPE='Pentium9'" in r.stderr
     assert "Haswell" in r.stderr and "default" in r.stderr
