@@ -643,6 +643,26 @@ def test_bad_openblas_choices_are_named():
     assert "Haswell" in r.stderr and "default" in r.stderr
 
 
+def test_own_openblas_asked_for_without_its_wheel_is_named(monkeypatch):
+    """SYMBP_BLAS=own, or a core type asked for, with the scipy-openblas64 wheel missing:
+    an error that says what to install, raised before any symbol is bound."""
+    import importlib.util
+
+    from symbp.backends import blas
+    from symbp.errors import SymbpError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                        if name == "scipy_openblas64" else real(name, *a))
+    for env in ({"SYMBP_BLAS": "own"}, {"SYMBP_OPENBLAS_CORETYPE": "Haswell"}):
+        monkeypatch.delenv("SYMBP_BLAS", raising=False)
+        monkeypatch.delenv("SYMBP_OPENBLAS_CORETYPE", raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(SymbpError, match="pip install 'scipy-openblas64"):
+            blas._kernels_openblas()
+
+
 def test_openblas_core_chosen_for_this_cpu(monkeypatch):
     """Haswell kernels for symbp's copy exactly on AMD family 25 (Zen 4) where NumPy's
     OpenBLAS chose an AVX-512 core; SYMBP_OPENBLAS_CORETYPE overrides; else None."""

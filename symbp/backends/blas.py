@@ -27,9 +27,9 @@ Which BLAS (``LIBRARY`` names it, ``SYMBP_BLAS`` forces one):
   still go to NumPy's copy (``_kernels_openblas`` says why 64^3).  The rule
   (``_core_for_this_cpu``): an AuthenticAMD CPU of family 25 on which NumPy's OpenBLAS
   chose an AVX-512 core; nothing else is measured, so every other CPU keeps NumPy's copy
-  and OpenBLAS's own choice.  The wheel is pinned
-  to 0.3.31 (pyproject.toml says why).  ``SYMBP_OPENBLAS_CORETYPE=<core>`` loads this
-  copy with another core (``SkylakeX``, ...), ``=default`` with OpenBLAS's own choice.
+  and OpenBLAS's own choice.  The wheel is pinned to 0.3.31 (pyproject.toml says why).
+  ``SYMBP_OPENBLAS_CORETYPE=<core>`` loads this copy with another core (``SkylakeX``,
+  ...), ``=default`` with OpenBLAS's own choice.
 - **NumPy's own OpenBLAS** where no core is forced (``SYMBP_BLAS=numpy``, or the rule
   does not apply, or the wheel is missing): ``scipy_sgemm_64_`` in ``numpy.libs``.  On one
   core, called from njit code, it took 1.83 ms against 2.92 ms for SciPy's on the forward
@@ -194,12 +194,14 @@ def _kernels_openblas():
     core = _core_for_this_cpu(numpy_lib) if choice != "numpy" else None
     if choice == "own" or core is not None:
         lib = _own_openblas(core)
-        if lib is None and choice == "own":
+        asked = os.environ.get("SYMBP_OPENBLAS_CORETYPE", "").strip().lower()
+        if lib is None and (choice == "own" or asked not in ("", "default")):
             from ..errors import SymbpError
 
-            raise SymbpError("SYMBP_BLAS='own': symbp's copy of OpenBLAS is the "
-                             "scipy-openblas64 package, which is not installed: pip install "
-                             "'scipy-openblas64>=0.3.31,<0.3.32', or unset SYMBP_BLAS")
+            what = "SYMBP_BLAS='own'" if choice == "own" else "SYMBP_OPENBLAS_CORETYPE"
+            raise SymbpError(f"{what}: symbp's copy of OpenBLAS is the scipy-openblas64 "
+                             "package, which is not installed: pip install "
+                             "'scipy-openblas64>=0.3.31,<0.3.32', or unset it")
         if lib is not None:
             small = numpy_lib if core is not None else None
             _bind(lib, small)
@@ -222,8 +224,8 @@ def _arraymath_without_scipy_linalg() -> None:
     At import, ``numba.np.arraymath`` asks ``numba.np.linalg.ensure_blas()`` whether BLAS is
     there (only ``np.dot`` of two vectors uses the answer), and that imports
     ``scipy.linalg.cython_blas``: the whole ``scipy.linalg`` package with its array-API
-    layer, 0.1 s of a warm start's 0.4 s (bench/warm_floor.py).  The kernels call NumPy's
-    OpenBLAS (below), so nothing here needs SciPy's.  Same answer, asked without the
+    layer, 0.1 s of a warm start's 0.4 s (bench/warm_floor.py).  The kernels call OpenBLAS
+    by address (below), so nothing here needs SciPy's.  Same answer, asked without the
     import: SciPy's ``linalg/cython_blas`` extension is on disk, and Numba's own check of
     its integer width passes (a mismatch raises as it would).  Numba's code that calls
     SciPy's BLAS (``np.dot`` in njit code, ``SYMBP_BLAS=scipy``) still calls the real
