@@ -366,7 +366,8 @@ def test_a_kernel_with_blas_products_after_good_calls(rng):
         for _ in range(MANY):
             same(fn(**d), fresh(fn)(**d))
         if lib is not None:
-            assert lib.scipy_openblas_get_num_threads64_() == 2 and BLAS.user is None
+            assert lib.scipy_openblas_get_num_threads64_() == 2
+            assert BLAS.user is None and BLAS.user_np is None
         same(fn(**{**d, "X": np.asfortranarray(d["X"])}), fresh(fn)(**d))
     finally:
         if lib is not None:

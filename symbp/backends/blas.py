@@ -19,12 +19,13 @@ Which BLAS (``LIBRARY`` names it, ``SYMBP_BLAS`` forces one):
   unset or ``own``): the ``scipy-openblas64`` wheel of the build NumPy bundles, loaded as
   a second instance with ``OPENBLAS_CORETYPE=Haswell``.  On a CPU with AVX-512, OpenBLAS
   picks its SkylakeX kernels, written for Intel's full-width AVX-512 units; Zen 4 splits
-  each 512-bit operation in two, and the Haswell kernels ran the products of
+  each 512-bit operation in two, and the Haswell kernels ran the float32 products of
   bench/where.py 5-28 % faster on one core (batch 64, width 1024: 1.30 / 1.32 / 1.36 ms
-  against 1.67 / 1.66 / 1.89 for ``H @ W``, ``H.T @ G``, ``G @ W.T``).  Not the small
-  ones: SkylakeX has kernels for small products that skip packing, Haswell none (batch
-  1, 256 -> 256: 22 against 8.7 µs), so those of at most 64^3 multiply-adds (``SMALL``)
-  still go to NumPy's copy (``_kernels_openblas`` says why 64^3).  The rule
+  against 1.67 / 1.66 / 1.89 for ``H @ W``, ``H.T @ G``, ``G @ W.T``).  Not float64 (no
+  clear gain: ``_kernels_openblas``), and not the small float32 ones: SkylakeX has
+  kernels for small products that skip packing, Haswell none (batch 1, 256 -> 256: 22
+  against 8.7 µs), so those of at most 64^3 multiply-adds (``SMALL``) still go to NumPy's
+  copy (``_kernels_openblas`` says why 64^3).  The rule
   (``_core_for_this_cpu``): an AuthenticAMD CPU of family 25 on which NumPy's OpenBLAS
   chose an AVX-512 core; nothing else is measured, so every other CPU keeps NumPy's copy
   and OpenBLAS's own choice.  The wheel is pinned to 0.3.31 (pyproject.toml says why).
@@ -75,15 +76,18 @@ def _choice() -> str:
     return choice
 
 
-def _bind(lib, small=None) -> None:
-    """The kernels' symbols: ``symbp_?gemm64`` this library's ILP64 Fortran ``?gemm``,
-    ``symbp_?gemm64_small`` (products of at most ``SMALL`` multiply-adds) ``small``'s."""
-    for kind in "sd":
-        for symbol, of in ((f"symbp_{kind}gemm64", lib),
-                           (f"symbp_{kind}gemm64_small", small or lib)):
-            binding.add_symbol(symbol, ctypes.cast(getattr(of, f"scipy_{kind}gemm_64_"),
-                                                   ctypes.c_void_p).value)
-    for of in {id(lib): lib, id(small or lib): small or lib}.values():
+def _bind(lib, beside=None) -> None:
+    """The kernels' symbols, each an ILP64 Fortran ``?gemm``: ``symbp_sgemm64`` ``lib``'s,
+    and with a library ``beside`` it (NumPy's copy beside symbp's own), that one's for
+    ``symbp_sgemm64_small`` (float32 products of at most ``SMALL`` multiply-adds) and for
+    both float64 symbols; else ``lib``'s for all four."""
+    other = beside or lib
+    for symbol, of in (("symbp_sgemm64", lib), ("symbp_sgemm64_small", other),
+                       ("symbp_dgemm64", other), ("symbp_dgemm64_small", other)):
+        kind = symbol[6]
+        binding.add_symbol(symbol, ctypes.cast(getattr(of, f"scipy_{kind}gemm_64_"),
+                                               ctypes.c_void_p).value)
+    for of in {id(lib): lib, id(other): other}.values():
         of.scipy_openblas_get_num_threads64_.restype = ctypes.c_int
         of.scipy_openblas_get_corename64_.restype = ctypes.c_char_p
 
@@ -174,19 +178,22 @@ def _own_openblas(core: str | None):
 
 
 def _kernels_openblas():
-    """(library, small-product library, whether it is NumPy's copy, name) for the kernels'
-    ``symbp_?gemm64`` and ``symbp_?gemm64_small``; library None: SciPy's through Numba.
+    """(library, NumPy's copy beside it or None, whether the library is NumPy's copy, name)
+    for the kernels' ``symbp_?gemm64`` and ``symbp_?gemm64_small`` (``_bind``); library
+    None: SciPy's through Numba.
 
-    With symbp's own copy on Haswell kernels, the products of at most ``SMALL`` (64^3)
-    multiply-adds still go to NumPy's copy.  OpenBLAS's SkylakeX build has kernels for small
-    products that skip packing, the Haswell one has none, and packing a small product costs
-    more than it computes (batch 1, 256 -> 256: 8.7 µs against 22).  64^3 and not the 100^3
-    up to which SkylakeX takes its small kernels: OpenBLAS runs a product of at most 64^3
-    multiply-adds on the calling thread whatever its thread count (``interface/gemm.c``,
-    ``SMP_THRESHOLD_MIN * GEMM_MULTITHREAD_THRESHOLD``), so NumPy's thread pool, the
-    user's, never wakes in a kernel: two pools taking turns in one step fight for the
-    cores (a step of width 1024 on two threads took 21 ms with both pools awake, 4.7 ms
-    with one)."""
+    With symbp's own copy on Haswell kernels, float64 products stay on NumPy's copy: the
+    Haswell dgemm was 2-8 % slower on Zen 4 at batch 64 (widths 256-2048, W2's shapes) and
+    12 % faster at batch 4096, no clear gain (bench/RESULTS.md).  So do the float32
+    products of at most ``SMALL`` (64^3) multiply-adds.  OpenBLAS's SkylakeX build has
+    kernels for small products that skip packing, the Haswell one has none, and packing a
+    small product costs more than it computes (batch 1, 256 -> 256: 8.7 µs against 22).
+    64^3, not the 100^3 up to which SkylakeX takes its small kernels: OpenBLAS runs a
+    product of at most 64^3 multiply-adds on the calling thread whatever its thread count
+    (``interface/gemm.c``, ``SMP_THRESHOLD_MIN * GEMM_MULTITHREAD_THRESHOLD``), so NumPy's
+    thread pool never wakes in a float32 kernel: two pools taking turns in one step fight
+    for the cores (a float32 step of width 1024 on two threads took 21 ms with both pools
+    awake, 4.7 ms with one)."""
     choice = _choice()
     if choice == "scipy":
         return None, None, False, "SciPy's OpenBLAS (numba_xxgemm)"
@@ -208,7 +215,7 @@ def _kernels_openblas():
             name = lib.scipy_openblas_get_corename64_().decode()
             name = f"symbp's OpenBLAS ({name} kernels, scipy_?gemm_64_)"
             if small is not None:
-                name += (f"; up to {SMALL:.0f} multiply-adds NumPy's ("
+                name += (f"; float32 up to {SMALL:.0f} multiply-adds and float64 NumPy's ("
                          f"{small.scipy_openblas_get_corename64_().decode()} kernels)")
             return lib, small, False, name
     if numpy_lib is not None:
@@ -262,9 +269,9 @@ def _arraymath_without_scipy_linalg() -> None:
 
 _arraymath_without_scipy_linalg()
 # OPENBLAS: the library the kernels call by address (None: SciPy's, through Numba);
-# OPENBLAS_SMALL: NumPy's copy where it takes the products of at most SMALL multiply-adds
-# from symbp's own (else None); SHARED: OPENBLAS is NumPy's copy, the user's too;
-# LIBRARY: their names, in the cache key
+# OPENBLAS_SMALL: NumPy's copy where it takes float64 and the float32 products of at most
+# SMALL multiply-adds from symbp's own (else None); SHARED: OPENBLAS is NumPy's copy, the
+# user's too; LIBRARY: their names, in the cache key
 SMALL = 64.0 ** 3
 OPENBLAS, OPENBLAS_SMALL, SHARED, LIBRARY = _kernels_openblas()
 

@@ -33,9 +33,11 @@ class Blas:
     user's count back right after (two ctypes calls, ~1 µs, and only when the counts
     differ).  symbp's own copy (``blas.SHARED`` false) is set the same way and kept: no one
     else calls it.  It is read on every call all the same, since threadpoolctl's limits
-    reach it too.  Beside it, NumPy's copy takes the products of at most 64^3
-    multiply-adds (``blas.OPENBLAS_SMALL``), which OpenBLAS runs on the calling thread
-    whatever its count: its count is not touched.  When they call SciPy's copy, ``use``
+    reach it too.  Beside it, NumPy's copy takes the float64 products and the float32 ones
+    of at most 64^3 multiply-adds (``blas.OPENBLAS_SMALL``): set and given back as above.
+    A float32 kernel then wakes only one pool: OpenBLAS runs a product of at most 64^3
+    multiply-adds on the calling thread whatever its count (two pools taking turns in one
+    step fight for the cores: bench/RESULTS.md).  When they call SciPy's copy, ``use``
     sets it through threadpoolctl and keeps it (``now``); without threadpoolctl the
     library default stays.
     """
@@ -43,9 +45,11 @@ class Blas:
     def __init__(self):
         self.libs = None  # SciPy's copy: its threadpoolctl controllers
         self.now = None  # SciPy's copy: the count set last.  OpenBLAS by address: None
-        self.user = None  # NumPy's copy: the user's count while a kernel runs, or None
         self.shared = False  # the kernels' OpenBLAS is NumPy's copy, the user's too
-        self._get = self._set = None  # OpenBLAS by address: get/set_num_threads (ctypes)
+        # OpenBLAS by address: get/set_num_threads (ctypes) of the kernels' library and of
+        # NumPy's copy beside it, and the user's counts of NumPy's copy to give back
+        self._get = self._set = self._get_np = self._set_np = None
+        self.user = self.user_np = None
 
     def use(self, n: int) -> None:
         if self._get is not None:  # OpenBLAS by address, on every call: one ctypes read
@@ -54,6 +58,11 @@ class Blas:
                 self._set(n)
                 if self.shared:
                     self.user = now
+            if self._get_np is not None:
+                now = self._get_np()
+                if now != n:
+                    self._set_np(n)
+                    self.user_np = now
             return
         if n == self.now:
             return
@@ -71,9 +80,13 @@ class Blas:
         if self.user is not None:
             self._set(self.user)
             self.user = None
+        if self.user_np is not None:
+            self._set_np(self.user_np)
+            self.user_np = None
 
     def _find(self) -> None:
         from ..backends.blas import OPENBLAS as lib
+        from ..backends.blas import OPENBLAS_SMALL as beside
         from ..backends.blas import SHARED
 
         self.libs = []
@@ -81,6 +94,9 @@ class Blas:
             self._get = lib.scipy_openblas_get_num_threads64_
             self._set = lib.scipy_openblas_set_num_threads64_
             self.shared = SHARED
+            if beside is not None:
+                self._get_np = beside.scipy_openblas_get_num_threads64_
+                self._set_np = beside.scipy_openblas_set_num_threads64_
             return
         try:
             import scipy.linalg.cython_blas  # noqa: F401  (load it, so it can be found)
