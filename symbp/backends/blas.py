@@ -89,7 +89,6 @@ def _bind(lib, beside=None) -> None:
                                                ctypes.c_void_p).value)
     for of in {id(lib): lib, id(other): other}.values():
         of.scipy_openblas_get_num_threads64_.restype = ctypes.c_int
-        of.scipy_openblas_get_corename64_.restype = ctypes.c_char_p
 
 
 def _numpy_openblas():
