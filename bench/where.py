@@ -14,15 +14,19 @@ blocks (a shared machine only ever adds time).
 
 Part 2, the products: the three product shapes of a dense layer of the point (forward
 ``H @ W`` (B, w, w); weight gradient ``H.T @ G`` (w, B, w); input gradient ``G @ W.T``
-(B, w, w)) on each BLAS reachable here: ``symbp`` = the kernels' ``_gemm`` called from
-njit code on the library the first ``--blas`` choice loads (``own``: symbp's OpenBLAS,
-on AMD Zen 4 with its Haswell kernels for float32, NumPy's copy for float64 and for
-products of at most 64^3 multiply-adds; ``numpy``: NumPy's OpenBLAS), ``symbp-scipy`` =
-the same on SciPy's OpenBLAS (Numba's ``np.dot`` library), ``numpy`` = ``np.dot(..., out=)`` from Python
-(NumPy's OpenBLAS, its own choice of kernels), ``xla`` = ``jax.jit(a @ b)``
-(XLA's CPU dot, what JAX's step uses), ``torch`` = ``torch.mm(..., out=)``; pinned, one
-thread each; ms per product, GFLOP/s.  Part 1 runs once per ``--blas`` library
-(``SYMBP_BLAS=own``, ``numpy`` or ``scipy``).
+(B, w, w)) on each BLAS reachable here, pinned, one thread each, ms per product and
+GFLOP/s:
+
+- ``symbp``: the kernels' ``_gemm`` called from njit code on the library the first
+  ``--blas`` choice loads (``own``: symbp's OpenBLAS, on AMD Zen 4 with its Haswell
+  kernels for float32, NumPy's copy for float64 and for products of at most 64^3
+  multiply-adds; ``numpy``: NumPy's OpenBLAS);
+- ``symbp-scipy``: the same on SciPy's OpenBLAS (Numba's ``np.dot`` library);
+- ``numpy``: ``np.dot(..., out=)`` from Python (NumPy's OpenBLAS, its own kernels);
+- ``xla``: ``jax.jit(a @ b)`` (XLA's CPU dot, what JAX's step uses);
+- ``torch``: ``torch.mm(..., out=)``.
+
+Part 1 runs once per ``--blas`` library (``SYMBP_BLAS=own``, ``numpy`` or ``scipy``).
 """
 
 from __future__ import annotations
