@@ -137,10 +137,10 @@ def _path(d: Path, key: str) -> Path:
     return d / f"gen_{key}.py"
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str | bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -216,6 +216,10 @@ def _load(text: str, key: str) -> ModuleType:
     path = _path(d, key)
     name = f"symbp_gen_{key[:20]}"
     _ensure_file(path, text)
+    module = _native(text, path, name)
+    if module is not None:
+        _loaded[key] = module
+        return module
     try:
         module = _import(path, name)
     except Exception as first:
@@ -235,6 +239,24 @@ def _load(text: str, key: str) -> ModuleType:
         if not stale:  # nothing was damaged, yet the retry worked: keep the first story
             _ = first
     _loaded[key] = module
+    return module
+
+
+def _native(text: str, path: Path, name: str) -> ModuleType | None:
+    """The module's kernels compiled by symbp's own lowering (``symbp.backends.native``),
+    its machine code kept in ``__pycache__/<file>.native``; None when the module is not
+    one it takes (Numba then compiles it, as it compiles every module under
+    ``SYMBP_LOWER=numba``)."""
+    if "from numba import njit" not in text:
+        return None
+    from .backends import native
+
+    kernels = native.load(text, path.parent / "__pycache__" / (path.stem + ".native"))
+    if kernels is None:
+        return None
+    module = ModuleType(name)
+    module.__file__ = str(path)
+    module.__dict__.update(kernels)
     return module
 
 

@@ -11,6 +11,7 @@ import sympy as sp
 from conftest import have
 
 import symbp as sb
+from symbp import cache
 
 pytestmark = pytest.mark.needs(have("numba"), "numba")
 
@@ -81,8 +82,11 @@ def test_stage_functions_do_not_grow_with_depth(split, unrolled):
     assert counts[0] == counts[1] > 0
 
 
-def test_each_stage_compiles_once(split, unrolled):
-    # a row number printed as a bare int is a Literal type: one compilation per value
+def test_each_stage_compiles_once(split, unrolled, monkeypatch):
+    # a row number printed as a bare int is a Literal type to Numba: one compilation per
+    # value (symbp's own lowering types every int as int64, tests/test_native.py)
+    monkeypatch.setenv("SYMBP_LOWER", "numba")
+    cache._loaded.clear()
     f, params, sizes = mlp(6)
     step = sb.compile_step(f, params, sb.SGD(0.1), target="cpu", dtype=np.float32)
     rng = np.random.default_rng(1)

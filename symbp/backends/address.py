@@ -37,3 +37,6 @@ def array(typingctx, address, shape, dtype):
         return c_array(context, builder, aty, data, dims)
 
     return aty(address, shape, dtype), codegen
+
+
+array.symbp_native = "array"  # lowered by symbp.backends.native too

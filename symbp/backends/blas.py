@@ -330,6 +330,11 @@ def gemm(typingctx, a, b, c, alpha, beta):
     return sig, codegen
 
 
+# symbp.backends.native lowers calls of this object itself (same checks, same calls): a
+# change here is a change there
+gemm.symbp_native = "gemm"
+
+
 def _openblas_gemm(context, builder, kind, operands, char, intp):
     """The call into ``OPENBLAS`` (symbp's copy or NumPy's): Fortran ``?gemm_`` with 64-bit
     integers, every argument by reference."""

@@ -157,6 +157,9 @@ def gradient_call(p: Program, source: str, layout: dict, kern, dt, target: str,
 
 def _returns(kern, dt) -> bool:
     """Whether the compiled ``kern`` returns a tuple of dtype ``dt`` scalars alone."""
+    info = getattr(kern, "__self__", None)
+    if getattr(info, "native", False):  # symbp's own lowering (symbp.backends.native)
+        return info.returns_floats_of({"float32": "f32", "float64": "f64"}.get(dt.name))
     from numba import from_dtype
     from numba.core import types
 
