@@ -472,3 +472,24 @@ def test_products_of_every_layout_and_size_match_numba(lowerings):
     for mod in mods.values():
         with pytest.raises(ValueError, match="the sizes of A @ B and C disagree"):
             mod.nn_float64(np.zeros((2, 3)), np.zeros((4, 5)), np.zeros((2, 5)), 1.0, 0.0)
+
+
+def test_threads_compiling_at_once_each_get_their_kernel(cache_dir):
+    import threading
+
+    nets = [_mlp(1, width=w) for w in (5, 6, 7, 9)]
+    out: dict = {}
+
+    def compile_one(k):
+        L, params = nets[k]
+        out[k] = sb.compile_step(L, params, sb.SGD(0.1), target="cpu", dtype=np.float64)
+
+    threads = [threading.Thread(target=compile_one, args=(k,)) for k in range(len(nets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, (_, params) in enumerate(nets):
+        assert is_native(out[k].kernel)
+        losses, _ = _train(out[k], params, np.float64)
+        assert np.isfinite(losses).all() and losses[-1] < losses[0]

@@ -35,6 +35,7 @@ import hashlib
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -1217,14 +1218,11 @@ class Body:
 
     # --- the backends' intrinsics (symbp.backends.views, address and blas) --------------------
     def sizes(self, shape) -> list:
+        """The int64 sizes of a shape argument (an int or a tuple of ints)."""
         items = shape.items if isinstance(shape, Tup) else [shape]
-        if not items:
-            raise Unsupported("an empty shape")
-        return [self.cast(self.scalar(v), I64) if self.scalar(v).t in (I64, BOOL)
-                else self._bad_size() for v in items]
-
-    def _bad_size(self):
-        raise Unsupported("a float size")
+        if not items or any(self.scalar(v).t not in (I64, BOOL) for v in items):
+            raise Unsupported("a shape that is not one or more integers")
+        return [self.cast(v, I64) for v in items]
 
     VIEW = "symbp: a workspace view reaches outside its array"
 
@@ -1521,16 +1519,17 @@ def load(source: str, obj_path) -> dict | None:
         m = translate(source)
     except Unsupported:
         return None
-    obj = _read(obj_path)
-    from_disk = obj is not None
-    if obj is None:
-        obj = _optimise(m.ir)
-        _write(obj_path, obj)
-    ll, _, _, engine = _setup()
-    if m.tag not in _added:  # the same module loaded again (a test's fresh cache): once
-        engine.add_object_file(ll.ObjectFileRef.from_data(obj))
-        engine.finalize_object()
-        _added.add(m.tag)
+    with _LOCK:  # one engine for the process: threads compiling at once take turns
+        obj = _read(obj_path)
+        from_disk = obj is not None
+        if obj is None:
+            obj = _optimise(m.ir)
+            _write(obj_path, obj)
+        ll, _, _, engine = _setup()
+        if m.tag not in _added:  # the same module loaded again (a test's fresh cache): once
+            engine.add_object_file(ll.ObjectFileRef.from_data(obj))
+            engine.finalize_object()
+            _added.add(m.tag)
     new = ctypes.pythonapi.PyCFunction_NewEx
     new.restype = ctypes.py_object
     new.argtypes = [ctypes.c_void_p, ctypes.py_object, ctypes.c_void_p]
@@ -1545,6 +1544,7 @@ def load(source: str, obj_path) -> dict | None:
 
 
 _added: set = set()  # the tags of the modules in the engine
+_LOCK = threading.RLock()
 
 
 def _recipe() -> bytes:
