@@ -493,3 +493,29 @@ def test_threads_compiling_at_once_each_get_their_kernel(cache_dir):
         assert is_native(out[k].kernel)
         losses, _ = _train(out[k], params, np.float64)
         assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_names_llvm_would_not_take_are_fine(lowerings):
+    # a parameter named α: the kernel's arguments are named by position in the IR
+    X, A, T = sp.MatrixSymbol("X", N, 3), sp.MatrixSymbol("α", 3, 2), sp.MatrixSymbol("T", N, 2)
+    f = sb.mse(sb.tanh(X * A), T)
+    fns = lowerings(lambda: sb.compile(f, [A], target="cpu", dtype=np.float64))
+    assert is_native(kernel_of(fns["native"]))
+    rng = np.random.default_rng(5)
+    arrays = {"X": rng.standard_normal((4, 3)), "α": rng.standard_normal((3, 2)),
+              "T": rng.standard_normal((4, 2))}
+    got = {mode: fn(**arrays) for mode, fn in fns.items()}
+    same_bits(np.float64(got["native"][0]), np.float64(got["numba"][0]))
+    same_bits(got["native"][1]["α"], got["numba"][1]["α"])
+
+
+def test_a_module_llvm_refuses_goes_to_numba_with_a_warning(cache_dir, monkeypatch):
+    def refuse(ir):
+        raise RuntimeError("<string>:1:1: error: made up")
+
+    monkeypatch.setattr(native, "_optimise", refuse)
+    L, params = _mlp(1)
+    with pytest.warns(RuntimeWarning, match="own lowering failed.*made up.*gen_"):
+        step = sb.compile_step(L, params, sb.SGD(0.1), target="cpu", dtype=np.float32)
+    assert not is_native(step.kernel)
+    assert np.isfinite(_train(step, params, np.float32)[0]).all()

@@ -36,6 +36,7 @@ import math
 import os
 import struct
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -359,11 +360,11 @@ class Module:
             raise Unsupported("a recursive function")
         self.making.add(key)
         node, kw = self.defs[name]
-        fname = f"@f{len(self.made)}.{name}"
+        fname = f'@"f{len(self.made)}.{name}"'  # quoted: a routine may be named _α
         fn = Fn(self, fname)
         params = []
-        for arg, t in zip(node.args.args, types):
-            fn.vars[arg.arg] = self.param(fn, arg.arg, t, params)
+        for k, (arg, t) in enumerate(zip(node.args.args, types)):
+            fn.vars[arg.arg] = self.param(fn, k, t, params)
         Body(fn).statements(node.body)
         if not fn.done:
             if fn.returns and fn.returns[0] is not None:
@@ -382,11 +383,13 @@ class Module:
         self.making.discard(key)
         return fname, rets
 
-    def param(self, fn: Fn, name: str, t, params: list):
-        """The parameters an argument of type ``t`` takes, as a value of the body."""
+    def param(self, fn: Fn, index: int, t, params: list):
+        """The parameters argument ``index`` of type ``t`` takes, as a value of the body
+        (named by position: a Python name may hold letters LLVM's names do not, α)."""
+        name = str(index)
         if isinstance(t, ArrT):
-            data = f"%a.{name}"
-            shape = [f"%a.{name}.{k}" for k in range(t.ndim)]
+            data = f"%a{name}"
+            shape = [f"%a{name}.{k}" for k in range(t.ndim)]
             params += [f"ptr {data}"] + [f"i64 {s}" for s in shape]
             return ("let", Arr(t, data, shape))
         if isinstance(t, tuple):  # a tuple of scalars, item by item
@@ -394,11 +397,11 @@ class Module:
             for k, it in enumerate(t):
                 if isinstance(it, (ArrT, tuple)):
                     raise Unsupported("a tuple of arrays as an argument")
-                r = f"%a.{name}.{k}"
+                r = f"%a{name}.{k}"
                 params.append(f"{LL[it]} {r}")
                 items.append(Val(it, r))
             return ("let", Tup(items))
-        r = f"%a.{name}"
+        r = f"%a{name}"
         params.append(f"{LL[t]} {r}")
         slot = fn.alloca(LL[t])
         fn.allocas.append(f"  store {LL[t]} {r}, ptr {slot}")
@@ -406,7 +409,7 @@ class Module:
 
     # --- the CPython entry point of a kernel ------------------------------------------------
     def wrapper(self, name: str, types: list, fname: str, rets) -> None:
-        fn = Fn(self, f"@py.{name}")
+        fn = Fn(self, f'@"py.{name}"')
         d = self.declare
         d("PyErr_SetString", "declare void @PyErr_SetString(ptr, ptr)")
         d("PyErr_Occurred", "declare ptr @PyErr_Occurred()")
@@ -515,14 +518,14 @@ class Module:
                 fn.term(f"ret ptr {tup}")
             else:
                 fn.term(f"ret ptr {boxed[0]}")
-        head = f"define internal ptr @py.{name}(ptr %self, ptr %args, i64 %nargs) {{"
+        head = f'define internal ptr @"py.{name}"(ptr %self, ptr %args, i64 %nargs) {{'
         body = ["entry:"] + fn.allocas + ["  br label %start", "start:"] + fn.lines
         self.out.append("\n".join([head] + body + ["}"]))
         nm = self.string(name)
         # the one symbol the module exports per kernel (its tag keeps modules apart in the
         # process's one engine): the PyMethodDef that PyCFunction_NewEx reads
-        self.out.append(f"@{entry(self.tag, name)} = global {{ptr, ptr, i32, ptr}} {{ptr {nm}, "
-                        f"ptr @py.{name}, i32 {METH_FASTCALL}, ptr null}}")
+        self.out.append(f'@"{entry(self.tag, name)}" = global {{ptr, ptr, i32, ptr}} '
+                        f'{{ptr {nm}, ptr @"py.{name}", i32 {METH_FASTCALL}, ptr null}}')
 
     def _field(self, fn: Fn, base: str, offset: int) -> str:
         return fn.op(f"getelementptr i8, ptr {base}, i64 {offset}")
@@ -1523,7 +1526,14 @@ def load(source: str, obj_path) -> dict | None:
         obj = _read(obj_path)
         from_disk = obj is not None
         if obj is None:
-            obj = _optimise(m.ir)
+            try:
+                obj = _optimise(m.ir)
+            except RuntimeError as err:  # LLVM refused the IR: a bug here, not the user's
+                warnings.warn(f"symbp: the kernels' own lowering failed ({err}); Numba "
+                              "compiles this module. Please report it with the module "
+                              f"{obj_path.name[:-len('.native')]}.py", RuntimeWarning,
+                              stacklevel=3)
+                return None
             _write(obj_path, obj)
         ll, _, _, engine = _setup()
         if m.tag not in _added:  # the same module loaded again (a test's fresh cache): once
