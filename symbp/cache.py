@@ -3,7 +3,10 @@
 Numba can cache machine code only for functions that live in a real file (``cache=True``
 fails for exec'd source).  So generated source is written to ``gen_<sha256>.py`` under the
 cache directory (``$SYMBP_CACHE_DIR``, default ``~/.cache/symbp``) and imported from
-there; Numba keeps its own index and object files next to it in ``__pycache__``.
+there; Numba keeps its own index and object files next to it in ``__pycache__``.  A
+module that symbp's own lowering compiles (``symbp.backends.native``, the 'cpu' kernels)
+keeps its object code there too, as ``gen_<sha256>.native``, behind the SHA-256 of its
+bytes and of its recipe (that lowering's code, LLVM's version, the CPU).
 
 The key is the SHA-256 of the source *and* of everything its machine code depends on
 besides: symbp's version, the Numba, llvmlite and NumPy versions, Python's, and the
