@@ -1204,19 +1204,19 @@ class Body:
         return vals[0] if rets.bare else Tup(vals)
 
     def propagate(self, status: str) -> None:
-        fn = self.fn
-        ok, bad = fn.label("ok"), fn.label("err")
-        fn.term(f"br i1 {fn.op(f'icmp eq i32 {status}, 0')}, label %{ok}, label %{bad}")
-        fn.block(bad)
-        fn.term(f"ret i32 {status}")
-        fn.block(ok)
+        """A callee's raise, raised on: its status returned as it is."""
+        self.return_if(self.fn.op(f"icmp ne i32 {status}, 0"), status)
 
     def check(self, bad: str, message: str) -> None:
+        """``raise ValueError(message)`` where ``bad`` holds."""
+        self.return_if(bad, str(self.mod.error("ValueError", message)))
+
+    def return_if(self, bad: str, status: str) -> None:
         fn = self.fn
         ok, no = fn.label("ok"), fn.label("raise")
         fn.term(f"br i1 {bad}, label %{no}, label %{ok}")
         fn.block(no)
-        fn.term(f"ret i32 {self.mod.error('ValueError', message)}")
+        fn.term(f"ret i32 {status}")
         fn.block(ok)
 
     # --- the backends' intrinsics (symbp.backends.views, address and blas) --------------------
