@@ -1415,13 +1415,15 @@ def _setup():
         ll.initialize_native_target()
         ll.initialize_native_asmprinter()
 
-        def machine():
+        def machine():  # as Numba's JIT makes it (numba/core/codegen.py)
             target = ll.Target.from_triple(ll.get_process_triple())
             features = (config.CPU_FEATURES if config.CPU_FEATURES is not None
                         else get_host_cpu_features())
+            reloc = ("static" if target.name.startswith("x86") else
+                     "pic" if target.name.startswith("ppc") else "default")
             return target.create_target_machine(
                 cpu=config.CPU_NAME or ll.get_host_cpu_name(), features=features, opt=3,
-                reloc="static", codemodel="jitdefault", jit=True)
+                reloc=reloc, codemodel="jitdefault", jit=True)
 
         # objects the wrapper uses, by symbols of symbp's own: Numba binds the name
         # PyExc_TypeError to the class itself, CPython to a pointer to it
