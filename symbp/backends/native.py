@@ -23,8 +23,9 @@ checks each argument as Numba's dispatch does for the kernel's signature (an nda
 that dtype, rank, C layout, aligned and writeable; an int; a float), raising TypeError
 otherwise, and returns what Numba would box (a float, or a tuple of floats).  A kernel's
 ``raise ValueError(...)`` becomes a status code and the same exception.  Machine code is
-kept on disk next to the module (``__pycache__/gen_<key>.native``, with its SHA-256 in
-front: a damaged file is compiled afresh, never loaded).
+kept on disk next to the module (``__pycache__/gen_<key>.native``) behind the SHA-256 of
+its recipe (this file, LLVM's version, the CPU) and of its bytes: a damaged or foreign
+file is compiled afresh, never loaded.
 """
 
 from __future__ import annotations
@@ -1566,13 +1567,14 @@ def _recipe() -> bytes:
     global _RECIPE
     if _RECIPE is None:
         import llvmlite
+        from numba.core.codegen import get_host_cpu_features
 
         ll, tm, config, _ = _setup()
         with open(__file__, "rb") as f:
             own = f.read()
-        cpu = f"{config.CPU_NAME or ll.get_host_cpu_name()} {tm.triple} " + (
-            config.CPU_FEATURES if config.CPU_FEATURES is not None else
-            __import__("numba.core.codegen", fromlist=["x"]).get_host_cpu_features())
+        features = (config.CPU_FEATURES if config.CPU_FEATURES is not None
+                    else get_host_cpu_features())
+        cpu = f"{config.CPU_NAME or ll.get_host_cpu_name()} {tm.triple} {features}"
         _RECIPE = hashlib.sha256(own + f"\0{llvmlite.__version__}\0{cpu}".encode()).digest()
     return _RECIPE
 
