@@ -183,7 +183,9 @@ MATH_CONST = {"pi": math.pi, "e": math.e, "tau": math.tau, "inf": math.inf, "nan
 OB_TYPE, AR_DATA, AR_ND, AR_DIMS, AR_DESCR, AR_FLAGS = 8, 16, 24, 32, 56, 64
 DESCR_BYTEORDER, DESCR_TYPENUM = 26, 28
 C_CONTIGUOUS, ALIGNED, WRITEABLE = 0x1, 0x100, 0x400
-TYPENUMS = {F32: (11,), F64: (12,), I64: (7, 9)}  # NPY_FLOAT, NPY_DOUBLE, NPY_LONG/LONGLONG
+# NumPy's type numbers per kind: int64 is C's long or long long, whichever is 8 bytes here
+TYPENUMS = {F32: (np.dtype("f4").num,), F64: (np.dtype("f8").num,),
+            I64: tuple(sorted({np.dtype(c).num for c in "lq" if np.dtype(c).itemsize == 8}))}
 METH_FASTCALL = 0x80
 EXCEPTIONS = {"TypeError": TypeError, "ValueError": ValueError, "RuntimeError": RuntimeError,
               "OverflowError": OverflowError}
