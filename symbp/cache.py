@@ -33,12 +33,22 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from types import ModuleType
 
 from .errors import SymbpError
 
 _loaded: dict[str, ModuleType] = {}  # this process: digest -> module
+_PARSE = threading.Lock()
+
+
+def parse(text, filename: str = "<unknown>", mode: str = "exec") -> ast.AST:
+    """``ast.parse``, one thread at a time: CPython 3.11's parser is not safe to run from
+    two threads at once ("AST constructor recursion depth mismatch", CPython issue
+    106905), and steps compiled in threads at once each parse their module."""
+    with _PARSE:
+        return ast.parse(text, filename, mode)
 
 
 def cache_dir() -> Path:
@@ -77,14 +87,14 @@ def _imports_of_module(name: str) -> tuple[str, ...]:
     path = _module_file(name)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     # imports inside functions count too (blas.py imports in its typing function)
-    return tuple(_symbp_imports(ast.walk(ast.parse(path.read_bytes(), str(path))), package))
+    return tuple(_symbp_imports(ast.walk(parse(path.read_bytes(), str(path))), package))
 
 
 def dependencies(source: str) -> list[str]:
     """Every symbp module ``source`` imports, and the symbp modules those import."""
     try:
         # generated code imports at the top: walking every loop of a kernel costs ~10 ms
-        todo = _symbp_imports(ast.parse(source).body, "")
+        todo = _symbp_imports(parse(source).body, "")
     except SyntaxError:  # it cannot compile either: load() reports it with its file
         todo = []
     seen: set[str] = set()

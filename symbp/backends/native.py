@@ -250,7 +250,9 @@ class Module:
 
     def __init__(self, source: str):
         self.tag = hashlib.sha256(source.encode()).hexdigest()[:24]
-        self.tree = ast.parse(source)
+        from ..cache import parse
+
+        self.tree = parse(source)
         self.globals: dict = {"math": Obj("module", "math"), "np": Obj("module", "np"),
                               "range": Obj("builtin", "range"), "abs": Obj("builtin", "abs"),
                               "float": Obj("dtype", F64), "int": Obj("dtype", I64),

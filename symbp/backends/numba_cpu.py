@@ -693,7 +693,7 @@ def _cut(n: str, w: str, lo: str, hi: str, shape) -> str:
 
 def _stored(lines) -> set:
     """The names that ``lines`` (one indentation level inside a def) bind."""
-    tree = ast.parse(textwrap.dedent("\n".join(lines)) or "pass")
+    tree = cache.parse(textwrap.dedent("\n".join(lines)) or "pass")
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
             and isinstance(n.ctx, ast.Store)}
 
@@ -852,7 +852,7 @@ class _Loop:
 def _affine(text: str):
     """``66*N + 1`` as {"N": 66, "": 1}; np.int64(11) as {"": 11}; None if not of that form."""
     try:
-        return _affine_node(ast.parse(text, mode="eval").body)
+        return _affine_node(cache.parse(text, mode="eval").body)
     except (SyntaxError, ValueError):
         return None
 
