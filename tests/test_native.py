@@ -90,7 +90,8 @@ def _summed(names):
 
 
 def _hostile(program, unit, dtype, seed=0):
-    """Input sets: plain ones, then each input with a NaN, ±inf, ±0 and a large entry."""
+    """Input sets: plain ones, then each input with a NaN, ±inf, -0 or a large entry of
+    either sign in turn."""
     rng = np.random.default_rng(seed)
     lo = 0.1 if unit else -1.0
     base = {}

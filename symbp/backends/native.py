@@ -106,8 +106,9 @@ def const_text(t: str, value) -> str:
 
 
 def const(t: str, value) -> Val:
-    if t == F32:
-        value = float(np.float32(value))
+    if t == F32:  # an int rounds once, as sitofp does (not through float64 first)
+        exact = isinstance(value, int) and not isinstance(value, bool)
+        value = float(np.float32(np.int64(value) if exact else value))
     elif t == F64:
         value = float(value)
     elif t == I64:
@@ -176,7 +177,6 @@ INTRINSIC = {"exp": "llvm.exp", "log": "llvm.log", "log10": "llvm.log10", "log2"
 EXTERN = {n: (n + "f", n) for n in ("log1p", "expm1", "erf", "erfc", "tan", "asin", "acos",
                                      "atan", "asinh", "acosh", "atanh", "sinh", "cosh", "tanh",
                                      "sqrt", "lgamma")}
-EXTERN.pop("log2", None)
 MATH_CONST = {"pi": math.pi, "e": math.e, "tau": math.tau, "inf": math.inf, "nan": math.nan}
 
 # CPython and NumPy: the fields the wrapper reads (checked against a real array at load)
@@ -986,8 +986,9 @@ class Body:
         c = self.truth(self.expr(node.test))
         then, other, end = fn.label("ithen"), fn.label("ielse"), fn.label("iend")
         fn.term(f"br i1 {c.r}, label %{then}, label %{other}")
-        # both arms are typed first (a dry run would emit code twice): lower each into
-        # its block, then cast both to their common kind at the join through a slot
+        # each arm is lowered into its block; the first arm's kind is known only once the
+        # second's is, so its cast to the common kind is put in afterwards, before its
+        # branch to the join, where a phi takes both
         fn.block(then)
         a = self.scalar(self.expr(node.body))
         a_end_lines = len(fn.lines)
@@ -1403,13 +1404,14 @@ go:
 # --- LLVM: the target machine, compiling, loading --------------------------------------------
 
 _llvm = None  # (llvmlite.binding, a target machine, Numba's config, the engine)
+_CPU = ""  # the CPU the target machines compile for: name, triple, features (set by _setup)
 _ABI_OK = None
 
 
 def _setup():
     """LLVM for this process: a target machine as Numba's (the host CPU, O3) for compiling,
     and one MCJIT engine (it owns a second one) that every module's object code joins."""
-    global _llvm
+    global _llvm, _CPU
     if _llvm is None:
         import llvmlite.binding as ll
         from numba.core import config
@@ -1420,15 +1422,17 @@ def _setup():
         ll.initialize_native_target()
         ll.initialize_native_asmprinter()
 
+        target = ll.Target.from_triple(ll.get_process_triple())
+        cpu = config.CPU_NAME or ll.get_host_cpu_name()
+        features = (config.CPU_FEATURES if config.CPU_FEATURES is not None
+                    else get_host_cpu_features())
+        reloc = ("static" if target.name.startswith("x86") else
+                 "pic" if target.name.startswith("ppc") else "default")
+        _CPU = f"{cpu} {target.triple} {features}"
+
         def machine():  # as Numba's JIT makes it (numba/core/codegen.py)
-            target = ll.Target.from_triple(ll.get_process_triple())
-            features = (config.CPU_FEATURES if config.CPU_FEATURES is not None
-                        else get_host_cpu_features())
-            reloc = ("static" if target.name.startswith("x86") else
-                     "pic" if target.name.startswith("ppc") else "default")
-            return target.create_target_machine(
-                cpu=config.CPU_NAME or ll.get_host_cpu_name(), features=features, opt=3,
-                reloc=reloc, codemodel="jitdefault", jit=True)
+            return target.create_target_machine(cpu=cpu, features=features, opt=3,
+                                                reloc=reloc, codemodel="jitdefault", jit=True)
 
         # objects the wrapper uses, by symbols of symbp's own: Numba binds the name
         # PyExc_TypeError to the class itself, CPython to a pointer to it
@@ -1457,7 +1461,8 @@ def abi_ok() -> bool:
                        and word(OB_TYPE, ctypes.c_void_p) == id(np.ndarray)
                        and word(AR_DATA, ctypes.c_void_p) == a.ctypes.data
                        and word(AR_ND, ctypes.c_int) == 2
-                       and ctypes.c_int.from_address(descr + DESCR_TYPENUM).value == 11
+                       and ctypes.c_int.from_address(descr + DESCR_TYPENUM).value
+                       in TYPENUMS[F32]
                        and descr == id(a.dtype)
                        and [ctypes.c_ssize_t.from_address(word(AR_DIMS, ctypes.c_void_p)
                                                           + 8 * k).value
@@ -1571,15 +1576,11 @@ def _recipe() -> bytes:
     global _RECIPE
     if _RECIPE is None:
         import llvmlite
-        from numba.core.codegen import get_host_cpu_features
 
-        ll, tm, config, _ = _setup()
+        _setup()
         with open(__file__, "rb") as f:
             own = f.read()
-        features = (config.CPU_FEATURES if config.CPU_FEATURES is not None
-                    else get_host_cpu_features())
-        cpu = f"{config.CPU_NAME or ll.get_host_cpu_name()} {tm.triple} {features}"
-        _RECIPE = hashlib.sha256(own + f"\0{llvmlite.__version__}\0{cpu}".encode()).digest()
+        _RECIPE = hashlib.sha256(own + f"\0{llvmlite.__version__}\0{_CPU}".encode()).digest()
     return _RECIPE
 
 
