@@ -747,3 +747,62 @@ def test_inlined_routines_give_the_bits_of_the_routine_alone(dtype):
                          dtype)
         np.testing.assert_array_equal(inlined.view(f"u{inlined.itemsize}"),
                                       alone.view(f"u{alone.itemsize}"), err_msg=name)
+
+
+SPIN = """
+import os, resource, time
+import numpy as np, sympy as sp
+import symbp as sb
+N = sp.Symbol("N")
+X, T = sp.MatrixSymbol("X", N, 512), sp.MatrixSymbol("T", N, 10)
+W0, b0 = sp.MatrixSymbol("W0", 512, 512), sp.MatrixSymbol("b0", 1, 512)
+W1, b1 = sp.MatrixSymbol("W1", 512, 10), sp.MatrixSymbol("b1", 1, 10)
+L = sb.softmax_cross_entropy(sb.dense(sb.relu(sb.dense(X, W0, b0)), W1, b1), T)
+step = sb.compile_step(L, [W0, b0, W1, b1], sb.SGD(0.01), target="cpu", dtype=np.float32,
+                       blas_threads=2)
+rng = np.random.default_rng(0)
+P = {"W0": rng.standard_normal((512, 512), dtype=np.float32) * 0.04,
+     "b0": np.zeros((1, 512), np.float32), "b1": np.zeros((1, 10), np.float32),
+     "W1": rng.standard_normal((512, 10), dtype=np.float32) * 0.04}
+x, t = rng.random((256, 512), dtype=np.float32), np.eye(10, dtype=np.float32)[np.arange(256) % 10]
+spun = []
+for _ in range(3):
+    for _ in range(20):
+        step(P, X=x, T=t)
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    time.sleep(0.3)
+    q = resource.getrusage(resource.RUSAGE_SELF)
+    spun.append(q.ru_utime + q.ru_stime - r.ru_utime - r.ru_stime)
+print(min(spun), os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+"""
+
+
+def test_own_openblas_threads_stop_spinning_soon_after_their_work():
+    """symbp's copy of OpenBLAS is loaded with OPENBLAS_THREAD_TIMEOUT=22: its second
+    thread spins ~1.5 ms after a two-thread step, not OpenBLAS's ~0.1 s, which took a
+    core from the one-thread steps after a thread-tuner probe and from any neighbour.  The
+    process's CPU time during a 0.3 s sleep after two-thread steps says how long it spun;
+    a user's own OPENBLAS_THREAD_TIMEOUT is kept (28, OpenBLAS's default: it spins again),
+    and the variable is not left set in the process when symbp set it."""
+    import subprocess
+    import sys
+
+    from symbp.runtime.threads import cores
+
+    need(have("scipy_openblas64"), "openblas")
+    if cores() < 2:
+        pytest.skip("two threads need two cores")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    env.update(SYMBP_BLAS="own")
+    out = {}
+    for timeout in (None, "28"):
+        if timeout is not None:
+            env["OPENBLAS_THREAD_TIMEOUT"] = timeout
+        r = subprocess.run([sys.executable, "-c", SPIN], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        spun, left = r.stdout.split()
+        out[timeout] = float(spun), left
+    assert out[None][1] == "None" and out["28"][1] == "28"
+    assert out[None][0] < 0.03, out  # measured 0.002-0.005 s
+    assert out["28"][0] > 0.04, out  # measured 0.105 s

@@ -136,10 +136,20 @@ def _core_for_this_cpu(numpy_lib) -> str | None:
     return "Haswell" if amd and zen4 else None
 
 
+# OpenBLAS's idle threads spin 2^THREAD_TIMEOUT TSC ticks after their work before they
+# sleep.  Its default, 2^28, is ~0.1 s: after a two-thread step, or a probe of two threads
+# by the thread tuner, symbp's second OpenBLAS thread spun on for 0.105 s of CPU
+# (bench/RESULTS.md), taking a core from the one-thread steps that followed and from any
+# neighbour process.  2^22 is ~1.5 ms, longer than the gaps between one step's products
+# and between steps, so two-thread steps still find the thread awake.
+THREAD_TIMEOUT = 22
+
+
 def _own_openblas(core: str | None):
     """symbp's own copy of OpenBLAS (the ``scipy_openblas64`` package's library, a file
     apart from NumPy's, so a second instance with its own state and threads), loaded with
-    ``OPENBLAS_CORETYPE=core`` (None: OpenBLAS's own choice).  None if the package is
+    ``OPENBLAS_CORETYPE=core`` (None: OpenBLAS's own choice) and, unless the user set one,
+    ``OPENBLAS_THREAD_TIMEOUT=THREAD_TIMEOUT``.  None if the package is
     missing; a SymbpError if the library did not take that core (a name OpenBLAS does not
     know: it keeps its own choice)."""
     import importlib.util
@@ -152,20 +162,23 @@ def _own_openblas(core: str | None):
                    + glob.glob(os.path.join(where, "libscipy_openblas64_*.dylib")))
     if not found:
         return None
-    before = os.environ.get("OPENBLAS_CORETYPE")
+    setting = {"OPENBLAS_CORETYPE": core} if core is not None else {}
+    if "OPENBLAS_THREAD_TIMEOUT" not in os.environ:  # the user's own value is kept
+        setting["OPENBLAS_THREAD_TIMEOUT"] = str(THREAD_TIMEOUT)
+    before = {k: os.environ.get(k) for k in setting}
     try:  # read once, by the library's constructor, while it loads
-        if core is not None:
-            os.environ["OPENBLAS_CORETYPE"] = core
+        os.environ.update(setting)
         lib = ctypes.CDLL(found[0])
         lib.scipy_openblas_get_corename64_.restype = ctypes.c_char_p
         got = (lib.scipy_openblas_get_corename64_() or b"").decode()
     except (OSError, AttributeError):
         return None
     finally:
-        if before is None:
-            os.environ.pop("OPENBLAS_CORETYPE", None)
-        else:
-            os.environ["OPENBLAS_CORETYPE"] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     if core is not None and got.lower() != core.lower():
         from ..errors import SymbpError
 

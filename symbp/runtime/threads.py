@@ -140,7 +140,12 @@ class ThreadTuner:
     next to a busy process two threads are often bimodal (fast while the scheduler leaves
     our second thread alone, many times slower when it does not), so a median or a minimum
     can call fast a choice that costs more in total.  Means drop their largest sample
-    (``trimmed``): one call the OS interrupted must not decide for a window.
+    (``trimmed``): one call the OS interrupted must not decide for a window.  The current
+    choice's mean is over its last ``WINDOW`` calls, enough to hold several of a bimodal
+    pattern's slow calls: measured next to a spin loop (W2, bench/RESULTS.md), two threads
+    took 0.7 ms and, one call in five or six, 4.8 ms while the OpenBLAS thread waited out
+    the neighbour's time slice; a mean of 1.4 ms against one thread's 1.2, which a window
+    of 8 calls less its largest called 0.7.
 
     When to probe:
 
@@ -150,6 +155,10 @@ class ThreadTuner:
       one call in a few dozen loses its core for a time slice (5-40x a W2 step) on any
       thread count.  Probe at once, against the second fastest of those calls, not the
       level from before;
+    - **a drift**: the mean of the last ``RECENT`` calls (less their largest) above
+      ``DRIFT`` times the mean at the last decision, which the bimodal pattern above
+      gives without ever making three calls of four slow.  Probe at once, against that
+      recent mean;
     - **periodically**: after ``wait`` seconds of calls, a wait that doubles from ``WAIT``
       to ``MAX_WAIT`` each time a probe confirms the choice (a steady machine is probed
       ever more rarely) and starts again at ``WAIT`` after a switch or a jump.  This is
@@ -170,8 +179,8 @@ class ThreadTuner:
     through ``start`` / ``stop``; ``use`` sets the thread count (default ``BLAS.use``).
     """
 
-    WINDOW, TAIL, PROBE, CONFIRM, GAP = 8, 4, 4, 16, 8
-    JUMP, ABORT, GAIN, BUDGET = 1.5, 2.0, 0.95, 0.03
+    WINDOW, RECENT, TAIL, PROBE, CONFIRM, GAP = 32, 16, 4, 4, 16, 8
+    JUMP, DRIFT, ABORT, GAIN, BUDGET = 1.5, 1.3, 2.0, 0.95, 0.03
     WAIT, MAX_WAIT = 0.05, 1.0
 
     def __init__(self, n: int, clock=None, use=None):
@@ -181,10 +190,10 @@ class ThreadTuner:
         self.best = 1  # the choice being run; ``now`` differs from it during a probe
         self.now = 1
         self.win: list = []  # the current choice's last WINDOW call times
-        self.high = math.inf  # JUMP times their mean when the choice was last decided
+        self.level = math.inf  # their mean when the choice was last decided
         self.probe: list | None = None  # the other choice's samples while probing
         self.ref = 0.0  # the current choice's mean when the probe began
-        self.jump = False  # whether the probe began at a jump
+        self.keep = 0  # a probe begun at a jump or drift: the calls of the window to keep
         self.strikes = 0  # probe calls slower than ABORT * ref
         self.fresh = False  # this call follows a change of thread count: not a sample
         self.calls = 0  # calls on the current choice since the last probe
@@ -226,15 +235,26 @@ class ThreadTuner:
         if self.spent > self.BUDGET * self.elapsed:
             return
         # a jump: all but one of the last TAIL calls above JUMP * level
-        if seconds > self.high and len(win) >= self.TAIL and (
-                sorted(win[-self.TAIL:])[1] > self.high):
+        high = self.JUMP * self.level
+        if seconds > high and len(win) >= self.TAIL and sorted(win[-self.TAIL:])[1] > high:
             self.wait = self.WAIT
-            self._begin_probe(sorted(win[-self.TAIL:])[1], jump=True)
-        elif self.calls >= self.GAP and self.elapsed >= self.due:
+            self._begin_probe(sorted(win[-self.TAIL:])[1], keep=self.TAIL)
+            return
+        # a drift: the recent mean (a bimodal pattern's slow calls included) well above.
+        # Looked at every fourth call (a drift is slow to show anyway) and not on a slow
+        # call: a jump forming (slow call after slow call) is the jump test's, with its
+        # better reference
+        if not self.calls & 3 and seconds <= high and len(win) >= self.RECENT:
+            recent = trimmed(win[-self.RECENT:])
+            if recent > self.DRIFT * self.level:
+                self.wait = self.WAIT
+                self._begin_probe(recent, keep=self.RECENT)
+                return
+        if self.calls >= self.GAP and self.elapsed >= self.due:
             self._begin_probe(trimmed(win))
 
-    def _begin_probe(self, ref: float, jump: bool = False) -> None:
-        self.ref, self.jump, self.strikes = ref, jump, 0
+    def _begin_probe(self, ref: float, keep: int = 0) -> None:
+        self.ref, self.keep, self.strikes = ref, keep, 0
         self.probe = []
         self.probes += 1
         self.now = self.cands[1] if self.best == self.cands[0] else self.cands[0]
@@ -269,9 +289,9 @@ class ThreadTuner:
             self.now = self.best
             self.fresh = True
             self.wait = min(2 * self.wait, self.MAX_WAIT)
-            if self.jump:  # the calls before it describe another machine
-                del self.win[:-self.TAIL]
-        self.high = self.JUMP * trimmed(self.win)
+            if self.keep:  # a jump or a drift: the calls before describe another machine
+                del self.win[:-self.keep]
+        self.level = trimmed(self.win)
         self.probe = None
         self.calls = 0
         self.due = self.elapsed + self.wait
