@@ -475,10 +475,68 @@ def test_products_of_every_layout_and_size_match_numba(lowerings):
             mod.nn_float64(np.zeros((2, 3)), np.zeros((4, 5)), np.zeros((2, 5)), 1.0, 0.0)
 
 
+THREADED_STEPS = """
+import sys, threading
+import numpy as np, sympy as sp
+import symbp as sb
+N = sp.Symbol("N")
+def net(w, depth):
+    X, T = sp.MatrixSymbol("X", N, 3), sp.MatrixSymbol("T", N, 2)
+    H, params, sizes = X, [], [3] + [w] * depth + [2]
+    for k, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        W, bb = sp.MatrixSymbol(f"W{k}", a, b), sp.MatrixSymbol(f"b{k}", 1, b)
+        params += [W, bb]
+        H = sb.dense(H, W, bb)
+        if k < len(sizes) - 2:
+            H = [sb.tanh, sb.relu, sb.sigmoid][k % 3](H)
+    return sb.softmax_cross_entropy(H, T), params, sizes
+cfgs = [(5, 1), (6, 2), (7, 3), (9, 2), (4, 4), (8, 1)]
+res, errs = {}, []
+def work(c):
+    try:
+        L, params, sizes = net(*c)
+        st = sb.compile_step(L, params, sb.Adam(0.01), target=sys.argv[1], dtype=np.float64)
+        rng = np.random.default_rng(c[0])
+        P = {}
+        for k, (a, b) in enumerate(zip(sizes, sizes[1:])):
+            P[f"W{k}"], P[f"b{k}"] = rng.standard_normal((a, b)) * 0.5, np.zeros((1, b))
+        x, t = rng.standard_normal((8, 3)), np.eye(2)[np.arange(8) % 2]
+        res[c] = [st(P, X=x, T=t) for _ in range(3)]
+    except Exception as err:
+        errs.append(f"{c}: {type(err).__name__}: {err}")
+threads = [threading.Thread(target=work, args=(c,)) for c in cfgs]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+at_once = dict(res)
+for c in cfgs:  # the same steps again, one after another (from the cache now)
+    work(c)
+print(errs or [c for c in cfgs if at_once[c] != res[c]] or "ok")
+"""
+
+
+@pytest.mark.parametrize("target", ["cpu", "numpy"])
+def test_steps_compiled_from_threads_in_a_fresh_process(target, tmp_path):
+    # six steps compiled from six threads at once, in a process that has looked up no head
+    # yet: the registry was marked loaded before its modules were, and a second thread
+    # read it half filled ("unknown matrix head AxisSum", 4 runs of 6 failed).  Each
+    # step's first three losses must equal those of the same step compiled alone
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SYMBP_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", THREADED_STEPS, target], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "ok", r.stdout
+
+
 def test_threads_compiling_at_once_each_get_their_kernel(cache_dir):
     # the lowering and its one engine, from four threads at once (the modules are
-    # generated first, one after another: symbp's symbolic passes are not made for
-    # threads, which this does not change)
+    # generated first, one after another: whole steps compiled from threads are
+    # test_steps_compiled_from_threads_in_a_fresh_process)
     import threading
 
     from symbp.backends import numba_cpu

@@ -21,6 +21,7 @@ every scalar arithmetic head (Add, Mul, Pow, a ``sympy.Function``) shares the re
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -69,15 +70,32 @@ def register(cls: type, **rules) -> Head:
 
 
 _loaded = False
+_loading = threading.RLock()
 
 
 def _load():
     # The head modules import the IR and the VJP helpers, which import this module: load
-    # them at the first lookup, when everything they need exists.
+    # them at the first lookup, when everything they need exists.  Marked loaded once they
+    # are: marked before, a second thread looked up a half-filled REGISTRY ("unknown
+    # matrix head AxisSum" when two threads compiled at once).  Reentrant: a head module
+    # that looks a head up while it loads gets the records registered so far, as before
     global _loaded
     if not _loaded:
-        _loaded = True
-        from . import conv, frontend, fused, linalg, maps, pool, scalar, shape, softmax, sums  # noqa: F401,E501
+        with _loading:
+            if not _loaded:
+                from . import (  # noqa: F401
+                    conv,
+                    frontend,
+                    fused,
+                    linalg,
+                    maps,
+                    pool,
+                    scalar,
+                    shape,
+                    softmax,
+                    sums,
+                )
+                _loaded = True
 
 
 def rule(e) -> Head | None:
