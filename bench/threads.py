@@ -2,6 +2,7 @@
 
     python bench/threads.py                          # 1-3 minutes, with the machine's load
     python bench/threads.py --steps 1000 --repeats 3
+    PYTHONPATH=/tmp/before python bench/threads.py     # symbp from another checkout
 
 The W2 step (784-256 relu-10, softmax-CE, batch 128, float32, SGD; ``peers.py``'s
 network) runs ``--steps`` steps per run, for each setting (fixed 1, fixed 2, auto) in
@@ -15,7 +16,9 @@ machine hits all three alike); a fixed-2 run stops once it is slower in total th
 fixed-1 run of its repeat ("> x" in the table, where that happened in most repeats).
 The table gives each setting's median ms/step and the median over the repeats of auto /
 the better fixed setting of the same repeat, the bound being 1.10.  Before each run the
-process sleeps 0.2 s: OpenBLAS's idle threads spin ~0.1 s after 2-thread work.
+process sleeps 0.2 s: OpenBLAS's idle threads spin ~0.1 s after 2-thread work (symbp's own
+copy ~1.5 ms since it is loaded with ``OPENBLAS_THREAD_TIMEOUT=22``; NumPy's copy, and an
+older checkout's, spin the 0.1 s).
 """
 
 from __future__ import annotations

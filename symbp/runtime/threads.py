@@ -191,6 +191,7 @@ class ThreadTuner:
         self.now = 1
         self.win: list = []  # the current choice's last WINDOW call times
         self.level = math.inf  # their mean when the choice was last decided
+        self.high = math.inf  # JUMP times that
         self.probe: list | None = None  # the other choice's samples while probing
         self.ref = 0.0  # the current choice's mean when the probe began
         self.keep = 0  # a probe begun at a jump or drift: the calls of the window to keep
@@ -234,17 +235,17 @@ class ThreadTuner:
         self.calls += 1
         if self.spent > self.BUDGET * self.elapsed:
             return
-        # a jump: all but one of the last TAIL calls above JUMP * level
-        high = self.JUMP * self.level
-        if seconds > high and len(win) >= self.TAIL and sorted(win[-self.TAIL:])[1] > high:
-            self.wait = self.WAIT
-            self._begin_probe(sorted(win[-self.TAIL:])[1], keep=self.TAIL)
-            return
-        # a drift: the recent mean (a bimodal pattern's slow calls included) well above.
-        # Looked at every fourth call (a drift is slow to show anyway) and not on a slow
-        # call: a jump forming (slow call after slow call) is the jump test's, with its
-        # better reference
-        if not self.calls & 3 and seconds <= high and len(win) >= self.RECENT:
+        if seconds > self.high:
+            # a jump: all but one of the last TAIL calls above JUMP * level
+            if len(win) >= self.TAIL and sorted(win[-self.TAIL:])[1] > self.high:
+                self.wait = self.WAIT
+                self._begin_probe(sorted(win[-self.TAIL:])[1], keep=self.TAIL)
+                return
+        elif not self.calls & 3 and len(win) >= self.RECENT:
+            # a drift: the recent mean (a bimodal pattern's slow calls included) well
+            # above.  Looked at every fourth call (a drift is slow to show anyway) and not
+            # on a slow call: a jump forming (slow call after slow call) is the jump
+            # test's, with its better reference
             recent = trimmed(win[-self.RECENT:])
             if recent > self.DRIFT * self.level:
                 self.wait = self.WAIT
@@ -292,6 +293,7 @@ class ThreadTuner:
             if self.keep:  # a jump or a drift: the calls before describe another machine
                 del self.win[:-self.keep]
         self.level = trimmed(self.win)
+        self.high = self.JUMP * self.level
         self.probe = None
         self.calls = 0
         self.due = self.elapsed + self.wait
