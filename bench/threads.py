@@ -17,7 +17,7 @@ fixed-1 run of its repeat ("> x" in the table, where that happened in most repea
 The table gives each setting's median ms/step and the median over the repeats of auto /
 the better fixed setting of the same repeat, the bound being 1.10.  Before each run the
 process sleeps 0.2 s: OpenBLAS's idle threads spin ~0.1 s after 2-thread work (symbp's own
-copy ~1.5 ms since it is loaded with ``OPENBLAS_THREAD_TIMEOUT=22``; NumPy's copy, and an
+copy ~13 ms since it is loaded with ``OPENBLAS_THREAD_TIMEOUT=25``; NumPy's copy, and an
 older checkout's, spin the 0.1 s).
 """
 

@@ -140,9 +140,12 @@ def _core_for_this_cpu(numpy_lib) -> str | None:
 # sleep.  Its default, 2^28, is ~0.1 s: after a two-thread step, or a probe of two threads
 # by the thread tuner, symbp's second OpenBLAS thread spun on for 0.105 s of CPU
 # (bench/RESULTS.md), taking a core from the one-thread steps that followed and from any
-# neighbour process.  2^22 is ~1.5 ms, longer than the gaps between one step's products
-# and between steps, so two-thread steps still find the thread awake.
-THREAD_TIMEOUT = 22
+# neighbour process.  2^25 is ~13 ms at 2.6 GHz: longer than the gaps between one step's
+# products, between steps, and than most of the tuner's probes of one thread, so two-thread
+# steps still find the thread awake.  (2^22, ~1.6 ms, let it sleep through such probes:
+# the idle machine's two-thread steps after them came out slower, and the tuner switched
+# more.)
+THREAD_TIMEOUT = 25
 
 
 def _own_openblas(core: str | None):
