@@ -19,7 +19,8 @@ printed in the target dtype (``DT(0.5)``): a bare ``0.5`` would silently turn fl
 code into float64 code.  The kernel is compiled eagerly for one signature per dtype, so
 a call with other types can never trigger a recompilation (it is converted or refused
 first).  The module is Numba's dialect; symbp's own lowering (``symbp.backends.native``)
-compiles it to the same machine operations in a quarter of Numba's time, and Numba
+compiles it to the same machine operations in a fifth to a third of Numba's time
+(bench/RESULTS.md), and Numba
 compiles whatever that lowering does not take (``prange``, ``boundscheck=True``, the
 convolution kernels).
 """
