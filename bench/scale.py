@@ -5,6 +5,7 @@ time per depth, the public call, and ``blas_threads="auto"`` beside a busy neigh
     python bench/scale.py --parts grid --modes pinned --rounds 3
     python bench/scale.py --parts grid --points mlp-d16-w64-b32,mlp-d2-w2048-b64
     python bench/scale.py --parts grid --base /tmp/before   # and symbp from another checkout
+    python bench/scale.py --parts grid --base-env SYMBP_BLAS=numpy   # or with other settings
 
 The grid: a tanh MLP width -> width x depth -> 10, softmax-CE, float32, SGD (peers.py's
 ``mlp-d<depth>-w<width>-b<batch>`` workloads), value, gradient and update in one step:
@@ -15,7 +16,9 @@ core: symbp and PyTorch then use one thread, XLA one core), ``unpinned`` = both 
 each framework with its defaults (symbp ``blas_threads="auto"``, PyTorch two threads).
 The table gives medians in ms/step and symbp/JAX, symbp/PyTorch from this one run;
 ``--base`` adds a column: symbp imported from another checkout (its ``PYTHONPATH``), the
-same workloads, in the same round-robin (before/after in one run).
+same workloads, in the same round-robin (before/after in one run); ``--base-env K=V,...``
+sets environment variables for that column only (without ``--base``: this checkout with
+those settings, e.g. another BLAS for the kernels).
 
 The other parts run the scripts that own them and print their tables: ``compile``
 (bench/compile.py: cold and cached compile per depth, JAX's cold jit beside it), ``call``
@@ -46,14 +49,19 @@ PARTS = {"compile": ["compile.py", "--depths", "2,4,8,16,32", "--rounds", "1"],
          "threads": ["threads.py", "--steps", "1000", "--repeats", "2"]}
 
 
-def step_ms(framework: str, point: str, pinned: bool, repeats: int, base=None):
+def step_ms(framework: str, point: str, pinned: bool, repeats: int, base=None,
+            base_env=None):
     """Median ms/step of one framework on one point, in a fresh process; None if the
     framework is not installed (its error's last line goes to stderr).  ``symbp-base``:
-    symbp-cpu imported from the checkout ``base``."""
+    symbp-cpu imported from the checkout ``base`` (None: this one), with ``base_env``
+    added to its environment."""
     pin = ["taskset", "-c", "0"] if pinned else []
     env = dict(os.environ)
     if framework == "symbp-base":
-        framework, env["PYTHONPATH"] = "symbp-cpu", base
+        framework = "symbp-cpu"
+        if base:
+            env["PYTHONPATH"] = base
+        env.update(base_env or {})
     r = subprocess.run([*pin, sys.executable, os.path.join(HERE, "peers.py"), "--worker",
                         framework, point, "--repeats", str(repeats)],
                        capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
@@ -64,24 +72,28 @@ def step_ms(framework: str, point: str, pinned: bool, repeats: int, base=None):
     return statistics.median(json.loads(r.stdout.strip().splitlines()[-1])["per"])
 
 
-def grid(points, modes, rounds, repeats, base=None):
+def grid(points, modes, rounds, repeats, base=None, base_env=None):
     load, t0 = os.getloadavg()[0], time.time()
-    fws = FRAMEWORKS + (("symbp-base",) if base else ())
+    compare = bool(base or base_env)
+    fws = FRAMEWORKS + (("symbp-base",) if compare else ())
     got: dict = {}
     for _ in range(rounds):
         for mode in modes:
             for point in points:
                 for fw in fws:
-                    ms = step_ms(fw, point, mode == "pinned", repeats, base)
+                    ms = step_ms(fw, point, mode == "pinned", repeats, base, base_env)
                     if ms is not None:
                         got.setdefault((mode, point, fw), []).append(ms)
     print(f"## step grid: median ms/step of {rounds} fresh process(es) x {repeats} repeats; "
           f"load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end; "
           f"{time.time() - t0:.0f} s\n")
+    if compare:
+        settings = " ".join(f"{k}={v}" for k, v in (base_env or {}).items())
+        print(f"symbp before: {base or 'this checkout'}{', ' + settings if settings else ''}\n")
     for mode in modes:
         print(f"### {mode}\n")
-        head = ["symbp", "JAX", "PyTorch"] + (["symbp before"] if base else [])
-        ratio_of = ["JAX", "PyTorch"] + (["before"] if base else [])
+        head = ["symbp", "JAX", "PyTorch"] + (["symbp before"] if compare else [])
+        ratio_of = ["JAX", "PyTorch"] + (["before"] if compare else [])
         print("| point | " + " | ".join(head + [f"symbp/{r}" for r in ratio_of]) + " |")
         print("|---|" + "---|" * (len(head) + len(ratio_of)))
         for point in points:
@@ -102,13 +114,20 @@ def main():
     ap.add_argument("--rounds", type=int, default=1, help="fresh processes per grid cell")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--base", help="another checkout: its symbp as one more grid column")
+    ap.add_argument("--base-env", default="",
+                    help="K=V,...: environment for that column (alone: this checkout)")
     args = ap.parse_args()
+    try:
+        base_env = dict(kv.split("=", 1) for kv in args.base_env.split(",") if kv)
+    except ValueError:
+        raise SystemExit(f"--base-env {args.base_env!r}: give K=V pairs, comma-separated")
     parts = args.parts.split(",")
     if "pinned" in args.modes and not shutil.which("taskset"):
         raise SystemExit("pinned runs need taskset (util-linux)")
     if "grid" in parts:
         base = os.path.abspath(args.base) if args.base else None
-        grid(args.points.split(","), args.modes.split(","), args.rounds, args.repeats, base)
+        grid(args.points.split(","), args.modes.split(","), args.rounds, args.repeats, base,
+             base_env)
     for part in parts:
         if part in PARTS:
             script, *rest = PARTS[part]

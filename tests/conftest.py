@@ -28,6 +28,7 @@ TOOLS = {
     "scikit-learn": "scikit-learn (pip install 'symbp[demo]')",
     "pytorch": "PyTorch, an independent reference (pip install torch)",
     "mpi": "mpi4py and MPICH (pip install 'symbp[mpi]')",
+    "mkl": "Intel's MKL, the mkl wheel (pip install 'symbp[mkl]')",
 }
 REQUIRED = {t.strip() for t in os.environ.get("SYMBP_REQUIRE", "").split(",") if t.strip()}
 

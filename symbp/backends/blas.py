@@ -15,6 +15,20 @@ ValueError.  ``alpha`` and ``beta`` are cast to the arrays' dtype.
 
 Which BLAS (``LIBRARY`` names it, ``SYMBP_BLAS`` forces one):
 
+- **On Intel CPUs, Intel's MKL where it is installed** (``pip install 'symbp[mkl]'``, the
+  ``mkl`` wheel; ``SYMBP_BLAS=mkl`` asks for it on any CPU): its ILP64 ``sgemm_64``,
+  called by address as OpenBLAS is.  On this project's Intel Xeon (Sapphire Rapids
+  class, AVX-512, where OpenBLAS runs its SkylakeX kernels) the products of a step, one
+  thread, took 20.0 against 23.8 ms at batch 4096 and width 256, 5.2 against 6.5 at batch
+  64 and width 1024, 2.35 against 2.68 at batch 512; 33 against 31 ms at width 2048, the
+  one shape where OpenBLAS won (bench/RESULTS.md).  The float32 products of at most
+  ``SMALL`` multiply-adds stay on NumPy's copy: on MKL, steps made of them were 30 %
+  faster at batch 1 (width 256) and 9 % at depth 16 (width 64, batch 32), but 7-15 %
+  slower at depth 1 and at width 16 and 6 % slower on W1 (64-128-64-10, batch 32), where
+  OpenBLAS's kernels for small products win.  The float64 products stay there too:
+  MKL's dgemm was 14-27 % faster on two of three shapes measured and 10 % slower on the
+  third (batch 64, width 1024), no clear gain.  MKL's threads are Intel OpenMP's, loaded
+  with ``KMP_BLOCKTIME=13`` (``_mkl``); its thread count is set for the calling thread.
 - **On AMD Zen 4, symbp's own OpenBLAS with its AVX2 (Haswell) kernels** (``SYMBP_BLAS``
   unset or ``own``): the ``scipy-openblas64`` wheel of the build NumPy bundles, loaded as
   a second instance with ``OPENBLAS_CORETYPE=Haswell``.  On a CPU with AVX-512, OpenBLAS
@@ -61,7 +75,7 @@ from numba.np.arrayobj import make_array
 _KIND = {types.float32: "s", types.float64: "d"}
 
 
-CHOICES = ("", "own", "numpy", "scipy")
+CHOICES = ("", "own", "numpy", "scipy", "mkl")
 
 
 def _choice() -> str:
@@ -71,24 +85,40 @@ def _choice() -> str:
 
         raise SymbpError(f"SYMBP_BLAS={choice!r}: the kernels' BLAS is 'own' (symbp's copy "
                          "of OpenBLAS, on AMD Zen 4 with its AVX2 kernels), 'numpy' (NumPy's "
-                         "bundled OpenBLAS) or 'scipy' (SciPy's); unset: the best of these "
-                         "for this CPU")
+                         "bundled OpenBLAS), 'scipy' (SciPy's) or 'mkl' (Intel's MKL, pip "
+                         "install 'symbp[mkl]'); unset: the best of these for this CPU")
     return choice
 
 
 def _bind(lib, beside=None) -> None:
     """The kernels' symbols, each an ILP64 Fortran ``?gemm``: ``symbp_sgemm64`` ``lib``'s,
-    and with a library ``beside`` it (NumPy's copy beside symbp's own), that one's for
-    ``symbp_sgemm64_small`` (float32 products of at most ``SMALL`` multiply-adds) and for
-    both float64 symbols; else ``lib``'s for all four."""
+    and with a library ``beside`` it (NumPy's copy beside symbp's own or MKL), that one's
+    for ``symbp_sgemm64_small`` (float32 products of at most ``SMALL`` multiply-adds) and
+    for both float64 symbols; else ``lib``'s for all four."""
     other = beside or lib
     for symbol, of in (("symbp_sgemm64", lib), ("symbp_sgemm64_small", other),
                        ("symbp_dgemm64", other), ("symbp_dgemm64_small", other)):
-        kind = symbol[6]
-        binding.add_symbol(symbol, ctypes.cast(getattr(of, f"scipy_{kind}gemm_64_"),
-                                               ctypes.c_void_p).value)
-    for of in {id(lib): lib, id(other): other}.values():
-        of.scipy_openblas_get_num_threads64_.restype = ctypes.c_int
+        binding.add_symbol(symbol, ctypes.cast(gemm_of(of, symbol[6]), ctypes.c_void_p).value)
+
+
+def gemm_of(lib, kind: str):
+    """``lib``'s ILP64 Fortran ``?gemm`` (``kind`` s or d): MKL's ``sgemm_64``, the
+    scipy-openblas builds' ``scipy_sgemm_64_``."""
+    return getattr(lib, f"{kind}gemm_64" if is_mkl(lib) else f"scipy_{kind}gemm_64_")
+
+
+def is_mkl(lib) -> bool:
+    return getattr(lib, "_symbp_mkl", False)
+
+
+def threads_of(lib):
+    """``(get, set)``: ctypes functions reading and setting ``lib``'s thread count.  MKL's
+    is set for the calling thread (``MKL_Set_Num_Threads_Local``: its C interface; the
+    lower-case names are Fortran's, by reference), the thread that runs the kernel;
+    OpenBLAS has one count for the process."""
+    if is_mkl(lib):
+        return lib.MKL_Get_Max_Threads, lib.MKL_Set_Num_Threads_Local
+    return lib.scipy_openblas_get_num_threads64_, lib.scipy_openblas_set_num_threads64_
 
 
 def _numpy_openblas():
@@ -192,6 +222,71 @@ def _own_openblas(core: str | None):
     return lib
 
 
+# Intel OpenMP's idle threads (MKL's) spin KMP_BLOCKTIME ms after a parallel region before
+# they sleep: 200 by default, the same cost as OpenBLAS's spin above; 13 ms, as there.
+KMP_BLOCKTIME = 13
+
+
+def _mkl_path() -> str | None:
+    """``libmkl_rt`` of the ``mkl`` wheel (``pip install 'symbp[mkl]'``): the wheel puts it
+    in the environment's ``lib`` folder.  None if it is not there."""
+    import site
+    import sys
+
+    roots = [sys.prefix, sys.base_prefix]
+    try:
+        roots.append(site.getuserbase())
+    except AttributeError:  # a site module without it (embedded Pythons)
+        pass
+    for root in dict.fromkeys(roots):
+        found = sorted(glob.glob(os.path.join(root, "lib", "libmkl_rt.so*")), key=len)
+        if found:
+            return found[0]
+    return None
+
+
+def _mkl():
+    """Intel's MKL (``libmkl_rt``, its ILP64 ``?gemm_64``), loaded with
+    ``KMP_BLOCKTIME=KMP_BLOCKTIME`` unless the user set one, or None if the wheel is not
+    installed.  Intel OpenMP reads its settings when MKL first loads its threading layer,
+    which ``MKL_Get_Max_Threads`` does here, while the setting is in place; if OpenMP was
+    already started (another library loaded it), its settings stay as they are."""
+    path = _mkl_path()
+    if path is None:
+        return None
+    setting = {} if "KMP_BLOCKTIME" in os.environ else {"KMP_BLOCKTIME": str(KMP_BLOCKTIME)}
+    try:
+        os.environ.update(setting)
+        lib = ctypes.CDLL(path)
+        lib.sgemm_64, lib.dgemm_64, lib.MKL_Set_Num_Threads_Local  # noqa: B018
+        lib.MKL_Get_Max_Threads()
+        buf = ctypes.create_string_buffer(200)
+        lib.MKL_Get_Version_String(buf, len(buf))
+        version = buf.value.decode(errors="replace").split(" for ")[0].strip()
+    except (OSError, AttributeError):
+        return None
+    finally:
+        for k in setting:
+            os.environ.pop(k, None)
+    lib._symbp_mkl = True
+    lib._symbp_version = version or "Intel MKL"
+    return lib
+
+
+def _mkl_for_this_cpu() -> bool:
+    """MKL by default: on an Intel CPU (GenuineIntel), where it is installed.  Measured on
+    this project's Intel Xeon (Sapphire Rapids class, AVX-512): the products of a step 13-20
+    % faster than NumPy's OpenBLAS at batch 64-4096 and width 256-1024, 7 % slower at
+    width 2048 (bench/RESULTS.md).  Not on AMD: not measured there, and MKL is tuned for
+    Intel's cores."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            head = f.read(4096)
+    except OSError:  # not Linux: the wheel is Linux's here, and nothing else is measured
+        return False
+    return "GenuineIntel" in head
+
+
 def _kernels_openblas():
     """(library, NumPy's copy beside it or None, whether the library is NumPy's copy, name)
     for the kernels' ``symbp_?gemm64`` and ``symbp_?gemm64_small`` (``_bind``); library
@@ -213,6 +308,25 @@ def _kernels_openblas():
     if choice == "scipy":
         return None, None, False, "SciPy's OpenBLAS (numba_xxgemm)"
     numpy_lib = _numpy_openblas()
+    by_default = (choice == "" and not os.environ.get("SYMBP_OPENBLAS_CORETYPE", "").strip()
+                  and _mkl_path() is not None and _mkl_for_this_cpu())
+    if choice == "mkl" or by_default:
+        lib = _mkl()
+        if lib is None and choice == "mkl":
+            from ..errors import SymbpError
+
+            raise SymbpError("SYMBP_BLAS='mkl': Intel's MKL is not installed here (the "
+                             "kernels look for the mkl wheel's libmkl_rt in this "
+                             "environment's lib folder): pip install 'symbp[mkl]', or unset "
+                             "it")
+        if lib is not None:
+            _bind(lib, numpy_lib)
+            name = f"{lib._symbp_version} (?gemm_64)"
+            if numpy_lib is not None:
+                name += (f"; float32 up to {SMALL:.0f} multiply-adds and float64 NumPy's "
+                         f"OpenBLAS ({numpy_lib.scipy_openblas_get_corename64_().decode()} "
+                         "kernels)")
+            return lib, numpy_lib, False, name
     core = _core_for_this_cpu(numpy_lib) if choice != "numpy" else None
     if choice == "own" or core is not None:
         lib = _own_openblas(core)

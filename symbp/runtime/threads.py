@@ -37,9 +37,11 @@ class Blas:
     of at most 64^3 multiply-adds (``blas.OPENBLAS_SMALL``): set and given back as above.
     A float32 kernel then wakes only one pool: OpenBLAS runs a product of at most 64^3
     multiply-adds on the calling thread whatever its count (two pools taking turns in one
-    step fight for the cores: bench/RESULTS.md).  When they call SciPy's copy, ``use``
-    sets it through threadpoolctl and keeps it (``now``); without threadpoolctl the
-    library default stays.
+    step fight for the cores: bench/RESULTS.md).  Intel's MKL (on Intel CPUs where
+    ``symbp[mkl]`` is installed) is set as symbp's own copy is, for the calling thread only
+    (``blas.threads_of``), with NumPy's copy beside it for the float64 products.  When they
+    call SciPy's copy, ``use`` sets it through threadpoolctl and keeps it (``now``);
+    without threadpoolctl the library default stays.
     """
 
     def __init__(self):
@@ -87,16 +89,14 @@ class Blas:
     def _find(self) -> None:
         from ..backends.blas import OPENBLAS as lib
         from ..backends.blas import OPENBLAS_SMALL as beside
-        from ..backends.blas import SHARED
+        from ..backends.blas import SHARED, threads_of
 
         self.libs = []
         if lib is not None:
-            self._get = lib.scipy_openblas_get_num_threads64_
-            self._set = lib.scipy_openblas_set_num_threads64_
+            self._get, self._set = threads_of(lib)
             self.shared = SHARED
             if beside is not None:
-                self._get_np = beside.scipy_openblas_get_num_threads64_
-                self._set_np = beside.scipy_openblas_set_num_threads64_
+                self._get_np, self._set_np = threads_of(beside)
             return
         try:
             import scipy.linalg.cython_blas  # noqa: F401  (load it, so it can be found)
