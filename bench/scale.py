@@ -120,7 +120,7 @@ def main():
     try:
         base_env = dict(kv.split("=", 1) for kv in args.base_env.split(",") if kv)
     except ValueError:
-        raise SystemExit(f"--base-env {args.base_env!r}: give K=V pairs, comma-separated")
+        raise SystemExit(f"--base-env {args.base_env!r}: give K=V pairs, comma-separated") from None
     parts = args.parts.split(",")
     if "pinned" in args.modes and not shutil.which("taskset"):
         raise SystemExit("pinned runs need taskset (util-linux)")
