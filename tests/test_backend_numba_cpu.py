@@ -785,30 +785,38 @@ def test_own_openblas_threads_stop_spinning_soon_after_their_work():
     process's CPU time during a 0.3 s sleep after two-thread steps says how long it spun;
     a user's own OPENBLAS_THREAD_TIMEOUT is kept (28, OpenBLAS's default: it spins again),
     and the variable is not left set in the process when symbp set it."""
+    need(have("scipy_openblas64"), "openblas")
+    out = _spins("own", "OPENBLAS_THREAD_TIMEOUT", "28")
+    assert out[None][0] < 0.04, out  # measured 0.015 s
+    assert out["28"][1] > 0.06, out  # measured 0.105 s
+
+
+def _spins(library: str, variable: str, users: str) -> dict:
+    """SPIN with ``SYMBP_BLAS=library``, ``variable`` unset and then set to ``users``:
+    ``{None or users: (least, most CPU seconds in the sleeps)}``, after checking that the
+    variable was left as the user had it.  The least of three sleeps says how short a
+    spin is, the most how long: a spinning thread sharing its core with another process
+    (a parallel test run) is charged less."""
     import subprocess
     import sys
 
     from symbp.runtime.threads import cores
 
-    need(have("scipy_openblas64"), "openblas")
     if cores() < 2:
         pytest.skip("two threads need two cores")
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    env.update(SYMBP_BLAS="own")
+    env = {k: v for k, v in os.environ.items() if k != variable}
+    env.update(SYMBP_BLAS=library)
     out = {}
-    for timeout in (None, "28"):
-        if timeout is not None:
-            env["OPENBLAS_THREAD_TIMEOUT"] = timeout
-        r = subprocess.run([sys.executable, "-c", SPIN, "OPENBLAS_THREAD_TIMEOUT"], env=env,
+    for value in (None, users):
+        if value is not None:
+            env[variable] = value
+        r = subprocess.run([sys.executable, "-c", SPIN, variable], env=env,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         least, most, left = r.stdout.split()
-        out[timeout] = float(least), float(most), left
-    # the least of three sleeps for the short spin, the most for the long one: a spinning
-    # thread sharing its core with another process (a parallel test run) is charged less
-    assert out[None][2] == "None" and out["28"][2] == "28"
-    assert out[None][0] < 0.04, out  # measured 0.015 s
-    assert out["28"][1] > 0.06, out  # measured 0.105 s
+        assert left == str(value), (variable, value, left)
+        out[value] = float(least), float(most)
+    return out
 
 
 # --- Intel's MKL (the mkl wheel: pip install 'symbp[mkl]') ----------------------------------
@@ -901,25 +909,7 @@ def test_mkl_threads_stop_spinning_soon_after_their_work():
     work: symbp loads MKL with KMP_BLOCKTIME=13 unless the user set one, and does not
     leave the variable set.  The process's CPU time during a 0.3 s sleep after two-thread
     steps says how long they spun; the user's 200 is kept."""
-    import subprocess
-    import sys
-
-    from symbp.runtime.threads import cores
-
     need(_have_mkl(), "mkl")
-    if cores() < 2:
-        pytest.skip("two threads need two cores")
-    env = {k: v for k, v in os.environ.items() if k != "KMP_BLOCKTIME"}
-    env.update(SYMBP_BLAS="mkl")
-    out = {}
-    for blocktime in (None, "200"):
-        if blocktime is not None:
-            env["KMP_BLOCKTIME"] = blocktime
-        r = subprocess.run([sys.executable, "-c", SPIN, "KMP_BLOCKTIME"], env=env,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        least, most, left = r.stdout.split()
-        out[blocktime] = float(least), float(most), left
-    assert out[None][2] == "None" and out["200"][2] == "200"
+    out = _spins("mkl", "KMP_BLOCKTIME", "200")
     assert out[None][0] < 0.04, out  # measured 0.013 s
     assert out["200"][1] > 0.1, out  # measured 0.200 s

@@ -39,7 +39,7 @@ class Blas:
     multiply-adds on the calling thread whatever its count (two pools taking turns in one
     step fight for the cores: bench/RESULTS.md).  Intel's MKL (on Intel CPUs where
     ``symbp[mkl]`` is installed) is set as symbp's own copy is, for the calling thread only
-    (``blas.threads_of``), with NumPy's copy beside it for the float64 products.  When they
+    (``blas.threads_of``), with NumPy's copy beside it as above.  When they
     call SciPy's copy, ``use`` sets it through threadpoolctl and keeps it (``now``);
     without threadpoolctl the library default stays.
     """
