@@ -573,8 +573,10 @@ def test_kernels_give_back_the_users_blas_threads():
     from symbp.runtime.threads import BLAS
 
     lib = blas._numpy_openblas()
-    if lib is None or not (blas.SHARED or blas.OPENBLAS_SMALL is not None):
-        pytest.skip("the kernels do not call NumPy's OpenBLAS here")
+    if lib is None or not (blas.SHARED or (blas.OPENBLAS_SMALL is not None and
+                                           blas.OPENBLAS_SMALL._handle == lib._handle)):
+        pytest.skip("the kernels do not call NumPy's OpenBLAS here "
+                    "(test_numpys_openblas_is_left_alone)")
     g, params = mlp(["tanh"], "ce", n_in=20, hidden=160, n_out=4)
     step = sb.compile_step(g, params, sb.SGD(0.1), target="cpu", dtype=np.float64,
                            blas_threads=1)
@@ -594,6 +596,34 @@ def test_kernels_give_back_the_users_blas_threads():
         with pytest.raises((InputError, ShapeError)):
             step(P, X=X[:, :3], T=T)
         assert lib.scipy_openblas_get_num_threads64_() == 2
+    finally:
+        lib.scipy_openblas_set_num_threads64_(before)
+
+
+def test_numpys_openblas_is_left_alone():
+    """Where the kernels call symbp's own OpenBLAS or MKL and not NumPy's copy, a step on
+    one BLAS thread and on two leaves NumPy's thread count as the user set it, untouched
+    (not set and given back)."""
+    from symbp.backends import blas
+
+    lib = blas._numpy_openblas()
+    if lib is None or blas.SHARED or (blas.OPENBLAS_SMALL is not None and
+                                      blas.OPENBLAS_SMALL._handle == lib._handle):
+        pytest.skip("the kernels call NumPy's OpenBLAS here "
+                    "(test_kernels_give_back_the_users_blas_threads)")
+    g, params = mlp(["tanh"], "ce", n_in=20, hidden=160, n_out=4)
+    rng = np.random.default_rng(0)
+    X, T = rng.standard_normal((64, 20)), np.eye(4)[rng.integers(0, 4, 64)]
+    before = lib.scipy_openblas_get_num_threads64_()
+    try:
+        lib.scipy_openblas_set_num_threads64_(3)
+        for dtype in (np.float64, np.float32):
+            for threads in (1, 2):
+                step = sb.compile_step(g, params, sb.SGD(0.1), target="cpu", dtype=dtype,
+                                       blas_threads=threads)
+                P = {p.name: rng.standard_normal(p.shape).astype(dtype) for p in params}
+                step(P, X=X, T=T)
+                assert lib.scipy_openblas_get_num_threads64_() == 3, (dtype, threads)
     finally:
         lib.scipy_openblas_set_num_threads64_(before)
 
@@ -642,6 +672,13 @@ def test_symbps_own_openblas_is_a_copy_of_its_own():
     assert r.returncode == 0, r.stderr
     name, flags, _ = r.stdout.splitlines()
     assert name.startswith("NumPy's OpenBLAS (") and flags == "True False True"
+    r = _blas_choice(SYMBP_BLAS=None, SYMBP_OPENBLAS_CORETYPE=None)  # the default
+    assert r.returncode == 0, r.stderr
+    name, flags, threads = r.stdout.splitlines()
+    if "Math Kernel Library" not in name:  # else test_mkl_chosen_on_intel_cpus_...
+        assert name.startswith("symbp's OpenBLAS ("), name  # its own copy, on every CPU
+        assert flags in ("False False False", "False True False"), flags  # + Zen 4's
+        assert threads == "2 1"
 
 
 def test_bad_openblas_choices_are_named():
@@ -828,37 +865,53 @@ def _have_mkl() -> bool:
     return blas._mkl_path() is not None
 
 
-# the checks of this file that run BLAS products, run again in a process on MKL
-ON_MKL = ("gemm_every_layout or mlp_matches_numpy or fused_step_matches_reference or "
-          "auto_blas_threads_step or give_back_the_users_blas_threads")
+# the checks of this file that run BLAS products: run again in a process on another BLAS
+BLAS_CHECKS = ("gemm_every_layout or mlp_matches_numpy or fused_step_matches_reference or "
+               "auto_blas_threads_step or give_back_the_users_blas_threads or left_alone")
 
 
-def test_kernels_on_mkl_match_the_reference():
-    """SYMBP_BLAS=mkl: the kernels call MKL's ``sgemm_64`` for the float32 products of
-    more than 64^3 multiply-adds (NumPy's OpenBLAS beside it for the float64 and the
-    small ones), and this file's BLAS checks pass on it, run again in a fresh process:
-    gemm in every layout,
-    dtype and size against float64 NumPy; MLP programs and fused steps against the NumPy
-    reference backend; the thread tuner's step; NumPy's thread count given back."""
+def _blas_checks_again(**env) -> None:
+    """BLAS_CHECKS in a fresh process with ``env`` added: all pass, at least 10 of them."""
     import subprocess
     import sys
 
-    need(_have_mkl(), "mkl")
-    env = {**os.environ, "SYMBP_BLAS": "mkl"}
+    env = {**os.environ, **env}
     env.pop("PYTEST_XDIST_WORKER", None)
-    r = _blas_choice(SYMBP_BLAS="mkl")
-    assert r.returncode == 0, r.stderr
-    name, flags, threads = r.stdout.splitlines()
-    assert "Math Kernel Library" in name and "NumPy's OpenBLAS (" in name, name
-    assert flags == "False True False"  # not NumPy's; NumPy's beside it
-    assert threads == "2 1"  # MKL's count apart from NumPy's
     r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-                        "-p", "no:xdist", __file__, "-k", ON_MKL], env=env,
+                        "-p", "no:xdist", __file__, "-k", BLAS_CHECKS], env=env,
                        capture_output=True, text=True, timeout=1200)
     tail = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-2000:]
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in tail and "failed" not in tail, tail
     assert int(tail.split(" passed")[0].split()[-1]) >= 10, tail
+
+
+def test_kernels_on_mkl_match_the_reference():
+    """SYMBP_BLAS=mkl: the kernels call MKL's ``sgemm_64`` for the float32 products of
+    more than 64^3 multiply-adds (symbp's own OpenBLAS beside it for the float64 and the
+    small ones), and this file's BLAS checks pass on it, run again in a fresh process:
+    gemm in every layout, dtype and size against float64 NumPy; MLP programs and fused
+    steps against the NumPy reference backend; the thread tuner's step; NumPy's thread
+    count left alone."""
+    need(_have_mkl(), "mkl")
+    r = _blas_choice(SYMBP_BLAS="mkl")
+    assert r.returncode == 0, r.stderr
+    name, flags, threads = r.stdout.splitlines()
+    assert "Math Kernel Library" in name and "symbp's OpenBLAS (" in name, name
+    assert flags == "False True False"  # not NumPy's; symbp's own OpenBLAS beside it
+    assert threads == "2 1"  # MKL's count apart from NumPy's
+    _blas_checks_again(SYMBP_BLAS="mkl")
+
+
+def test_kernels_on_numpys_openblas_match_the_reference():
+    """SYMBP_BLAS=numpy (the library where symbp's own copy is missing: not x86-64): the
+    same checks, run again in a fresh process, with NumPy's thread count set for each
+    kernel call and given back."""
+    from symbp.backends import blas
+
+    if blas._numpy_openblas() is None:
+        pytest.skip("NumPy bundles no scipy-openblas here (a conda or Accelerate build)")
+    _blas_checks_again(SYMBP_BLAS="numpy")
 
 
 def test_mkl_chosen_on_intel_cpus_where_installed():

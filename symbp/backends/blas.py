@@ -22,16 +22,23 @@ Which BLAS (``LIBRARY`` names it, ``SYMBP_BLAS`` forces one):
   thread, took 20.0 against 23.8 ms at batch 4096 and width 256, 5.2 against 6.5 at batch
   64 and width 1024, 2.35 against 2.68 at batch 512; 33 against 31 ms at width 2048, the
   one shape where OpenBLAS won (bench/RESULTS.md).  The float32 products of at most
-  ``SMALL`` multiply-adds stay on NumPy's copy: on MKL, steps made of them were 30 %
+  ``SMALL`` multiply-adds stay on OpenBLAS (symbp's own copy below, else NumPy's, with
+  OpenBLAS's own choice of kernels): on MKL, steps made of them were 30 %
   faster at batch 1 (width 256) and 9 % at depth 16 (width 64, batch 32), but 7-15 %
   slower at depth 1 and at width 16 and 6 % slower on W1 (64-128-64-10, batch 32), where
   OpenBLAS's kernels for small products win.  The float64 products stay there too:
   MKL's dgemm was 14-27 % faster on two of three shapes measured and 10 % slower on the
   third (batch 64, width 1024), no clear gain.  MKL's threads are Intel OpenMP's, loaded
   with ``KMP_BLOCKTIME=13`` (``_mkl``); its thread count is set for the calling thread.
-- **On AMD Zen 4, symbp's own OpenBLAS with its AVX2 (Haswell) kernels** (``SYMBP_BLAS``
-  unset or ``own``): the ``scipy-openblas64`` wheel of the build NumPy bundles, loaded as
-  a second instance with ``OPENBLAS_CORETYPE=Haswell``.  On a CPU with AVX-512, OpenBLAS
+- **Elsewhere, symbp's own OpenBLAS** (``SYMBP_BLAS`` unset or ``own``): the
+  ``scipy-openblas64`` wheel (a dependency on x86-64) of the build NumPy bundles, loaded
+  as a second instance, with OpenBLAS's own choice of kernels (the same as NumPy's copy)
+  except on AMD Zen 4.  A copy of its own so that its idle threads' spin can be set short
+  (``THREAD_TIMEOUT``; NumPy's copy, loaded first, spins 0.1 s: with it, auto threads
+  were 11-15 % slower than one fixed thread next to a busy neighbour on the Intel Xeon,
+  1.02-1.04 on this copy, bench/RESULTS.md) and its thread count is nobody else's.
+  **On AMD Zen 4, with its AVX2 (Haswell) kernels**: loaded with
+  ``OPENBLAS_CORETYPE=Haswell``.  On a CPU with AVX-512, OpenBLAS
   picks its SkylakeX kernels, written for Intel's full-width AVX-512 units; Zen 4 splits
   each 512-bit operation in two, and the Haswell kernels ran the float32 products of
   bench/where.py 5-28 % faster on one core (batch 64, width 1024: 1.30 / 1.32 / 1.36 ms
@@ -41,12 +48,12 @@ Which BLAS (``LIBRARY`` names it, ``SYMBP_BLAS`` forces one):
   against 8.7 µs), so those of at most 64^3 multiply-adds (``SMALL``) still go to NumPy's
   copy (``_kernels_openblas`` says why 64^3).  The rule
   (``_core_for_this_cpu``): an AuthenticAMD CPU of family 25 on which NumPy's OpenBLAS
-  chose an AVX-512 core; nothing else is measured, so every other CPU keeps NumPy's copy
-  and OpenBLAS's own choice.  The wheel is pinned to 0.3.31 (pyproject.toml says why).
+  chose an AVX-512 core; nothing else is measured, so every other CPU keeps OpenBLAS's
+  own choice.  The wheel is pinned to 0.3.31 (pyproject.toml says why).
   ``SYMBP_OPENBLAS_CORETYPE=<core>`` loads this copy with another core (``SkylakeX``,
   ...), ``=default`` with OpenBLAS's own choice.
-- **NumPy's own OpenBLAS** where no core is forced (``SYMBP_BLAS=numpy``, or the rule
-  does not apply, or the wheel is missing): ``scipy_sgemm_64_`` in ``numpy.libs``.  On one
+- **NumPy's own OpenBLAS** (``SYMBP_BLAS=numpy``, or the wheel is missing: not x86-64):
+  ``scipy_sgemm_64_`` in ``numpy.libs``.  On one
   core, called from njit code, it took 1.83 ms against 2.92 ms for SciPy's on the forward
   product of a batch-64 layer 1024 -> 1024 (float32), within 10 % either way elsewhere.
   NumPy's library is the user's too: ``symbp.runtime.threads.BLAS`` gives back the user's
@@ -288,9 +295,9 @@ def _mkl_for_this_cpu() -> bool:
 
 
 def _kernels_openblas():
-    """(library, NumPy's copy beside it or None, whether the library is NumPy's copy, name)
+    """(library, the OpenBLAS beside it or None, whether the library is NumPy's copy, name)
     for the kernels' ``symbp_?gemm64`` and ``symbp_?gemm64_small`` (``_bind``); library
-    None: SciPy's through Numba.
+    None: SciPy's through Numba.  Beside MKL: symbp's own copy (else NumPy's).
 
     With symbp's own copy on Haswell kernels, float64 products stay on NumPy's copy: the
     Haswell dgemm was 2-8 % slower on Zen 4 at batch 64 (widths 256-2048, W2's shapes) and
@@ -320,15 +327,19 @@ def _kernels_openblas():
                              "environment's lib folder): pip install 'symbp[mkl]', or unset "
                              "it")
         if lib is not None:
-            _bind(lib, numpy_lib)
+            # beside it symbp's own OpenBLAS (its threads' spin is short), else NumPy's
+            own = _own_openblas(None)
+            beside = own or numpy_lib
+            _bind(lib, beside)
             name = f"{lib._symbp_version} (?gemm_64)"
-            if numpy_lib is not None:
-                name += (f"; float32 up to {SMALL:.0f} multiply-adds and float64 NumPy's "
-                         f"OpenBLAS ({numpy_lib.scipy_openblas_get_corename64_().decode()} "
+            if beside is not None:
+                whose = "symbp's" if own is not None else "NumPy's"
+                name += (f"; float32 up to {SMALL:.0f} multiply-adds and float64 {whose} "
+                         f"OpenBLAS ({beside.scipy_openblas_get_corename64_().decode()} "
                          "kernels)")
-            return lib, numpy_lib, False, name
+            return lib, beside, False, name
     core = _core_for_this_cpu(numpy_lib) if choice != "numpy" else None
-    if choice == "own" or core is not None:
+    if choice in ("", "own"):  # symbp's own copy wherever its wheel is: its spin is short
         lib = _own_openblas(core)
         asked = os.environ.get("SYMBP_OPENBLAS_CORETYPE", "").strip().lower()
         if lib is None and (choice == "own" or asked not in ("", "default")):
@@ -397,10 +408,11 @@ def _arraymath_without_scipy_linalg() -> None:
 
 
 _arraymath_without_scipy_linalg()
-# OPENBLAS: the library the kernels call by address (None: SciPy's, through Numba);
-# OPENBLAS_SMALL: NumPy's copy where it takes float64 and the float32 products of at most
-# SMALL multiply-adds from symbp's own (else None); SHARED: OPENBLAS is NumPy's copy, the
-# user's too; LIBRARY: their names, in the cache key
+# OPENBLAS: the library the kernels call by address (MKL or OpenBLAS; None: SciPy's,
+# through Numba); OPENBLAS_SMALL: the OpenBLAS that takes float64 and the float32 products
+# of at most SMALL multiply-adds from it (NumPy's copy beside symbp's own on Zen 4, symbp's
+# own or NumPy's beside MKL; else None); SHARED: OPENBLAS is NumPy's copy, the user's too;
+# LIBRARY: their names, in the cache key
 SMALL = 64.0 ** 3
 OPENBLAS, OPENBLAS_SMALL, SHARED, LIBRARY = _kernels_openblas()
 

@@ -39,9 +39,10 @@ class Blas:
     multiply-adds on the calling thread whatever its count (two pools taking turns in one
     step fight for the cores: bench/RESULTS.md).  Intel's MKL (on Intel CPUs where
     ``symbp[mkl]`` is installed) is set as symbp's own copy is, for the calling thread only
-    (``blas.threads_of``), with NumPy's copy beside it as above.  When they
-    call SciPy's copy, ``use`` sets it through threadpoolctl and keeps it (``now``);
-    without threadpoolctl the library default stays.
+    (``blas.threads_of``), with symbp's own copy beside it (set and kept), or NumPy's
+    where that is missing (set and given back).  When they call SciPy's copy, ``use`` sets
+    it through threadpoolctl and keeps it (``now``); without threadpoolctl the library
+    default stays.
     """
 
     def __init__(self):
@@ -52,6 +53,7 @@ class Blas:
         # NumPy's copy beside it, and the user's counts of NumPy's copy to give back
         self._get = self._set = self._get_np = self._set_np = None
         self.user = self.user_np = None
+        self.shared_np = True  # the library beside is NumPy's copy: give its count back
 
     def use(self, n: int) -> None:
         if self._get is not None:  # OpenBLAS by address, on every call: one ctypes read
@@ -64,7 +66,8 @@ class Blas:
                 now = self._get_np()
                 if now != n:
                     self._set_np(n)
-                    self.user_np = now
+                    if self.shared_np:
+                        self.user_np = now
             return
         if n == self.now:
             return
@@ -96,7 +99,11 @@ class Blas:
             self._get, self._set = threads_of(lib)
             self.shared = SHARED
             if beside is not None:
+                from ..backends.blas import _numpy_openblas
+
                 self._get_np, self._set_np = threads_of(beside)
+                user = _numpy_openblas()  # beside MKL it may be symbp's own copy: kept
+                self.shared_np = user is not None and user._handle == beside._handle
             return
         try:
             import scipy.linalg.cython_blas  # noqa: F401  (load it, so it can be found)
