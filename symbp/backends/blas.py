@@ -150,10 +150,10 @@ AVX512_CORES = ("skylakex", "cooperlake", "sapphirerapids")
 
 
 def _core_for_this_cpu(numpy_lib) -> str | None:
-    """The OpenBLAS core type for symbp's own copy, or None: keep OpenBLAS's choice (and
-    NumPy's copy).  ``SYMBP_OPENBLAS_CORETYPE`` if set (``default``: None); else Haswell
-    on Zen 4 (AuthenticAMD, family 25, and NumPy's OpenBLAS chose an AVX-512 core),
-    measured above; else None."""
+    """The OpenBLAS core type for symbp's own copy, or None: keep OpenBLAS's choice, with
+    every product on that copy.  ``SYMBP_OPENBLAS_CORETYPE`` if set (``default``: None);
+    else Haswell on Zen 4 (AuthenticAMD, family 25, and NumPy's OpenBLAS chose an AVX-512
+    core), measured above; else None."""
     forced = os.environ.get("SYMBP_OPENBLAS_CORETYPE", "").strip()
     if forced:
         return None if forced.lower() == "default" else forced
