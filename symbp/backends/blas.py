@@ -162,15 +162,21 @@ def _core_for_this_cpu(numpy_lib) -> str | None:
     chosen = (numpy_lib.scipy_openblas_get_corename64_() or b"").decode().lower()
     if chosen not in AVX512_CORES:
         return None
+    fields = _cpu()
+    amd, zen4 = fields.get("vendor_id") == "AuthenticAMD", fields.get("cpu family") == "25"
+    return "Haswell" if amd and zen4 else None
+
+
+def _cpu() -> dict:
+    """The first processor's fields in /proc/cpuinfo (``vendor_id``, ``cpu family``, ...);
+    empty where there is none (not Linux: nothing there is measured)."""
     try:
         with open("/proc/cpuinfo") as f:
             head = f.read(4096)
-    except OSError:  # not Linux: not measured
-        return None
-    fields = {k.strip(): v.strip() for k, v in (
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, v in (
         line.split(":", 1) for line in head.splitlines() if ":" in line)}
-    amd, zen4 = fields.get("vendor_id") == "AuthenticAMD", fields.get("cpu family") == "25"
-    return "Haswell" if amd and zen4 else None
 
 
 # OpenBLAS's idle threads spin 2^THREAD_TIMEOUT TSC ticks after their work before they
@@ -226,6 +232,7 @@ def _own_openblas(core: str | None):
                          f"core type and ran {got!r}; give one it knows (Haswell, Zen, "
                          "SkylakeX, Cooperlake, SapphireRapids, ...) or 'default' for "
                          "OpenBLAS's own choice")
+    lib._symbp_own = True  # not NumPy's copy: nobody else's thread count
     return lib
 
 
@@ -252,15 +259,12 @@ def _mkl_path() -> str | None:
     return None
 
 
-def _mkl():
-    """Intel's MKL (``libmkl_rt``, its ILP64 ``?gemm_64``), loaded with
-    ``KMP_BLOCKTIME=KMP_BLOCKTIME`` unless the user set one, or None if the wheel is not
-    installed.  Intel OpenMP reads its settings when MKL first loads its threading layer,
+def _mkl(path: str):
+    """Intel's MKL (``libmkl_rt`` at ``path``, its ILP64 ``?gemm_64``), loaded with
+    ``KMP_BLOCKTIME=KMP_BLOCKTIME`` unless the user set one, or None if it does not load.
+    Intel OpenMP reads its settings when MKL first loads its threading layer,
     which ``MKL_Get_Max_Threads`` does here, while the setting is in place; if OpenMP was
     already started (another library loaded it), its settings stay as they are."""
-    path = _mkl_path()
-    if path is None:
-        return None
     setting = {} if "KMP_BLOCKTIME" in os.environ else {"KMP_BLOCKTIME": str(KMP_BLOCKTIME)}
     try:
         os.environ.update(setting)
@@ -286,12 +290,7 @@ def _mkl_for_this_cpu() -> bool:
     % faster than NumPy's OpenBLAS at batch 64-4096 and width 256-1024, 7 % slower at
     width 2048 (bench/RESULTS.md).  Not on AMD: not measured there, and MKL is tuned for
     Intel's cores."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            head = f.read(4096)
-    except OSError:  # not Linux: the wheel is Linux's here, and nothing else is measured
-        return False
-    return "GenuineIntel" in head
+    return _cpu().get("vendor_id") == "GenuineIntel"
 
 
 def _kernels_openblas():
@@ -315,10 +314,11 @@ def _kernels_openblas():
     if choice == "scipy":
         return None, None, False, "SciPy's OpenBLAS (numba_xxgemm)"
     numpy_lib = _numpy_openblas()
+    path = _mkl_path() if choice in ("", "mkl") else None
     by_default = (choice == "" and not os.environ.get("SYMBP_OPENBLAS_CORETYPE", "").strip()
-                  and _mkl_path() is not None and _mkl_for_this_cpu())
+                  and path is not None and _mkl_for_this_cpu())
     if choice == "mkl" or by_default:
-        lib = _mkl()
+        lib = _mkl(path) if path is not None else None
         if lib is None and choice == "mkl":
             from ..errors import SymbpError
 
@@ -412,9 +412,10 @@ _arraymath_without_scipy_linalg()
 # through Numba); OPENBLAS_SMALL: the OpenBLAS that takes float64 and the float32 products
 # of at most SMALL multiply-adds from it (NumPy's copy beside symbp's own on Zen 4, symbp's
 # own or NumPy's beside MKL; else None); SHARED: OPENBLAS is NumPy's copy, the user's too;
-# LIBRARY: their names, in the cache key
+# SMALL_SHARED: OPENBLAS_SMALL is; LIBRARY: their names, in the cache key
 SMALL = 64.0 ** 3
 OPENBLAS, OPENBLAS_SMALL, SHARED, LIBRARY = _kernels_openblas()
+SMALL_SHARED = OPENBLAS_SMALL is not None and not getattr(OPENBLAS_SMALL, "_symbp_own", False)
 
 
 @intrinsic

@@ -50,7 +50,7 @@ class Blas:
         self.now = None  # SciPy's copy: the count set last.  OpenBLAS by address: None
         self.shared = False  # the kernels' OpenBLAS is NumPy's copy, the user's too
         # OpenBLAS by address: get/set_num_threads (ctypes) of the kernels' library and of
-        # NumPy's copy beside it, and the user's counts of NumPy's copy to give back
+        # the OpenBLAS beside it, and the user's counts of NumPy's copy to give back
         self._get = self._set = self._get_np = self._set_np = None
         self.user = self.user_np = None
         self.shared_np = True  # the library beside is NumPy's copy: give its count back
@@ -92,18 +92,15 @@ class Blas:
     def _find(self) -> None:
         from ..backends.blas import OPENBLAS as lib
         from ..backends.blas import OPENBLAS_SMALL as beside
-        from ..backends.blas import SHARED, threads_of
+        from ..backends.blas import SHARED, SMALL_SHARED, threads_of
 
         self.libs = []
         if lib is not None:
             self._get, self._set = threads_of(lib)
             self.shared = SHARED
             if beside is not None:
-                from ..backends.blas import _numpy_openblas
-
                 self._get_np, self._set_np = threads_of(beside)
-                user = _numpy_openblas()  # beside MKL it may be symbp's own copy: kept
-                self.shared_np = user is not None and user._handle == beside._handle
+                self.shared_np = SMALL_SHARED  # beside MKL it may be symbp's own copy
             return
         try:
             import scipy.linalg.cython_blas  # noqa: F401  (load it, so it can be found)
