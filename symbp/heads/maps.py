@@ -49,7 +49,7 @@ def cpu_nd(gen, a):
     for t, v in temps:
         gen.emit(f"{t} = {gen.expr(v, extra)}", depth)
     at = ", ".join(gen.index_vars(len(e.shape)))
-    gen.emit(f"{gen.buffer(a.name)}[{at}] = {gen.expr(value, extra)}", depth)
+    gen.emit(f"{gen.over_operand(a, e)}[{at}] = {gen.expr(value, extra)}", depth)
 
 
 def cpu(gen, a):
@@ -85,7 +85,7 @@ def map_loop(gen, a, e, sums, store: bool):
     for t, v in temps:
         gen.emit(f"{t} = {gen.expr(v, extra)}", 3)
     val = gen.expr(value, extra)
-    y = gen.buffer(a.name) if store else None
+    y = gen.over_operand(a, e) if store else None
     if sums:
         gen.emit(f"_v = {val}", 3)
         val = "_v"
