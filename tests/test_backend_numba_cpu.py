@@ -942,6 +942,84 @@ def test_mkl_chosen_on_intel_cpus_where_installed():
         assert "Math Kernel Library" not in r.stdout and "OpenBLAS (" in r.stdout, r.stdout
 
 
+STRIDED_CHECK = """
+import ctypes, os, sys
+import numpy as np, sympy as sp
+from numba import njit
+import symbp as sb
+from symbp.backends import blas
+
+os.environ["SYMBP_LOWER"] = sys.argv[1]
+assert blas.MKL_STRIDED is not None, blas.LIBRARY
+
+
+def fortran(lib, A, B):  # A @ B, row-major, through lib's ILP64 Fortran sgemm
+    (m, k), n = A.shape, B.shape[1]
+    C = np.zeros((m, n), np.float32)
+    ch = lambda v: ctypes.byref(ctypes.c_char(v))
+    i = lambda v: ctypes.byref(ctypes.c_int64(v))
+    p = lambda x: ctypes.c_void_p(x.ctypes.data)
+    f = blas.gemm_of(lib, "s")
+    f.restype = None
+    f(ch(b"n"), ch(b"n"), i(n), i(m), i(k), ctypes.byref(ctypes.c_float(1)), p(B), i(n),
+      p(A), i(k), ctypes.byref(ctypes.c_float(0)), p(C), i(n), ctypes.c_int64(1),
+      ctypes.c_int64(1))
+    return C
+
+
+@njit
+def numba_gemm(A, B, C):
+    blas.gemm(A, B, C, 1.0, 0.0)
+
+
+rng = np.random.default_rng(0)
+N = sp.Symbol("N")
+get, set_ = blas.threads_of(blas.OPENBLAS)
+blas.threads_of(blas.OPENBLAS_SMALL)[1](1)
+for threads in (1, 2):
+    set_(threads)  # MKL's count for this thread, the one that runs the kernels
+    assert get() == threads
+    for m, k, n in ((64, 2048, 2048), (40, 1024, 4096), (64, 2048, 1536), (192, 2048, 2048),
+                    (16, 2048, 2048), (64, 1000, 2048)):
+        A = rng.standard_normal((m, k)).astype(np.float32)
+        B = rng.standard_normal((k, n)).astype(np.float32)
+        mkl, openblas = fortran(blas.OPENBLAS, A, B), fortran(blas.OPENBLAS_SMALL, A, B)
+        assert not np.array_equal(mkl, openblas), (m, k, n)  # else the check cannot tell
+        want = openblas if blas.to_beside("s", "C", "C", m, k, n, threads) else mkl
+        C = np.zeros((m, n), np.float32)
+        numba_gemm(A, B, C)
+        X, W = sp.MatrixSymbol("X", N, k), sp.MatrixSymbol("W", k, n)
+        forward = sb.compile_forward(X * W, target="cpu", dtype=np.float32,
+                                     blas_threads=threads)
+        for got, how in ((C, "njit"), (forward(X=A, W=B), "compile_forward")):
+            assert np.array_equal(got, want), (m, k, n, threads, how)
+        print(threads, m, k, n, "OpenBLAS" if want is openblas else "MKL")
+"""
+
+
+def test_mkl_strided_products_go_to_openblas():
+    """On MKL with one thread, a float32 A @ B of 17-160 rows by a B of 8 MB or more
+    whose width is a multiple of 2048 (where MKL took 1.2-2.2x OpenBLAS's time) goes to the
+    OpenBLAS beside it, and nothing else does; with two MKL threads, nothing does: each
+    product's bits equal that library's own sgemm's, through njit code and through a
+    compiled forward, on symbp's lowering and on Numba's."""
+    import subprocess
+    import sys
+
+    need(_have_mkl(), "mkl")
+    for lower in ("native", "numba"):
+        env = {**os.environ, "SYMBP_BLAS": "mkl"}
+        r = subprocess.run([sys.executable, "-c", STRIDED_CHECK, lower], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        lines = r.stdout.splitlines()
+        assert lines == ["1 64 2048 2048 OpenBLAS", "1 40 1024 4096 OpenBLAS",
+                         "1 64 2048 1536 MKL", "1 192 2048 2048 MKL", "1 16 2048 2048 MKL",
+                         "1 64 1000 2048 MKL", "2 64 2048 2048 MKL", "2 40 1024 4096 MKL",
+                         "2 64 2048 1536 MKL", "2 192 2048 2048 MKL", "2 16 2048 2048 MKL",
+                         "2 64 1000 2048 MKL"], r.stdout
+
+
 def test_mkl_asked_for_without_its_wheel_is_named(monkeypatch):
     """SYMBP_BLAS=mkl with the wheel missing: an error that says what to install, raised
     before any symbol is bound; unset, the kernels keep OpenBLAS."""

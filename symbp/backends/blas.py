@@ -106,6 +106,8 @@ def _bind(lib, beside=None) -> None:
     for symbol, of in (("symbp_sgemm64", lib), ("symbp_sgemm64_small", other),
                        ("symbp_dgemm64", other), ("symbp_dgemm64_small", other)):
         binding.add_symbol(symbol, ctypes.cast(gemm_of(of, symbol[6]), ctypes.c_void_p).value)
+    if is_mkl(lib):  # the calling thread's MKL thread count: MKL_STRIDED's rule reads it
+        binding.add_symbol(THREADS_SYMBOL, ctypes.cast(threads_of(lib)[0], ctypes.c_void_p).value)
 
 
 def gemm_of(lib, kind: str):
@@ -334,7 +336,10 @@ def _kernels_openblas():
             name = f"{lib._symbp_version} (?gemm_64)"
             if beside is not None:
                 whose = "symbp's" if own is not None else "NumPy's"
-                name += (f"; float32 up to {SMALL:.0f} multiply-adds and float64 {whose} "
+                low, high, step, floats = STRIDED
+                name += (f"; float32 up to {SMALL:.0f} multiply-adds, A @ B of {low + 1}-{high} "
+                         f"rows by a B of {floats * 4 / 2 ** 20:.0f} MB or more whose width "
+                         f"is a multiple of {step}, and float64 {whose} "
                          f"OpenBLAS ({beside.scipy_openblas_get_corename64_().decode()} "
                          "kernels)")
             return lib, beside, False, name
@@ -414,8 +419,36 @@ _arraymath_without_scipy_linalg()
 # own or NumPy's beside MKL; else None); SHARED: OPENBLAS is NumPy's copy, the user's too;
 # SMALL_SHARED: OPENBLAS_SMALL is; LIBRARY: their names, in the cache key
 SMALL = 64.0 ** 3
+# MKL's float32 A @ B with both in C layout, a few rows in A and B's rows a multiple of 8 KB
+# apart (a width of 2048, 4096, 6144 floats), B at least 8 MB: MKL takes 1.2-2.2x
+# OpenBLAS's time there on an Intel Xeon (64 x 2048 x 2048: 6.3-10.1 ms against 5.4-6.0;
+# 16 rows or 192 and more, another width or layout: MKL is faster, bench/RESULTS.md).  Those
+# products go to the OpenBLAS beside MKL: (rows above, rows at most, width step, B's floats
+# at least).  MKL_STRIDED: STRIDED where the kernels call MKL, else None.
+STRIDED = (16, 160, 2048, 2.0 ** 21)
+# ... and only while MKL runs on one thread (the thread count the runtime set for the
+# calling thread, read by the kernel through this symbol: int32 of no arguments).  With
+# two, MKL is as fast there, and two pools taking turns in one step fight for the cores
+# (width 2048 at batch 64 unpinned on two threads: 25.9 ms against 12.8 on MKL alone).
+THREADS_SYMBOL = "symbp_mkl_threads"
 OPENBLAS, OPENBLAS_SMALL, SHARED, LIBRARY = _kernels_openblas()
 SMALL_SHARED = OPENBLAS_SMALL is not None and not getattr(OPENBLAS_SMALL, "_symbp_own", False)
+MKL_STRIDED = (STRIDED if OPENBLAS is not None and is_mkl(OPENBLAS) and OPENBLAS_SMALL is not None
+               else None)
+
+
+def to_beside(kind: str, a_layout: str, b_layout: str, m: int, k: int, n: int,
+              threads: int = 1) -> bool:
+    """Whether the kernels' ``A (m×k) @ B (k×n)`` goes to the library beside the kernels'
+    own (``symbp_?gemm64_small``): a float32 product of at most SMALL multiply-adds, or one
+    that MKL_STRIDED names while MKL has ``threads`` threads; what ``gemm`` and ``native``
+    lower, for the tests."""
+    if m * n * k <= SMALL:
+        return True
+    if kind != "s" or MKL_STRIDED is None or (a_layout, b_layout) != ("C", "C"):
+        return False
+    low, high, step, floats = MKL_STRIDED
+    return low < m <= high and n % step == 0 and float(k) * n >= floats and threads == 1
 
 
 @intrinsic
@@ -466,8 +499,11 @@ def gemm(typingctx, a, b, c, alpha, beta):
         operands = (flag[bty.layout], flag[aty.layout], n, m, k, scal[0],
                     B.data, lead(bty, B.shape), A.data, lead(aty, A.shape), scal[1],
                     C.data, lead(cty, C.shape))
-        call = _openblas_gemm if OPENBLAS is not None else _scipy_gemm
-        call(context, builder, _KIND[dt], operands, char, k.type)
+        if OPENBLAS is not None:
+            _openblas_gemm(context, builder, _KIND[dt], operands, char, k.type,
+                           (aty.layout, bty.layout))
+        else:
+            _scipy_gemm(context, builder, _KIND[dt], operands, char, k.type)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -478,9 +514,10 @@ def gemm(typingctx, a, b, c, alpha, beta):
 gemm.symbp_native = "gemm"
 
 
-def _openblas_gemm(context, builder, kind, operands, char, intp):
-    """The call into ``OPENBLAS`` (symbp's copy or NumPy's): Fortran ``?gemm_`` with 64-bit
-    integers, every argument by reference."""
+def _openblas_gemm(context, builder, kind, operands, char, intp, layouts):
+    """The call into ``OPENBLAS`` (MKL, symbp's OpenBLAS or NumPy's) or the library beside
+    it (``to_beside``): Fortran ``?gemm_`` with 64-bit integers, every argument by
+    reference.  ``layouts``: A's and B's (C or F)."""
     ta, tb, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc = operands
     ref = lambda v: cgutils.alloca_once_value(builder, v)  # noqa: E731
     fl = lambda x: ref(ir.Constant(char, x))  # noqa: E731
@@ -495,8 +532,28 @@ def _openblas_gemm(context, builder, kind, operands, char, intp):
     f64 = ir.DoubleType()
     mnk = builder.fmul(builder.fmul(builder.sitofp(m, f64), builder.sitofp(n, f64)),
                        builder.sitofp(k, f64))
-    with builder.if_else(builder.fcmp_ordered("<=", mnk, ir.Constant(f64, SMALL))) as (
-            small, large):
+    beside = builder.fcmp_ordered("<=", mnk, ir.Constant(f64, SMALL))
+    if kind == "s" and MKL_STRIDED is not None and layouts == ("C", "C"):
+        low, high, step, floats = MKL_STRIDED  # to_beside's rule
+        i64 = m.type
+        few = builder.and_(builder.icmp_signed(">", m, ir.Constant(i64, low)),
+                           builder.icmp_signed("<=", m, ir.Constant(i64, high)))
+        wide = builder.and_(
+            builder.icmp_signed("==", builder.srem(n, ir.Constant(i64, step)),
+                                ir.Constant(i64, 0)),
+            builder.fcmp_ordered(">=", builder.fmul(builder.sitofp(k, f64),
+                                                    builder.sitofp(n, f64)),
+                                 ir.Constant(f64, floats)))
+        # MKL's thread count read only for such a product: a call of a few ns
+        flag = cgutils.alloca_once_value(builder, beside)
+        with builder.if_then(builder.and_(few, wide), likely=False):
+            i32 = ir.IntType(32)
+            get = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, []),
+                                                 THREADS_SYMBOL)
+            one = builder.icmp_signed("==", builder.call(get, []), ir.Constant(i32, 1))
+            builder.store(builder.or_(builder.load(flag), one), flag)
+        beside = builder.load(flag)
+    with builder.if_else(beside) as (small, large):
         for branch, symbol in ((small, f"symbp_{kind}gemm64_small"),
                                (large, f"symbp_{kind}gemm64")):
             with branch:

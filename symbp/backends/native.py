@@ -1320,6 +1320,27 @@ class Body:
         mnk = fn.op(f"fmul double {fn.op(f'fmul double {f64[0]}, {f64[1]}')}, {f64[2]}")
         small = fn.op(f"fcmp ole double {mnk}, {const_text(F64, blas.SMALL)}")
         kc = "s" if kind == F32 else "d"
+        if kc == "s" and blas.MKL_STRIDED is not None and (a.t.layout, b.t.layout) == ("C", "C"):
+            low, high, step, floats = blas.MKL_STRIDED  # blas.to_beside's rule
+            few = fn.op(f"and i1 {fn.op(f'icmp sgt i64 {m}, {low}')}, "
+                        f"{fn.op(f'icmp sle i64 {m}, {high}')}")
+            aligned = fn.op(f"icmp eq i64 {fn.op(f'srem i64 {n}, {step}')}, 0")
+            kn = fn.op(f"fmul double {f64[2]}, {f64[1]}")
+            big = fn.op(f"fcmp oge double {kn}, {const_text(F64, floats)}")
+            wide = fn.op(f"and i1 {aligned}, {big}")
+            # MKL's thread count read only for such a product (blas.THREADS_SYMBOL)
+            flag = fn.alloca("i1")
+            fn.emit(f"store i1 {small}, ptr {flag}")
+            ask, after = fn.label("gthreads"), fn.label("gchosen")
+            fn.term(f"br i1 {fn.op(f'and i1 {few}, {wide}')}, label %{ask}, label %{after}")
+            fn.block(ask)
+            sym = blas.THREADS_SYMBOL
+            self.mod.declare(sym, f"declare i32 @{sym}()")
+            one = fn.op(f"icmp eq i32 {fn.op(f'call i32 @{sym}()')}, 1")
+            fn.emit(f"store i1 {fn.op(f'or i1 {small}, {one}')}, ptr {flag}")
+            fn.term(f"br label %{after}")
+            fn.block(after)
+            small = fn.op(f"load i1, ptr {flag}")
         lo, hi, end = fn.label("gsmall"), fn.label("glarge"), fn.label("gend")
         fn.term(f"br i1 {small}, label %{lo}, label %{hi}")
         for label, symbol in ((lo, f"symbp_{kc}gemm64_small"), (hi, f"symbp_{kc}gemm64")):
