@@ -41,6 +41,24 @@ def have(module: str) -> bool:
         return False
 
 
+def dense_net(sizes, act):
+    """A user's MLP: ``(H, T, params)``, H = the last dense layer's output for inputs X (N ×
+    sizes[0]), ``act`` after every dense layer but the last, T the targets (N × sizes[-1]),
+    params W0, b0, W1, b1, ... (``b`` a 1 × width row)."""
+    import symbp as sb
+
+    N = sp.Symbol("N")
+    X, T = sp.MatrixSymbol("X", N, sizes[0]), sp.MatrixSymbol("T", N, sizes[-1])
+    H, params = X, []
+    for k, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        W, c = sp.MatrixSymbol(f"W{k}", a, b), sp.MatrixSymbol(f"b{k}", 1, b)
+        params += [W, c]
+        H = sb.dense(H, W, c)
+        if k < len(sizes) - 2:
+            H = act(H)
+    return H, T, params
+
+
 def need(ok: bool, tool: str, detail: str = "") -> None:
     """Go on when ``ok``; else fail if SYMBP_REQUIRE lists ``tool``, or skip saying what to
     install.  ``tool`` is a key of TOOLS; ``detail`` says what was found instead."""

@@ -7,8 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-import sympy as sp
-from conftest import have
+from conftest import dense_net, have
 
 import symbp as sb
 from symbp import cache
@@ -18,15 +17,7 @@ pytestmark = pytest.mark.needs(have("numba"), "numba")
 
 def mlp(depth, width=5, nin=4, nout=3, act=sb.tanh, sizes=None):
     sizes = sizes or [nin] + [width] * depth + [nout]
-    N = sp.Symbol("N")
-    X, T = sp.MatrixSymbol("X", N, sizes[0]), sp.MatrixSymbol("T", N, sizes[-1])
-    H, params = X, []
-    for k, (a, b) in enumerate(zip(sizes, sizes[1:])):
-        W, c = sp.MatrixSymbol(f"W{k}", a, b), sp.MatrixSymbol(f"b{k}", 1, b)
-        params += [W, c]
-        H = sb.dense(H, W, c)
-        if k < len(sizes) - 2:
-            H = act(H)
+    H, T, params = dense_net(sizes, act)
     return sb.softmax_cross_entropy(H, T), params, sizes
 
 

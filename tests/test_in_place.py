@@ -8,25 +8,13 @@ import re
 import numpy as np
 import pytest
 import sympy as sp
-from conftest import have
+from conftest import dense_net, have
 
 import symbp as sb
 
 pytestmark = pytest.mark.needs(have("numba"), "numba")
 
 N = sp.Symbol("N")
-
-
-def dense_net(sizes, act):
-    X, T = sp.MatrixSymbol("X", N, sizes[0]), sp.MatrixSymbol("T", N, sizes[-1])
-    H, params = X, []
-    for k, (a, b) in enumerate(zip(sizes, sizes[1:])):
-        W, c = sp.MatrixSymbol(f"W{k}", a, b), sp.MatrixSymbol(f"b{k}", 1, b)
-        params += [W, c]
-        H = sb.dense(H, W, c)
-        if k < len(sizes) - 2:
-            H = act(H)
-    return H, T, params
 
 
 def mlp_ce():
