@@ -439,10 +439,11 @@ MKL_STRIDED = (STRIDED if OPENBLAS is not None and is_mkl(OPENBLAS) and OPENBLAS
 
 def to_beside(kind: str, a_layout: str, b_layout: str, m: int, k: int, n: int,
               threads: int = 1) -> bool:
-    """Whether the kernels' ``A (m×k) @ B (k×n)`` goes to the library beside the kernels'
-    own (``symbp_?gemm64_small``): a float32 product of at most SMALL multiply-adds, or one
-    that MKL_STRIDED names while MKL has ``threads`` threads; what ``gemm`` and ``native``
-    lower, for the tests."""
+    """Whether the kernels' ``A (m×k) @ B (k×n)`` calls ``symbp_?gemm64_small`` rather than
+    ``symbp_?gemm64``: a product of at most SMALL multiply-adds, or a float32 one that
+    MKL_STRIDED names while MKL has ``threads`` threads; what ``gemm`` and ``native`` lower,
+    for the tests.  (``_bind``: the OpenBLAS beside the kernels' library, where there is
+    one, takes the small symbols and every float64 product.)"""
     if m * n * k <= SMALL:
         return True
     if kind != "s" or MKL_STRIDED is None or (a_layout, b_layout) != ("C", "C"):
