@@ -183,3 +183,27 @@ def test_a_value_read_after_the_map_keeps_its_rows(monkeypatch):
     rows = bindings(step.source)
     y, x = re.search(r"(?m)^\s+(\w+)\[_i, _j\] = _tanh\((\w+)\[_i, _j\]\)", step.source).groups()
     assert x in rows and rows[y] != rows[x]  # Z is read by the map after tanh(Z)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_in_place_steps_whose_update_reads_the_values_compute_the_same_bits(
+        monkeypatch, net, dtype, optimizer):
+    # SGD and momentum add a weight's gradient product H.T @ G into the update by BLAS
+    # (never stored), after every map: H and G must still hold their values there
+    f, params, sizes = NETS[net]()
+    rule = {"sgd": lambda: sb.SGD(0.05), "momentum": lambda: sb.Momentum(0.05, 0.9)}[optimizer]
+    own, over = both(monkeypatch, lambda: sb.compile_step(f, params, rule(), target="cpu",
+                                                          dtype=dtype))
+    assert "_gemm(" in over.source and "added into the update" in over.source
+    (l1, p1), (l2, p2) = run(own, params, sizes, dtype), run(over, params, sizes, dtype)
+    same_bits(l1, l2)
+    for k in p1:
+        same_bits(p1[k], p2[k])
+    l3, p3 = run(sb.compile_step(f, params, rule(), target="numpy", dtype=dtype), params,
+                 sizes, dtype)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(l2, l3, rtol=tol, atol=tol)
+    for k in p3:
+        np.testing.assert_allclose(p2[k], p3[k], rtol=tol, atol=tol, err_msg=k)

@@ -21,7 +21,8 @@ Which BLAS (``LIBRARY`` names it, ``SYMBP_BLAS`` forces one):
   class, AVX-512, where OpenBLAS runs its SkylakeX kernels) the products of a step, one
   thread, took 20.0 against 23.8 ms at batch 4096 and width 256, 5.2 against 6.5 at batch
   64 and width 1024, 2.35 against 2.68 at batch 512; 33 against 31 ms at width 2048, the
-  one shape where OpenBLAS won (bench/RESULTS.md).  The float32 products of at most
+  one shape where OpenBLAS won (bench/RESULTS.md): on one MKL thread, products of a few
+  rows by such a wide B now go to OpenBLAS (``MKL_STRIDED``).  The float32 products of at most
   ``SMALL`` multiply-adds stay on OpenBLAS (symbp's own copy below, else NumPy's, with
   OpenBLAS's own choice of kernels): on MKL, steps made of them were 30 %
   faster at batch 1 (width 256) and 9 % at depth 16 (width 64, batch 32), but 7-15 %
@@ -290,7 +291,8 @@ def _mkl_for_this_cpu() -> bool:
     """MKL by default: on an Intel CPU (GenuineIntel), where it is installed.  Measured on
     this project's Intel Xeon (Sapphire Rapids class, AVX-512): the products of a step 13-20
     % faster than NumPy's OpenBLAS at batch 64-4096 and width 256-1024, 7 % slower at
-    width 2048 (bench/RESULTS.md).  Not on AMD: not measured there, and MKL is tuned for
+    width 2048 (bench/RESULTS.md), whose slow products now go to OpenBLAS
+    (``MKL_STRIDED``).  Not on AMD: not measured there, and MKL is tuned for
     Intel's cores."""
     return _cpu().get("vendor_id") == "GenuineIntel"
 
@@ -339,7 +341,7 @@ def _kernels_openblas():
                 low, high, step, floats = STRIDED
                 name += (f"; float32 up to {SMALL:.0f} multiply-adds, A @ B of {low + 1}-{high} "
                          f"rows by a B of {floats * 4 / 2 ** 20:.0f} MB or more whose width "
-                         f"is a multiple of {step}, and float64 {whose} "
+                         f"is a multiple of {step} on one MKL thread, and float64 {whose} "
                          f"OpenBLAS ({beside.scipy_openblas_get_corename64_().decode()} "
                          "kernels)")
             return lib, beside, False, name
